@@ -1,0 +1,307 @@
+"""The bundle: an exported directory plus ``manifest.json``, the only contract between the stages.
+
+Export writes it, calibration reads and rewrites it, the engine builder adds engines to it, and the
+runtime runs it. Everything the runtime needs is in the manifest; nothing is re-derived from file
+or model names. The schema (version :data:`SCHEMA_VERSION`) is documented in docs/architecture.md.
+
+This module also holds the two write-side helpers every stage shares, so they exist once:
+:func:`staging_dir` (write into a temporary sibling, rename at the end) and :func:`finalize_manifest`
+(record every file with its size and sha256).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import stat
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import BundleError, ExportError, IntegrityError
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+# Staging and trash directories start with this, so no tool mistakes them for a bundle.
+STAGING_PREFIX = ".flashvl-tmp-"
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+
+
+def safe_member(root: Path, name: str) -> Path:
+    """Resolve a file name from a manifest inside ``root``; refuse anything that escapes it."""
+    if not isinstance(name, str) or not name or name.startswith(("/", "\\")) or "\\" in name:
+        raise BundleError(f"manifest names an invalid file {name!r}; re-export the bundle")
+    parts = Path(name).parts
+    if any(p in ("..", "") for p in parts) or Path(name).is_absolute():
+        raise BundleError(f"manifest file name {name!r} escapes the bundle directory; refusing to load it")
+    path = root / name
+    real_root = root.resolve()
+    real = path.resolve()
+    if real != real_root and real_root not in real.parents:
+        raise BundleError(f"bundle file {name!r} is a link that points outside the bundle; refusing to load it")
+    return path
+
+
+def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+class _VerifiedCache:
+    """Remembers files already hashed, keyed by device, inode, size, mtime and ctime.
+
+    ctime cannot be set by user space, so any write to a file invalidates its entry, while the rename
+    that publishes a staged bundle keeps it (the key has no path); a hit lets a
+    multi-GB bundle load without re-hashing it. Stored in the user's cache dir, never in the bundle
+    (bundles may be read-only). Any problem with the cache just means hashing again.
+    """
+
+    def __init__(self) -> None:
+        base = os.environ.get("FLASHVL_CACHE_DIR") or os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "flashvl-edge")
+        self.path = Path(base) / "verified-files.json"
+        try:
+            self.entries: dict[str, str] = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.entries = {}
+        self.dirty = False
+
+    @staticmethod
+    def key(path: Path, st: os.stat_result) -> str:
+        return f"{st.st_dev}:{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
+
+    def get(self, path: Path, st: os.stat_result) -> str | None:
+        return self.entries.get(self.key(path, st))
+
+    def put(self, path: Path, st: os.stat_result, digest: str) -> None:
+        self.entries[self.key(path, st)] = digest
+        self.dirty = True
+
+    def save(self) -> None:
+        if not self.dirty:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            # keep the cache small: only the newest 2000 entries
+            items = list(self.entries.items())[-2000:]
+            tmp.write_text(json.dumps(dict(items)))
+            os.replace(tmp, self.path)
+        except OSError:
+            pass
+
+
+@dataclass
+class Bundle:
+    """A loaded bundle: its directory and its parsed manifest."""
+
+    root: Path
+    manifest: dict[str, Any]
+    _verified: set[str] = field(default_factory=set, repr=False)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, verify: str = "cached") -> "Bundle":
+        """Load and check a bundle. ``verify``: "cached" (default), "full" (re-hash all), "none"."""
+        root = Path(path)
+        if not root.exists():
+            raise BundleError(f"bundle {str(root)!r} does not exist; create one with 'flashvl export'")
+        if not root.is_dir():
+            raise BundleError(f"{str(root)!r} is not a bundle directory")
+        if root.name.startswith(STAGING_PREFIX):
+            raise BundleError(f"{str(root)!r} is an unfinished temporary directory from an interrupted write, not a bundle")
+        mpath = root / MANIFEST
+        if not mpath.is_file():
+            raise BundleError(f"{str(root)!r} has no {MANIFEST}; it is not a flashvl bundle (or the export was interrupted)")
+        try:
+            manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise BundleError(f"{mpath} is not valid JSON ({e}); re-export the bundle") from None
+        if not isinstance(manifest, dict):
+            raise BundleError(f"{mpath} is not a JSON object; re-export the bundle")
+        version = manifest.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise BundleError(
+                f"bundle schema version {version!r} is not supported by this flashvl-edge "
+                f"(supports {SCHEMA_VERSION}); re-export the bundle with this version")
+        for key in ("family", "variant", "graphs", "files", "llm", "vision", "image", "preprocess", "tokenizer"):
+            if key not in manifest:
+                raise BundleError(f"{mpath} lacks the {key!r} section; re-export the bundle")
+        bundle = cls(root=root, manifest=manifest)
+        for name in manifest["files"]:
+            safe_member(root, name)
+        if verify != "none":
+            bundle.verify_files(full=(verify == "full"))
+        return bundle
+
+    # -- files --------------------------------------------------------------------------------
+    def path(self, name: str) -> Path:
+        """Absolute path of a bundle file named in the manifest (checked to stay inside)."""
+        return safe_member(self.root, name)
+
+    def verify_files(self, names: list[str] | None = None, full: bool = False) -> None:
+        """Check each file's size and sha256 against the manifest (hash cache unless ``full``)."""
+        files = self.manifest["files"]
+        cache = _VerifiedCache()
+        for name in names or list(files):
+            entry = files.get(name)
+            if entry is None:
+                raise BundleError(f"file {name!r} is not listed in the bundle manifest")
+            p = self.path(name)
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                raise IntegrityError(f"bundle file {name!r} is missing from {self.root}; re-export the bundle") from None
+            if not stat.S_ISREG(st.st_mode):
+                raise IntegrityError(f"bundle file {name!r} is not a regular file")
+            if st.st_size != entry["size"]:
+                raise IntegrityError(
+                    f"bundle file {name!r} has {st.st_size} bytes, the manifest says {entry['size']}: "
+                    "it is truncated or was modified; re-export the bundle")
+            digest = None if full else cache.get(p, st)
+            if digest is None:
+                digest = sha256_file(p)
+                cache.put(p, st, digest)
+            if digest != entry["sha256"]:
+                raise IntegrityError(
+                    f"bundle file {name!r} does not match its sha256 in the manifest: it was modified "
+                    "or corrupted; re-export the bundle")
+            self._verified.add(name)
+        cache.save()
+
+    # -- convenient views ---------------------------------------------------------------------
+    @property
+    def family(self) -> str:
+        return self.manifest["family"]
+
+    @property
+    def variant(self) -> str:
+        return self.manifest["variant"]
+
+    def graph(self, name: str) -> dict[str, Any]:
+        try:
+            return self.manifest["graphs"][name]
+        except KeyError:
+            raise BundleError(f"bundle has no {name!r} graph") from None
+
+    def graph_path(self, name: str) -> Path:
+        return self.path(self.graph(name)["file"])
+
+
+# --------------------------------------------------------------------------------------------
+# Writing (shared by export, calibrate and build)
+
+
+def _remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def clean_stale_staging(parent: Path, max_age_s: float = 24 * 3600) -> None:
+    """Remove staging directories that a killed process left behind (older than ``max_age_s``)."""
+    try:
+        for p in parent.iterdir():
+            if p.name.startswith(STAGING_PREFIX) and p.is_dir():
+                try:
+                    if time.time() - p.stat().st_mtime > max_age_s:
+                        _remove_tree(p)
+                except OSError:
+                    pass
+    except OSError:
+        pass
+
+
+@contextlib.contextmanager
+def staging_dir(out: str | os.PathLike, force: bool = False, min_free_bytes: int = 0) -> Iterator[Path]:
+    """Yield a fresh temporary sibling of ``out``; on success it replaces ``out`` by a rename.
+
+    An exception or a kill leaves ``out`` as it was (the previous bundle still loads) and only a
+    ``.flashvl-tmp-*`` directory behind, which no loader accepts as a bundle. ``out`` that exists and is
+    not empty is refused unless ``force``.
+    """
+    out = Path(out)
+    if out.exists():
+        if not out.is_dir():
+            raise ExportError(f"--out {str(out)!r} exists and is not a directory")
+        if any(out.iterdir()) and not force:
+            raise ExportError(f"--out {str(out)!r} exists and is not empty; pass --force to replace it")
+    parent = out.parent if str(out.parent) else Path(".")
+    parent.mkdir(parents=True, exist_ok=True)
+    if min_free_bytes:
+        free = shutil.disk_usage(parent).free
+        if free < min_free_bytes:
+            raise ExportError(
+                f"not enough disk space in {str(parent)!r}: {free / 2**30:.2f} GiB free, about "
+                f"{min_free_bytes / 2**30:.2f} GiB needed")
+    clean_stale_staging(parent)
+    tmp = parent / f"{STAGING_PREFIX}{out.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            trash = parent / f"{STAGING_PREFIX}{out.name}-old-{uuid.uuid4().hex[:8]}"
+            os.replace(out, trash)
+            os.replace(tmp, out)
+            _remove_tree(trash)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        _remove_tree(tmp)
+        raise
+
+
+def finalize_manifest(root: str | os.PathLike, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Record every file under ``root`` (size, sha256) in ``manifest`` and write ``manifest.json``.
+
+    Called last, so a bundle without a manifest is by construction an unfinished one.
+    """
+    root = Path(root)
+    files: dict[str, dict[str, Any]] = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_symlink():
+            raise ExportError(f"refusing to record symlink {p} in a bundle")
+        if p.is_file() and p.name != MANIFEST:
+            rel = p.relative_to(root).as_posix()
+            files[rel] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+    manifest = dict(manifest)
+    manifest["schema_version"] = SCHEMA_VERSION
+    manifest["files"] = files
+    tmp = root / f".{MANIFEST}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, root / MANIFEST)
+    # Files hashed here are known good: prime the verified cache so the first load is fast.
+    cache = _VerifiedCache()
+    for rel, entry in files.items():
+        p = root / rel
+        cache.put(p, p.stat(), entry["sha256"])
+    cache.save()
+    return manifest
+
+
+def tool_versions(*names: str) -> dict[str, str]:
+    """Versions of the named distributions that are installed (for the manifest's ``tools``)."""
+    from importlib import metadata
+
+    out = {}
+    for n in ("flashvl-edge",) + names:
+        try:
+            out[n] = metadata.version(n)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
