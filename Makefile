@@ -37,3 +37,31 @@ demo: setup
 
 clean:
 	rm -rf build .pytest_cache
+
+# ---- engines (C2): export -> (calibrate, for int8) -> TensorRT build, with real file dependencies.
+# make engines MODEL=<checkpoint dir|preset> PRECISION=fp16|int8 OUT=<dir>
+# Each stage's manifest.json is the target (written last by that stage), so re-running redoes only what
+# changed: a newer checkpoint file re-exports; a newer FP bundle re-calibrates; engines are rebuilt when
+# the bundle they are built from changed. Without TensorRT the build stage prints one line saying what is
+# missing and how to get it, and make stops there (exit 2) with the ONNX bundle(s) in place.
+MODEL     ?= tiny-static
+PRECISION ?= fp16
+OUT       ?= build/engines/$(notdir $(MODEL))-$(PRECISION)
+CALIB_LLM ?= int8
+BUILD_ARGS ?=
+# a checkpoint directory's files are the export's prerequisites; a preset has none but the code
+MODEL_FILES := $(if $(wildcard $(MODEL)/*),$(wildcard $(MODEL)/*),)
+ENGINE_SRC := $(if $(filter int8,$(PRECISION)),$(OUT)/int8,$(OUT)/fp)
+
+.PHONY: engines
+engines: $(OUT)/engines.stamp
+
+$(OUT)/fp/manifest.json: $(MODEL_FILES) | setup
+	$(FLASHVL) export $(MODEL) --out $(OUT)/fp --force --quiet
+
+$(OUT)/int8/manifest.json: $(OUT)/fp/manifest.json
+	$(FLASHVL) calibrate $(OUT)/fp --out $(OUT)/int8 --vision int8 --llm $(CALIB_LLM) --force --quiet
+
+$(OUT)/engines.stamp: $(ENGINE_SRC)/manifest.json
+	$(FLASHVL) build $(ENGINE_SRC) --precision $(PRECISION) $(BUILD_ARGS)
+	@touch $@

@@ -1,0 +1,105 @@
+"""The accuracy report: quantized graphs against the FP32 references on held-out samples.
+
+* Vision: cosine similarity between quantized and FP image embeddings per token (mean and min over
+  all held-out tokens) and the largest absolute difference.
+* LLM: teacher forcing on the FP model's own greedy continuation: both graphs read the same prefill
+  (prompt with FP image embeddings spliced in) and then the same continuation tokens, so every
+  position compares the two next-token distributions under an identical prefix. Reported: top-1
+  agreement (same argmax) and KL(FP || quantized) in nats, mean and max over positions.
+* Sizes: bytes of each graph (with its external data) before and after.
+
+The report is written as ``calibration_report.json`` in the quantized bundle and printed as a table.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+REPORT_FILE = "calibration_report.json"
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of matching rows of two [..., D] arrays (flattened to [N, D])."""
+    a = a.reshape(-1, a.shape[-1]).astype(np.float64)
+    b = b.reshape(-1, b.shape[-1]).astype(np.float64)
+    denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return (a * b).sum(axis=1) / np.maximum(denom, 1e-30)
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def kl_divergence(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
+    """KL(P || Q) per row, in nats, from logits [N, vocab]."""
+    lp, lq = log_softmax(p_logits), log_softmax(q_logits)
+    return (np.exp(lp) * (lp - lq)).sum(axis=-1)
+
+
+def vision_metrics(run_quantized: Callable[[np.ndarray], np.ndarray], pixels: Sequence[np.ndarray],
+                   fp_embeds: Sequence[np.ndarray]) -> dict[str, Any]:
+    cos, max_abs, ref_max = [], 0.0, 0.0
+    for px, ref in zip(pixels, fp_embeds):
+        q = np.asarray(run_quantized(px), np.float32)
+        cos.append(cosine_rows(q, ref))
+        max_abs = max(max_abs, float(np.abs(q - ref).max()))
+        ref_max = max(ref_max, float(np.abs(ref).max()))
+    c = np.concatenate(cos)
+    return {"samples": len(pixels), "tokens": int(c.size), "cosine_mean": float(c.mean()),
+            "cosine_min": float(c.min()), "max_abs_error": max_abs, "fp_max_abs": ref_max}
+
+
+def llm_metrics(decoder, embed: Callable[[list[int]], np.ndarray], prefills: Sequence[np.ndarray],
+                tokens: Sequence[np.ndarray], fp_logits: Sequence[np.ndarray]) -> dict[str, Any]:
+    """Teacher-forced comparison: ``decoder`` (quantized) follows the FP continuation ``tokens``."""
+    agree, kls = [], []
+    for prefill, toks, ref in zip(prefills, tokens, fp_logits):
+        cache = decoder.new_cache()
+        logits = decoder.forward(prefill, cache)
+        q = []
+        for step in range(len(toks)):
+            q.append(np.asarray(logits, np.float32))
+            if step + 1 < len(toks):
+                logits = decoder.forward(embed([int(toks[step])]), cache)
+        q = np.stack(q)
+        agree.append(q.argmax(-1) == ref.argmax(-1))
+        kls.append(kl_divergence(ref, q))
+    a, k = np.concatenate(agree), np.concatenate(kls)
+    return {"samples": len(prefills), "positions": int(a.size), "top1_agreement": float(a.mean()),
+            "kl_mean": float(k.mean()), "kl_max": float(k.max())}
+
+
+def graph_bytes(model_path: Path, external_data: str | None) -> int:
+    size = model_path.stat().st_size
+    if external_data:
+        ext = model_path.parent / external_data
+        if ext.exists():
+            size += ext.stat().st_size
+    return size
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report as a few aligned lines for the console."""
+    rows = [("graph", "scheme", "metric", "value")]
+    v = report.get("vision")
+    if v:
+        rows += [("vision", v["scheme"], "embedding cosine mean / min", f"{v['cosine_mean']:.5f} / {v['cosine_min']:.5f}"),
+                 ("", "", "max abs error (FP max |x|)", f"{v['max_abs_error']:.4g} ({v['fp_max_abs']:.4g})")]
+    l = report.get("llm")
+    if l:
+        rows += [("llm", l["scheme"], "next-token top-1 agreement", f"{l['top1_agreement'] * 100:.1f}% of {l['positions']}"),
+                 ("", "", "KL(FP || Q) mean / max [nats]", f"{l['kl_mean']:.4g} / {l['kl_max']:.4g}")]
+    for name, s in report.get("sizes", {}).items():
+        rows.append((name, "", "size before -> after", f"{s['before'] / 2**20:.2f} MiB -> {s['after'] / 2**20:.2f} MiB "
+                                                      f"({s['after'] / max(s['before'], 1):.2f}x)"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    held = report.get("held_out", [])
+    lines.append(f"held-out samples: {len(held)} ({', '.join(held)})")
+    return "\n".join(lines)

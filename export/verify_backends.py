@@ -1,0 +1,176 @@
+"""``flashvl verify BUNDLE --backends ort,trt``: ONNX Runtime vs TensorRT parity, per graph and end to end.
+
+Per graph: Polygraphy's ``Comparator`` runs the same feeds through ONNX Runtime (CPU, the reference) and
+the TensorRT engine and compares every output with the tolerances of the engine's precision. The LLM is
+compared at the prefill profile (profile 0, past = 0) on real token embeddings; the decode profile is
+exercised by the end-to-end check.
+
+End to end: the same chat turn (a real photo, a fixed question) is run greedily through both backends'
+:class:`~flashvl_edge.runtime.pipeline.Pipeline`. The generated tokens must be identical, except that a
+divergence is accepted at a *near tie*: a step where ONNX Runtime's own top-2 logit margin is below the
+precision's margin tolerance (fp16/int8 rounding may legitimately flip such a step; anything else is a bug).
+
+Without ``tensorrt`` (or without engines for this GPU) this stops first with a one-line BackendError.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from flashvl_edge.runtime.bundle import Bundle
+from flashvl_edge.runtime.errors import BackendError
+
+# (rtol, atol) per graph output class, and the top-2 logit margin under which a greedy flip is a near tie
+TOLERANCES: dict[str, dict[str, Any]] = {
+    "fp16": {"vision": (2e-2, 2e-2), "llm": (2e-2, 5e-2), "tie_margin": 0.05},
+    "int8": {"vision": (5e-2, 1e-1), "llm": (5e-2, 2e-1), "tie_margin": 0.2},
+    "best": {"vision": (5e-2, 1e-1), "llm": (5e-2, 2e-1), "tie_margin": 0.2},
+}
+E2E_PROMPT = "Describe this picture in one sentence."
+E2E_TOKENS = 16
+
+
+@dataclass
+class GraphParity:
+    graph: str
+    passed: bool
+    max_abs: dict[str, float]
+
+
+def _feeds(bundle: Bundle, graph: str, seed: int = 0) -> dict[str, np.ndarray]:
+    """Deterministic, realistic inputs: a preprocessed photo for vision, real token embeddings for the LLM."""
+    from flashvl_edge.runtime import images
+
+    m = bundle.manifest
+    rng = np.random.default_rng(seed)
+    if graph == "vision":
+        pre = images.preprocess(_test_image(), m)
+        return {"pixel_values": pre.pixel_values.astype(np.float32)}
+    table = np.load(bundle.path(m["embeddings"]["file"]), mmap_mode="r")
+    seq = 12
+    ids = rng.integers(0, table.shape[0], size=seq)
+    feed = {"inputs_embeds": np.asarray(table[ids], np.float32)[None],
+            "attention_mask": np.ones((1, seq), np.int64),
+            "position_ids": np.arange(seq, dtype=np.int64)[None]}
+    llm = m["llm"]
+    for i in range(int(m["graphs"]["llm"].get("num_layers", llm["num_layers"]))):
+        for kind in ("key", "value"):
+            feed[f"past_key_values.{i}.{kind}"] = np.zeros((1, llm["num_kv_heads"], 0, llm["head_dim"]), np.float32)
+    return feed
+
+
+def _test_image():
+    """A real, deterministic photo-like image without extra dependencies (scikit-image if present)."""
+    try:
+        from skimage import data
+
+        return data.astronaut()
+    except ImportError:
+        y, x = np.mgrid[0:384, 0:512]
+        return np.stack([(x % 256), (y % 256), ((x + y) // 3 % 256)], -1).astype(np.uint8)
+
+
+def compare_runners(reference, candidate, ref_feed: dict[str, np.ndarray], rtol: float, atol: float,
+                    verbose: bool = False) -> tuple[bool, dict[str, float]]:
+    """Run two Polygraphy runners on one feed and compare with Polygraphy's comparator.
+
+    The candidate gets the feed cast to its own input dtypes (TensorRT 8.6 binds int64 inputs as int32).
+    Returns (all outputs within rtol/atol, max |difference| per output).
+    """
+    from polygraphy.comparator import Comparator, CompareFunc, IterationResult, RunResults
+    from polygraphy.logger import G_LOGGER
+
+    results = RunResults()
+    quiet = G_LOGGER.verbosity(G_LOGGER.INFO if verbose else G_LOGGER.ERROR + 1)
+    with quiet:
+        return _compare(reference, candidate, ref_feed, rtol, atol, results, Comparator, CompareFunc, IterationResult)
+
+
+def _compare(reference, candidate, ref_feed, rtol, atol, results, Comparator, CompareFunc, IterationResult):
+    for runner in (reference, candidate):
+        with runner:
+            meta = runner.get_input_metadata()
+            feed = {k: (v.astype(meta[k].dtype) if k in meta and meta[k].dtype is not None
+                        and v.dtype.kind == "i" and np.dtype(meta[k].dtype) != v.dtype else v)
+                    for k, v in ref_feed.items()}
+            outputs = runner.infer(feed)
+            results.append((runner.name, [IterationResult(outputs, runner_name=runner.name)]))
+    acc = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(rtol=rtol, atol=atol))
+    ref_out, cand_out = results[0][1][0], results[1][1][0]
+    max_abs = {n: float(np.max(np.abs(np.asarray(ref_out[n], np.float32) - np.asarray(cand_out[n], np.float32)),
+                                initial=0.0))
+               for n in ref_out.keys() if n in cand_out.keys()}
+    return bool(acc), max_abs
+
+
+def compare_graph(bundle: Bundle, graph: str, engine_file: str, precision: str) -> GraphParity:
+    """ONNX Runtime (CPU) vs the TensorRT engine for one graph, through Polygraphy's runners."""
+    from polygraphy.backend.common import BytesFromPath
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+    rtol, atol = TOLERANCES[precision][graph]
+    ok, max_abs = compare_runners(
+        OnnxrtRunner(SessionFromOnnx(str(bundle.graph_path(graph)), providers=["cpu"]), name="ort"),
+        TrtRunner(EngineFromBytes(BytesFromPath(str(bundle.path(engine_file)))), name="trt"),
+        _feeds(bundle, graph), rtol, atol)
+    return GraphParity(graph, ok, max_abs)
+
+
+def greedy_tokens(bundle_path: str, backend: str) -> tuple[list[int], list[int]]:
+    from flashvl_edge.runtime.pipeline import Pipeline
+
+    with Pipeline.from_bundle(bundle_path, backend=backend) as pipe:
+        res = pipe.chat(E2E_PROMPT, _test_image(), max_new_tokens=E2E_TOKENS, temperature=0.0, ignore_eos=True)
+    return res.prompt_token_ids, res.token_ids
+
+
+def ort_margin_at(bundle_path: str, prompt_ids: list[int], tokens: list[int], step: int) -> float:
+    """ONNX Runtime's top-1 minus top-2 logit at generation step ``step`` (teacher-forced)."""
+    from flashvl_edge.runtime.pipeline import Pipeline
+
+    with Pipeline.from_bundle(bundle_path, backend="ort") as pipe:
+        enc = pipe.prepare_image(_test_image())
+        embeds = pipe.encode_image(enc)
+        cache = pipe.llm.new_cache()
+        logits = pipe.llm.forward(pipe.generator.embed(prompt_ids, embeds), cache)
+        for t in tokens[:step]:
+            logits = pipe.llm.forward(pipe.generator.embed([t]), cache)
+    top2 = np.sort(np.asarray(logits, np.float64))[-2:]
+    return float(top2[1] - top2[0])
+
+
+def run(bundle_path: str, backends: list[str], args: argparse.Namespace | None = None) -> int:
+    backends = [b.strip() for b in backends if b.strip()]
+    if sorted(set(backends)) != ["ort", "trt"]:
+        raise BackendError(f"--backends compares ort with trt (got {','.join(backends) or 'nothing'}); use --backends ort,trt")
+    from flashvl_edge.runtime.backends.trt import gpu_info, require_tensorrt, select_engine, trt_version
+
+    require_tensorrt()
+    bundle = Bundle.load(bundle_path)
+    name, entry = select_engine(bundle.manifest, gpu_info(), trt_version())
+    precision = entry.get("precision", "fp16")
+    ok = True
+    print(f"verify {bundle_path}: ONNX Runtime (CPU) vs TensorRT engines {name} ({precision})")
+    for graph, g in entry["graphs"].items():
+        res = compare_graph(bundle, graph, g["file"], precision)
+        ok &= res.passed
+        worst = ", ".join(f"{k} max|d|={v:.3g}" for k, v in res.max_abs.items() if not k.startswith("present."))
+        print(f"  {graph:6s} {'PASS' if res.passed else 'FAIL'} (rtol/atol {TOLERANCES[precision][graph]}): {worst}")
+    prompt_ids, ort_tokens = greedy_tokens(bundle_path, "ort")
+    _, trt_tokens = greedy_tokens(bundle_path, "trt")
+    div = next((i for i, (a, b) in enumerate(zip(ort_tokens, trt_tokens)) if a != b), None)
+    if div is None and len(ort_tokens) == len(trt_tokens):
+        print(f"  greedy PASS: {len(ort_tokens)} identical tokens")
+    else:
+        step = div if div is not None else min(len(ort_tokens), len(trt_tokens))
+        margin = ort_margin_at(bundle_path, prompt_ids, ort_tokens, step)
+        tie = margin < TOLERANCES[precision]["tie_margin"]
+        ok &= tie
+        print(f"  greedy {'PASS' if tie else 'FAIL'}: tokens diverge at step {step}; ONNX Runtime's top-2 margin "
+              f"there is {margin:.4f} ({'a near tie' if tie else 'not a tie'}, tie margin {TOLERANCES[precision]['tie_margin']})")
+    return 0 if ok else 1

@@ -1,0 +1,127 @@
+"""``flashvl chat``: ask a bundle about an image, once (``--prompt``) or interactively (stdin lines).
+
+    flashvl chat bundles/fvl --image photo.jpg --prompt "Describe the image."
+    flashvl chat bundles/fvl --image photo.jpg --prompt "Describe the image." --json
+    flashvl chat bundles/fvl --image photo.jpg          # multi-turn; /image PATH, /reset, /exit
+
+The answer goes to stdout, timings to stderr (so ``> answer.txt`` keeps only the answer); ``--json``
+prints one JSON object per answer on stdout instead. Interactive mode reads one question per line and
+works the same when stdin is a pipe. Never imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from .errors import FlashVLError, one_line
+
+
+def add_arguments(p) -> None:
+    p.add_argument("bundle", help="bundle directory written by 'flashvl export'")
+    p.add_argument("--image", help="image file to ask about (first turn in interactive mode)")
+    p.add_argument("--prompt", help="the question; without it, read questions from stdin (multi-turn)")
+    p.add_argument("--system", help="system message (default: the chat template's own)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="at most this many tokens (default 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling (reproducible output)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when the answer contains TEXT (repeatable; TEXT is not printed)")
+    p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    p.add_argument("--json", action="store_true", help="print one JSON object per answer (text, token ids, timings)")
+    p.add_argument("--backend", choices=["ort", "trt"], default="ort",
+                   help="ort = ONNX Runtime (default); trt = TensorRT engines from 'flashvl build'")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="ONNX Runtime device (auto: CUDA when onnxruntime-gpu is installed)")
+    p.add_argument("--max-image-pixels", type=int, default=None,
+                   help="refuse images with more pixels than this (default: the bundle's limit)")
+    p.add_argument("--max-tiles", type=int, default=None, help="lower the tile budget of a dynamic bundle")
+
+
+def _sampling(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+
+
+def _metrics_line(r) -> str:
+    return (f"[{len(r.token_ids)} tokens, {r.finish_reason} | vision {r.vision_s * 1e3:.1f} ms | "
+            f"TTFT {r.ttft_s * 1e3:.1f} ms | decode {r.decode_tokens_per_s:.1f} tokens/s | "
+            f"{r.n_image_tokens} image tokens]")
+
+
+def _answer(turn_stream, args):
+    """Run one turn from a ChatStream, printing as asked; returns the ChatResult."""
+    if args.stream and not args.json:
+        for piece in turn_stream:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        result = turn_stream.result
+    else:
+        for _ in turn_stream:
+            pass
+        result = turn_stream.result
+        if args.json:
+            print(json.dumps(result.to_dict(), ensure_ascii=False))
+        else:
+            print(result.text)
+    if not args.json:
+        print(_metrics_line(result), file=sys.stderr)
+    sys.stdout.flush()
+    return result
+
+
+def _interactive(pipe, args) -> int:
+    tty = sys.stdin.isatty()
+    if tty:
+        print("flashvl chat: one question per line; /image PATH attaches an image to the next question, "
+              "/reset starts over, /exit quits", file=sys.stderr)
+    session = pipe.session(args.system)
+    image = args.image
+    failed = False
+    while True:
+        if tty:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            session, image = pipe.session(args.system), None
+            continue
+        if line.startswith("/image"):
+            image = line[len("/image"):].strip() or None
+            continue
+        try:
+            _answer(session.stream(line, image, **_sampling(args)), args)
+            image = None
+        except FlashVLError as err:  # one bad question does not end the session
+            print(f"flashvl: error: {one_line(str(err))}", file=sys.stderr)
+            failed = True
+    return 2 if failed else 0
+
+
+def run(args) -> int:
+    from .generate import SamplingParams
+    from .pipeline import Pipeline
+
+    if args.stream and args.json:
+        raise FlashVLError("--stream and --json cannot be combined: --json prints one object per answer")
+    SamplingParams(**_sampling(args)).validate()  # bad flags fail before the bundle loads
+    options = {"device": args.device} if args.backend == "ort" else {}
+    pipe = Pipeline.from_bundle(args.bundle, backend=args.backend, max_image_pixels=args.max_image_pixels,
+                                max_tiles=args.max_tiles, **options)
+    try:
+        if args.prompt is None:
+            return _interactive(pipe, args)
+        _answer(pipe.session(args.system).stream(args.prompt, args.image, **_sampling(args)), args)
+        return 0
+    finally:
+        pipe.close()

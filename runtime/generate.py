@@ -1,0 +1,248 @@
+"""The decode loop, readable top to bottom: embed -> prefill -> (sample, decode one token)*.
+
+1. ``Generator.embed``: token embeddings are gathered from the bundle's memory-mapped
+   ``embed_tokens.npy`` (only the rows used are read) and the image embeddings are written over the
+   image-token positions, in order.
+2. ``Generator.generate``: one ``forward`` over all new tokens (prefill) fills the KV cache and gives the
+   first token's logits; then each sampled token is fed back alone (decode), the cache growing by one.
+3. ``sample``: repetition penalty, then greedy (temperature 0) or temperature / top-k / top-p sampling
+   with a seeded numpy Generator (same order as transformers' logits processors and warpers).
+4. ``TextAssembler``: generated ids -> text pieces as they become printable (``StreamingDetokenizer``
+   never emits half a UTF-8 character) and cut at the first user stop string.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from .backends.base import DecoderRunner, KVCache
+from .errors import PromptError
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling parameters
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens. ``temperature=0`` is greedy; ``top_k=0`` and ``top_p=1`` disable those filters."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
+
+    def validate(self) -> "SamplingParams":
+        def bad(msg: str):
+            raise PromptError(msg)
+
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, (int, np.integer)) \
+                or self.max_new_tokens < 1:
+            bad(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
+            bad(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
+            bad(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not _is_real(self.top_p) or not (0.0 < self.top_p <= 1.0):
+            bad(f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
+        if not _is_real(self.repetition_penalty) or not math.isfinite(self.repetition_penalty) \
+                or self.repetition_penalty <= 0:
+            bad(f"repetition_penalty must be a finite number > 0 (1 = off), got {self.repetition_penalty!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer))
+                                      or self.seed < 0):
+            bad(f"seed must be a non-negative integer, got {self.seed!r}")
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        self.stop = tuple(self.stop or ())
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            bad("stop strings must be non-empty strings")
+        return self
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and not math.isnan(x)
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling
+
+
+def sample(logits: np.ndarray, seen_ids: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+    """Pick the next token id from last-position ``logits`` [vocab]."""
+    logits = logits.astype(np.float64, copy=True)
+    if params.repetition_penalty != 1.0 and len(seen_ids):
+        # transformers' RepetitionPenaltyLogitsProcessor: shrink the logit of every token already seen
+        seen = np.unique(seen_ids[(seen_ids >= 0) & (seen_ids < logits.shape[0])])
+        s = logits[seen]
+        logits[seen] = np.where(s > 0, s / params.repetition_penalty, s * params.repetition_penalty)
+    if params.temperature == 0.0:
+        return int(np.argmax(logits))  # first maximum, as torch.argmax
+
+    logits /= params.temperature
+    candidates = np.arange(logits.shape[0])
+    if params.top_k and params.top_k < logits.shape[0]:
+        candidates = np.argpartition(-logits, params.top_k - 1)[: params.top_k]
+    order = candidates[np.argsort(-logits[candidates], kind="stable")]
+    probs = np.exp(logits[order] - logits[order[0]])
+    probs /= probs.sum()
+    if params.top_p < 1.0:
+        # smallest prefix (by probability) whose mass reaches top_p; always at least one token
+        keep = int(np.searchsorted(np.cumsum(probs), params.top_p) + 1)
+        order, probs = order[:keep], probs[:keep] / probs[:keep].sum()
+    return int(order[rng.choice(len(order), p=probs)])
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class Generator:
+    """Prefill and decode over one LLM runner, with the embedding table on the host."""
+
+    llm: DecoderRunner
+    embed_table: np.ndarray  # [vocab, hidden], memory-mapped
+    image_token_id: int
+    stop_token_ids: frozenset = field(default_factory=frozenset)
+    max_context: int = 32768
+
+    def embed(self, token_ids: Sequence[int], image_embeds: np.ndarray | None = None,
+              image_mask: Sequence[bool] | None = None) -> np.ndarray:
+        """[1, seq, hidden] embeddings of ``token_ids`` with ``image_embeds`` written, in order, at the
+        image positions: ``image_mask`` where given (the prompt builder knows which positions came from
+        a placeholder), else every ``image_token_id`` when there are image embeddings, else none. A
+        generated image-token id is an ordinary token, embedded from the table as transformers does."""
+        ids = np.asarray(token_ids, dtype=np.int64)
+        if image_mask is not None:
+            is_image = np.asarray(image_mask, dtype=bool)
+        elif image_embeds is not None:
+            is_image = ids == self.image_token_id
+        else:
+            is_image = np.zeros(len(ids), dtype=bool)
+        n_image = int(is_image.sum())
+        n_given = 0 if image_embeds is None else len(image_embeds)
+        if n_image != n_given:
+            raise PromptError(f"{n_image} image-token positions but {n_given} image embeddings; "
+                              "the prompt and the images do not match")
+        # the image token's own row is never used, and may lie outside the table (negative ids)
+        x = np.asarray(self.embed_table[np.where(is_image | (ids < 0), 0, ids)], dtype=self.llm.embeds_dtype)
+        if n_image:
+            x[is_image] = image_embeds.astype(x.dtype, copy=False)
+        return x[None]
+
+    def check_context(self, cache_length: int, n_new: int) -> None:
+        if cache_length + n_new >= self.max_context:
+            raise PromptError(
+                f"the prompt needs {cache_length + n_new} tokens (image tokens included) but the model's "
+                f"context is {self.max_context}; shorten the prompt, use a smaller image or fewer tiles, "
+                "or start a new session")
+
+    def generate(self, cache: KVCache, new_ids: Sequence[int], image_embeds: np.ndarray | None,
+                 params: SamplingParams, seen_ids: Sequence[int] = (),
+                 image_mask: Sequence[bool] | None = None) -> Iterator[int]:
+        """Prefill ``new_ids`` on top of ``cache``, then yield up to ``max_new_tokens`` sampled ids.
+
+        The last id yielded is *not* fed to the model (nothing needs its logits), so after the loop
+        ``cache.length == old length + len(new_ids) + (tokens yielded - 1)``.
+        """
+        self.check_context(cache.length, len(new_ids))
+        rng = np.random.default_rng(params.seed)
+        stop_ids = frozenset() if params.ignore_eos else self.stop_token_ids
+        seen = list(seen_ids) + list(new_ids)
+        budget = min(params.max_new_tokens, self.max_context - cache.length - len(new_ids))
+
+        logits = self.llm.forward(self.embed(new_ids, image_embeds, image_mask), cache)  # prefill
+        for step in range(budget):
+            token = sample(logits, np.asarray(seen, dtype=np.int64), params, rng)
+            yield token
+            if token in stop_ids or step == budget - 1:
+                return
+            seen.append(token)
+            logits = self.llm.forward(self.embed([token]), cache)  # decode one token
+
+
+# --------------------------------------------------------------------------------------------
+# Text
+
+
+class StreamingDetokenizer:
+    """Incremental decode of generated ids (the prefix/read-offset scheme of HF text-generation-inference).
+
+    Each push decodes a short window ``ids[prefix:]`` and emits what it adds over ``ids[prefix:read]``,
+    and only once it does not end in U+FFFD: a character whose UTF-8 bytes are split across tokens
+    is held back until its last byte arrives. Decoding a window (rather than one token) keeps
+    tokenizers that strip or merge at piece boundaries correct.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str]) -> None:
+        self.decode = decode
+        self.ids: list[int] = []
+        self.prefix = 0
+        self.read = 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        before = self.decode(self.ids[self.prefix:self.read])
+        after = self.decode(self.ids[self.prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before):]
+        return ""
+
+    def flush(self) -> str:
+        """What is still held back at the end (an incomplete character decodes to U+FFFD)."""
+        before = self.decode(self.ids[self.prefix:self.read])
+        after = self.decode(self.ids[self.prefix:])
+        self.prefix = self.read = len(self.ids)
+        return after[len(before):]
+
+
+class TextAssembler:
+    """Generated ids -> the reply text, streamed in printable pieces, cut at the first stop string.
+
+    Text that could be the start of a stop string is held back until it is known not to be one, so
+    a streaming client never prints part of a stop string.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str] = ()) -> None:
+        self.detok = StreamingDetokenizer(decode)
+        self.stop = tuple(stop)
+        self.text = ""
+        self.emitted = 0
+        self.stopped = False
+
+    def push(self, token_id: int) -> str:
+        return self._add(self.detok.push(token_id), final=False)
+
+    def finish(self) -> str:
+        return self._add(self.detok.flush(), final=True) if not self.stopped else ""
+
+    def _add(self, delta: str, final: bool) -> str:
+        start = max(0, len(self.text) - max((len(s) for s in self.stop), default=0))
+        self.text += delta
+        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        if hits:
+            self.text = self.text[:min(hits)]
+            self.stopped = True
+        hold = 0 if (final or self.stopped) else self._partial_stop_suffix()
+        piece = self.text[self.emitted:len(self.text) - hold]
+        self.emitted += len(piece)
+        return piece
+
+    def _partial_stop_suffix(self) -> int:
+        """Length of the longest end of the text that is a proper prefix of some stop string."""
+        best = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(self.text)), best, -1):
+                if self.text.endswith(s[:k]):
+                    best = k
+                    break
+        return best

@@ -1,0 +1,51 @@
+"""Session fixtures everyone's tests share: the tiny presets (seed 0) and their exported bundles.
+
+Each bundle is exported once per test session (a few seconds each) into a session temp dir. Tests must
+not modify them: copy a bundle first (``shutil.copytree``) when a test needs to change files.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_verified_cache(tmp_path_factory):
+    """Keep the bundle hash cache out of the user's ~/.cache for the whole session."""
+    old = os.environ.get("FLASHVL_CACHE_DIR")
+    os.environ["FLASHVL_CACHE_DIR"] = str(tmp_path_factory.mktemp("flashvl-cache"))
+    yield
+    if old is None:
+        os.environ.pop("FLASHVL_CACHE_DIR", None)
+    else:
+        os.environ["FLASHVL_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_static_loaded():
+    from flashvl_edge.export.model import build_preset
+
+    return build_preset("tiny-static", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_dynamic_loaded():
+    from flashvl_edge.export.model import build_preset
+
+    return build_preset("tiny-dynamic-iss", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_static_bundle(tmp_path_factory, tiny_static_loaded):
+    from flashvl_edge.export.onnx import export_bundle
+
+    return export_bundle(tiny_static_loaded, tmp_path_factory.mktemp("bundles") / "tiny-static", progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_dynamic_bundle(tmp_path_factory, tiny_dynamic_loaded):
+    from flashvl_edge.export.onnx import export_bundle
+
+    return export_bundle(tiny_dynamic_loaded, tmp_path_factory.mktemp("bundles") / "tiny-dynamic-iss", progress=False)

@@ -1,0 +1,98 @@
+"""Checkpoint directories built from tiny configs, for tests (no model hub here).
+
+* ``make_canonical_checkpoint``: a preset saved in the canonical Flash-VL layout by ``save_checkpoint``.
+* ``make_internvl_checkpoint``: a tiny ``InternVLForConditionalGeneration`` saved by transformers itself
+  (``save_pretrained``), with an InternVL-style tokenizer and a GotOcr2 preprocessor_config.json, i.e.
+  the layout of a real InternVL 2.5/3 "-hf" directory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from flashvl_edge.export import tokenizer as tok
+from flashvl_edge.export.model import CLIP_MEAN, CLIP_STD, _scale_llm_weights, build_preset, save_checkpoint
+
+# Tiny InternVL: 56/7 = 8x8 patches (+ CLS, dropped) -> pixel shuffle -> 4x4 = 16 tokens per tile.
+INTERNVL_TINY_VISION = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "image_size": [56, 56],
+    "patch_size": [7, 7],
+}
+INTERNVL_TINY_TEXT = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 2048,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+    "tie_word_embeddings": False,
+}
+# Same reason and value as the tiny presets' llm_init_scale (see export/model.py).
+INTERNVL_TINY_LLM_INIT_SCALE = 12.0
+
+
+def make_canonical_checkpoint(directory, preset: str = "tiny-static", seed: int = 0, max_shard_bytes: int = 2 * 1024**3) -> Path:
+    directory = Path(directory)
+    save_checkpoint(build_preset(preset, seed=seed), directory, max_shard_bytes=max_shard_bytes)
+    return directory
+
+
+def make_internvl_checkpoint(directory, seed: int = 0, max_patches: int = 6) -> Path:
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, Qwen2Config
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer_json = tok.preset_tokenizer_json("internvl")
+    tokenizer = tok.load_tokenizer_json(tokenizer_json)
+    text = Qwen2Config(
+        vocab_size=tokenizer.get_vocab_size(),
+        eos_token_id=tokenizer.token_to_id(tok.IM_END),
+        pad_token_id=tokenizer.token_to_id(tok.ENDOFTEXT),
+        **INTERNVL_TINY_TEXT,
+    )
+    config = InternVLConfig(
+        vision_config=InternVLVisionConfig(**INTERNVL_TINY_VISION),
+        text_config=text,
+        image_token_id=tokenizer.token_to_id("<IMG_CONTEXT>"),
+        image_seq_length=16,
+        downsample_ratio=0.5,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(config).eval()
+    _scale_llm_weights(model.model.language_model, INTERNVL_TINY_LLM_INIT_SCALE)
+    _scale_llm_weights(model.lm_head, INTERNVL_TINY_LLM_INIT_SCALE)
+    model.save_pretrained(str(directory))
+    (directory / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps(tok.make_tokenizer_config("internvl", model_max_length=2048), indent=2), encoding="utf-8"
+    )
+    size = INTERNVL_TINY_VISION["image_size"][0]
+    preprocessor = {
+        "image_processor_type": "GotOcr2ImageProcessor",
+        "processor_class": "InternVLProcessor",
+        "crop_to_patches": True,
+        "min_patches": 1,
+        "max_patches": max_patches,
+        "size": {"height": size, "width": size},
+        "do_resize": True,
+        "resample": 3,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": CLIP_MEAN,
+        "image_std": CLIP_STD,
+        "do_convert_rgb": True,
+    }
+    (directory / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2), encoding="utf-8")
+    return directory

@@ -1,0 +1,813 @@
+"""The bad-input corpus (issue 6): every nasty input a user can hand us, generated here (no binaries).
+
+Each case asserts the exact error class from the API, a one-line message that says what is wrong (and
+what to do), and from the CLI exit code 2 with no traceback unless ``--debug``. Inputs that look nasty but
+are legitimate (1x1 and 1x10000 images; grayscale, LA, P, CMYK, I;16 images) must WORK, with pixel values
+converted correctly. A few cases run ``python -m flashvl_edge.main`` in a real subprocess to prove the exit
+code and the absence of a traceback end to end; the rest call ``main([...])`` in-process.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from flashvl_edge.main import main
+from flashvl_edge.runtime.errors import (
+    BackendError,
+    BundleError,
+    CalibrationError,
+    CheckpointError,
+    EngineMismatchError,
+    ExportError,
+    FlashVLError,
+    ImageError,
+    IntegrityError,
+    PromptError,
+)
+
+PY = sys.executable
+REPO = Path(__file__).resolve().parents[1]
+
+# A "what to do" hint: every user error should tell the user how to get out of it, not only what broke.
+ACTION = re.compile(
+    r"\b(use|pass|re-?export|re-?run|choose|check|try|set|give|install|remove|convert|must|should|"
+    r"expected|supported|allowed|limit|at (?:most|least)|between|need|needs|provide|add|shorten|reduce|"
+    r"lower|raise|create|free|delete|re-?build|re-?save|replace|downscale|scale|make|valid|one of)\b",
+    re.I,
+)
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    # The verified-file cache lives outside the bundle; keep the tests' entries out of the user's.
+    monkeypatch.setenv("FLASHVL_CACHE_DIR", str(tmp_path / "flashvl-cache"))
+
+
+def subprocess_env(tmp: Path) -> dict:
+    env = dict(os.environ)
+    env["FLASHVL_CACHE_DIR"] = str(tmp / "flashvl-cache")
+    env["PYTHONWARNINGS"] = "ignore"
+    env.pop("PYTHONBREAKPOINT", None)
+    return env
+
+
+def run_cli(*argv, tmp: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -m flashvl_edge.main ARGV`` in a fresh process."""
+    return subprocess.run([PY, "-m", "flashvl_edge.main", *map(str, argv)], capture_output=True, text=True,
+                          timeout=timeout, cwd=tmp, env=env or subprocess_env(tmp))
+
+
+def error_line(stderr: str) -> str:
+    """The single ``flashvl: error:`` line of a failed command (and proof that there is no traceback)."""
+    assert "Traceback" not in stderr, stderr
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("flashvl: error:")]
+    assert len(lines) == 1, f"expected exactly one error line, got:\n{stderr}"
+    return lines[0]
+
+
+def assert_user_error(rc: int, stderr: str, *needles: str, action: bool = True) -> str:
+    """Exit code 2, one error line, no traceback; the line names what is wrong (``needles``)."""
+    assert rc == 2, f"exit code {rc}, stderr:\n{stderr}"
+    line = error_line(stderr)
+    for n in needles:
+        assert n.lower() in line.lower(), f"{n!r} not in {line!r}"
+    if action:
+        assert ACTION.search(line), f"the message does not say what to do: {line!r}"
+    return line
+
+
+def cli_in_process(capsys, *argv) -> tuple[int, str, str]:
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_api_error(excinfo, cls, *needles: str, action: bool = True) -> str:
+    """The exception is exactly ``cls`` (not a parent or a sibling) with a one-line message."""
+    err = excinfo.value
+    assert type(err) is cls, f"expected {cls.__name__}, got {type(err).__name__}: {err}"
+    msg = str(err)
+    assert msg and "\n" not in msg.strip(), f"not one line: {msg!r}"
+    for n in needles:
+        assert n.lower() in msg.lower(), f"{n!r} not in {msg!r}"
+    if action:
+        assert ACTION.search(msg), f"the message does not say what to do: {msg!r}"
+    return msg
+
+
+def copy_bundle(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def rewrite_manifest(root: Path, edit) -> None:
+    m = json.loads((root / "manifest.json").read_text())
+    edit(m)
+    (root / "manifest.json").write_text(json.dumps(m, indent=2))
+
+
+# --- image files, crafted byte by byte ------------------------------------------------------------
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A valid 8-bit grayscale PNG of zeros: ~100 kB on disk per 10^8 pixels (a decompression bomb)."""
+    row = b"\0" * (1 + width)
+    c = zlib.compressobj(9)
+    data = b"".join(c.compress(row) for _ in range(height)) + c.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", data) + _png_chunk(b"IEND", b"")
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims huge dimensions but carries almost no pixel data.
+
+    A loader that decodes before checking the pixel limit fails on it with a 'truncated' error (or hangs
+    allocating); one that checks the header first refuses it for its size.
+    """
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr)
+            + _png_chunk(b"IDAT", zlib.compress(b"\0" * 64)) + _png_chunk(b"IEND", b""))
+
+
+def jpeg_claiming(width: int, height: int) -> bytes:
+    """A small real JPEG whose frame header (SOF0) is patched to claim ``width`` x ``height``."""
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(buf, "JPEG", quality=90)
+    data = bytearray(buf.getvalue())
+    i = data.index(b"\xff\xc0")
+    struct.pack_into(">HH", data, i + 5, height, width)
+    return bytes(data)
+
+
+def real_jpeg(size=(320, 240)) -> bytes:
+    from skimage import data as skdata
+
+    buf = io.BytesIO()
+    Image.fromarray(skdata.astronaut()).resize(size).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def real_png(size=(320, 240)) -> bytes:
+    from skimage import data as skdata
+
+    buf = io.BytesIO()
+    Image.fromarray(skdata.coffee()).resize(size).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def write(tmp: Path, name: str, data: bytes) -> Path:
+    p = tmp / name
+    p.write_bytes(data)
+    return p
+
+
+# Unreadable files: (name, bytes, a word the message must contain)
+UNREADABLE = {
+    "zero_byte.png": lambda: b"",
+    "random_bytes.jpg": lambda: np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes(),
+    "text_file.png": lambda: b"this is not an image, just some text\n" * 20,
+    "json_file.json": lambda: json.dumps({"not": "an image"}).encode(),
+    "truncated.jpg": lambda: real_jpeg()[: len(real_jpeg()) // 3],
+    "truncated.png": lambda: real_png()[: len(real_png()) // 2],
+    "corrupt_png_crc.png": lambda: _corrupt_middle(real_png()),
+    "png_signature_only.png": lambda: b"\x89PNG\r\n\x1a\n",
+}
+
+
+def _corrupt_middle(data: bytes) -> bytes:
+    b = bytearray(data)
+    mid = len(b) // 2
+    b[mid: mid + 64] = bytes(64)
+    return bytes(b)
+
+
+# --------------------------------------------------------------------------------------------
+# images through the API
+
+
+@pytest.mark.parametrize("name", sorted(UNREADABLE))
+def test_unreadable_image_files_raise_image_error(tmp_path, name):
+    from flashvl_edge.runtime.images import load_image
+
+    path = write(tmp_path, name, UNREADABLE[name]())
+    with pytest.raises(FlashVLError) as ei:
+        load_image(path, max_pixels=50_000_000)
+    assert_api_error(ei, ImageError, name)  # the message names the file
+
+
+def test_missing_image_file_raises_image_error(tmp_path):
+    from flashvl_edge.runtime.images import load_image
+
+    with pytest.raises(FlashVLError) as ei:
+        load_image(tmp_path / "no-such-photo.jpg", max_pixels=50_000_000)
+    assert_api_error(ei, ImageError, "no-such-photo.jpg")
+
+
+def test_directory_as_image_raises_image_error(tmp_path):
+    from flashvl_edge.runtime.images import load_image
+
+    with pytest.raises(FlashVLError) as ei:
+        load_image(tmp_path, max_pixels=50_000_000)
+    assert_api_error(ei, ImageError)
+
+
+@pytest.mark.parametrize("data,label", [
+    (lambda: png_bomb(10_000, 10_000), "real 10^8-pixel PNG bomb"),
+    (lambda: png_header_only(30_000, 30_000), "PNG header claiming 9*10^8 pixels"),
+    (lambda: jpeg_claiming(40_000, 40_000), "JPEG frame claiming 1.6*10^9 pixels"),
+])
+def test_decompression_bombs_are_refused_quickly(tmp_path, data, label):
+    from flashvl_edge.runtime.images import load_image
+
+    path = write(tmp_path, "bomb.png", data())
+    t0 = time.perf_counter()
+    with pytest.raises(FlashVLError) as ei:
+        load_image(path, max_pixels=1_000_000)
+    elapsed = time.perf_counter() - t0
+    msg = assert_api_error(ei, ImageError)
+    # refused for its size (so before decoding), not because decoding went wrong
+    assert re.search(r"pixel|too large|limit", msg, re.I), msg
+    assert elapsed < 1.0, f"{label}: refusing took {elapsed:.2f}s, it must not decode first"
+
+
+def test_pixel_limit_is_configurable_and_allows_what_fits(tmp_path):
+    from flashvl_edge.runtime.images import load_image
+
+    path = write(tmp_path, "big.png", png_bomb(2000, 1000))  # 2 Mpx of zeros
+    with pytest.raises(ImageError):
+        load_image(path, max_pixels=1_999_999)
+    img = load_image(path, max_pixels=2_000_000)
+    assert img.mode == "RGB" and img.size == (2000, 1000)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 10_000), (10_000, 1), (2, 3)])
+def test_degenerate_sizes_work_through_preprocessing(size, tiny_static_bundle, tiny_dynamic_bundle):
+    from flashvl_edge.runtime.bundle import Bundle
+    from flashvl_edge.runtime.images import load_image, preprocess
+
+    rng = np.random.default_rng(sum(size))
+    arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    img = load_image(Image.fromarray(arr), max_pixels=50_000_000)
+    assert img.size == size and img.mode == "RGB"
+    for bundle_dir in (tiny_static_bundle, tiny_dynamic_bundle):
+        manifest = Bundle.load(bundle_dir).manifest
+        pre = preprocess(img, manifest)
+        pv = pre.pixel_values
+        s = manifest["preprocess"]["image_size"]
+        assert pv.dtype == np.float32 and pv.ndim == 4 and pv.shape[1:] == (3, s, s), pv.shape
+        assert 1 <= pv.shape[0] <= manifest["preprocess"]["max_tiles"] + 1
+        assert np.isfinite(pv).all()
+
+
+def _mode_images():
+    """(mode name, PIL image in that mode, the RGB an opaque pixel of it must become)."""
+    out = []
+    out.append(("L", Image.new("L", (40, 30), 77), (77, 77, 77)))
+    out.append(("LA", Image.new("LA", (40, 30), (150, 255)), (150, 150, 150)))
+    p = Image.new("P", (40, 30), 1)
+    p.putpalette([0, 0, 0, 255, 0, 0] + [0] * (256 * 3 - 6))
+    out.append(("P", p, (255, 0, 0)))
+    out.append(("1", Image.new("1", (40, 30), 1), (255, 255, 255)))
+    out.append(("RGBA", Image.new("RGBA", (40, 30), (10, 200, 30, 255)), (10, 200, 30)))
+    out.append(("CMYK", Image.new("CMYK", (40, 30), (0, 255, 255, 0)), (255, 0, 0)))
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF", "in-memory"])
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "1", "RGBA", "CMYK"])
+def test_image_modes_are_converted_to_rgb(tmp_path, mode, fmt):
+    from flashvl_edge.runtime.images import load_image
+
+    _, img, rgb = next(m for m in _mode_images() if m[0] == mode)
+    if fmt == "in-memory":
+        src = img
+    else:
+        if fmt == "PNG" and mode == "CMYK":
+            fmt = "JPEG"  # PNG has no CMYK; JPEG does (Adobe inverted CMYK, Pillow handles it)
+        src = tmp_path / f"img.{fmt.lower()}"
+        img.save(src, fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    out = load_image(src, max_pixels=50_000_000)
+    assert out.mode == "RGB" and out.size == (40, 30)
+    got = np.asarray(out)[15, 20].astype(int)
+    assert np.abs(got - np.array(rgb)).max() <= 6, (mode, fmt, got, rgb)
+
+
+def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path):
+    """I;16 (16-bit PNG): a naive convert('RGB') clips everything above 255 to white."""
+    from flashvl_edge.runtime.images import load_image
+
+    ramp = np.linspace(0, 65535, 256, dtype=np.float64).round().astype(np.uint16)
+    arr = np.tile(ramp, (8, 1))
+    Image.fromarray(arr).save(tmp_path / "gray16.png")
+    src = Image.open(tmp_path / "gray16.png")
+    assert src.mode in ("I;16", "I;16B", "I")
+    out = np.asarray(load_image(tmp_path / "gray16.png", max_pixels=50_000_000)).astype(int)
+    assert out.shape == (8, 256, 3)
+    assert (out[..., 0] == out[..., 1]).all() and (out[..., 1] == out[..., 2]).all()
+    expected = np.round(ramp / 257.0)
+    assert np.abs(out[0, :, 0] - expected).max() <= 1, out[0, ::32, 0]
+
+
+# --------------------------------------------------------------------------------------------
+# prompts and sampling through the API (one pipeline for the module)
+
+
+@pytest.fixture(scope="module")
+def static_pipeline(tiny_static_bundle):
+    from flashvl_edge.runtime.pipeline import Pipeline
+
+    return Pipeline.from_bundle(tiny_static_bundle)
+
+
+@pytest.fixture(scope="module")
+def photo_path(tmp_path_factory):
+    p = tmp_path_factory.mktemp("photo") / "astronaut.jpg"
+    p.write_bytes(real_jpeg((256, 256)))
+    return p
+
+
+@pytest.mark.parametrize("prompt", ["", "   \n\t "])
+def test_empty_prompt_is_refused(static_pipeline, prompt):
+    with pytest.raises(FlashVLError) as ei:
+        static_pipeline.chat(prompt, max_new_tokens=2)
+    assert_api_error(ei, PromptError, "empty")
+
+
+def test_over_long_prompt_is_refused(static_pipeline):
+    max_context = static_pipeline.bundle.manifest["generation"]["max_context"]
+    prompt = "hello world " * (max_context * 2)
+    with pytest.raises(FlashVLError) as ei:
+        static_pipeline.chat(prompt, max_new_tokens=2)
+    msg = assert_api_error(ei, PromptError)
+    assert str(max_context) in msg, msg  # says what the limit is
+
+
+def test_prompt_that_fits_alone_but_not_with_the_image(static_pipeline, photo_path):
+    """The prompt fits the context by itself; with the image tokens it does not: refuse, do not truncate."""
+    from tokenizers import Tokenizer
+
+    m = static_pipeline.bundle.manifest
+    max_context = m["generation"]["max_context"]
+    probe = static_pipeline.chat("hi", image=photo_path, max_new_tokens=1)
+    n_img = probe.n_image_tokens
+    overhead = len(probe.prompt_token_ids) - n_img
+    assert n_img >= 8, "the tiny preset should have enough image tokens for this test"
+    tok = Tokenizer.from_file(str(static_pipeline.bundle.path(m["tokenizer"]["file"])))
+    per_word = len(tok.encode(" hello" * 100, add_special_tokens=False).ids) / 100
+    words = int((max_context - overhead - n_img // 2) / per_word)
+    prompt = "hello" + " hello" * (words - 1)
+    text_only = static_pipeline.chat(prompt, max_new_tokens=1)  # fits without the image
+    assert len(text_only.prompt_token_ids) < max_context
+    assert len(text_only.prompt_token_ids) + n_img > max_context
+    with pytest.raises(FlashVLError) as ei:
+        static_pipeline.chat(prompt, image=photo_path, max_new_tokens=1)
+    msg = assert_api_error(ei, PromptError)
+    assert str(max_context) in msg, msg
+
+
+BAD_SAMPLING = [
+    ({"temperature": -0.5}, "temperature"),
+    ({"temperature": float("nan")}, "temperature"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"top_k": -1}, "top_k"),
+    ({"max_new_tokens": 0}, "max_new_tokens"),
+    ({"max_new_tokens": -3}, "max_new_tokens"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty"),
+    ({"repetition_penalty": -1.0}, "repetition_penalty"),
+]
+
+
+@pytest.mark.parametrize("kwargs,name", BAD_SAMPLING, ids=[f"{k}={v}" for (d, _) in BAD_SAMPLING for k, v in d.items()])
+def test_invalid_sampling_parameters_raise_prompt_error(static_pipeline, kwargs, name):
+    sampling = {"max_new_tokens": 2, **kwargs}
+    with pytest.raises(FlashVLError) as ei:
+        static_pipeline.chat("Describe the image.", **sampling)
+    msg = assert_api_error(ei, PromptError)
+    assert name.split("_")[-1] in msg.replace("-", "_"), msg
+    # streaming validates too, before the first piece is yielded
+    with pytest.raises(PromptError):
+        next(iter(static_pipeline.stream("Describe the image.", **sampling)))
+
+
+def test_pipeline_survives_bad_inputs(static_pipeline, photo_path, tmp_path):
+    """After refusing bad inputs the same pipeline still answers (nothing half-done left in it)."""
+    good = static_pipeline.chat("Describe the image.", image=photo_path, max_new_tokens=4)
+    bad = write(tmp_path, "bad.jpg", UNREADABLE["truncated.jpg"]())
+    with pytest.raises(ImageError):
+        static_pipeline.chat("Describe the image.", image=bad, max_new_tokens=4)
+    with pytest.raises(PromptError):
+        static_pipeline.chat("Describe the image.", image=photo_path, temperature=-1)
+    again = static_pipeline.chat("Describe the image.", image=photo_path, max_new_tokens=4)
+    assert again.token_ids == good.token_ids
+
+
+# --------------------------------------------------------------------------------------------
+# the CLI: exit code 2, one line, no traceback
+
+
+def test_cli_subprocess_chat_errors_end_to_end(tmp_path, tiny_static_bundle):
+    """Real processes: exit code 2, one line, no traceback; --debug shows the traceback."""
+    bad_img = write(tmp_path, "broken.jpg", UNREADABLE["truncated.jpg"]())
+    r = run_cli("chat", tmp_path / "no-bundle-here", "--prompt", "hi", tmp=tmp_path)
+    assert_user_error(r.returncode, r.stderr, "no-bundle-here", "does not exist")
+    r = run_cli("chat", tiny_static_bundle, "--image", bad_img, "--prompt", "hi", tmp=tmp_path)
+    assert_user_error(r.returncode, r.stderr, "broken.jpg")
+    r = run_cli("chat", tiny_static_bundle, "--prompt", "hi", "--temperature", "-1", tmp=tmp_path)
+    assert_user_error(r.returncode, r.stderr, "temperature")
+    r = run_cli("chat", tiny_static_bundle, "--image", bad_img, "--prompt", "hi", "--debug", tmp=tmp_path)
+    assert r.returncode == 2
+    assert "Traceback" in r.stderr and "ImageError" in r.stderr
+
+
+def test_cli_subprocess_export_errors_end_to_end(tmp_path, tiny_static_bundle):
+    r = run_cli("export", "no-such-preset", "--out", tmp_path / "b", tmp=tmp_path)
+    assert_user_error(r.returncode, r.stderr, "no-such-preset")
+    assert "tiny-static" in r.stderr  # lists the presets that do exist
+    assert not (tmp_path / "b").exists()
+    out = copy_bundle(tiny_static_bundle, tmp_path / "existing")
+    before = (out / "manifest.json").read_bytes()
+    r = run_cli("export", "tiny-static", "--out", out, tmp=tmp_path)
+    assert_user_error(r.returncode, r.stderr, "--force")
+    assert (out / "manifest.json").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".flashvl-tmp-")) == []
+
+
+@pytest.mark.parametrize("flag,value", [
+    ("--temperature", "-0.1"), ("--top-p", "0"), ("--top-p", "1.01"), ("--top-k", "-2"),
+    ("--max-new-tokens", "0"), ("--max-new-tokens", "-1"),
+])
+def test_cli_invalid_sampling_flags(capsys, tiny_static_bundle, flag, value):
+    rc, _, err = cli_in_process(capsys, "chat", tiny_static_bundle, "--prompt", "hi", flag, value)
+    assert_user_error(rc, err, flag.lstrip("-").split("-")[-1])
+
+
+def test_cli_chat_with_bomb_image(capsys, tmp_path, tiny_static_bundle):
+    bomb = write(tmp_path, "huge.png", png_header_only(20_000, 20_000))
+    t0 = time.perf_counter()
+    rc, _, err = cli_in_process(capsys, "chat", tiny_static_bundle, "--image", bomb, "--prompt", "hi")
+    assert_user_error(rc, err, "huge.png")
+    assert time.perf_counter() - t0 < 5
+
+
+def test_cli_chat_with_empty_prompt(capsys, tiny_static_bundle):
+    rc, _, err = cli_in_process(capsys, "chat", tiny_static_bundle, "--prompt", "")
+    assert_user_error(rc, err, "empty")
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "CMYK", "I;16"])
+def test_cli_chat_works_on_odd_image_modes(capsys, tmp_path, tiny_dynamic_bundle, mode):
+    arr = np.random.default_rng(1).integers(0, 255, (37, 53), dtype=np.uint8)
+    if mode == "I;16":
+        img = Image.fromarray(arr.astype(np.uint16) * 257)
+        path = tmp_path / "img.png"
+    elif mode == "CMYK":
+        img = Image.fromarray(np.stack([arr] * 4, -1), "CMYK")
+        path = tmp_path / "img.jpg"
+    else:
+        img = Image.fromarray(arr).convert(mode)
+        path = tmp_path / "img.png"
+    img.save(path)
+    rc, out, err = cli_in_process(capsys, "chat", tiny_dynamic_bundle, "--image", path, "--prompt",
+                                  "What is this?", "--max-new-tokens", "3", "--json")
+    assert rc == 0, err
+    result = json.loads(out)
+    assert result["n_image_tokens"] > 0 and len(result["token_ids"]) <= 3
+
+
+# --- bundles --------------------------------------------------------------------------------
+
+
+def _graph_file(root: Path, graph: str) -> str:
+    return json.loads((root / "manifest.json").read_text())["graphs"][graph]["file"]
+
+
+def test_bundle_with_a_missing_file(capsys, tmp_path, tiny_static_bundle):
+    from flashvl_edge.runtime.pipeline import Pipeline
+
+    root = copy_bundle(tiny_static_bundle, tmp_path / "b")
+    emb = json.loads((root / "manifest.json").read_text())["embeddings"]["file"]
+    (root / emb).unlink()
+    with pytest.raises(FlashVLError) as ei:
+        Pipeline.from_bundle(root)
+    assert_api_error(ei, IntegrityError, emb, "missing")
+    rc, _, err = cli_in_process(capsys, "chat", root, "--prompt", "hi")
+    assert_user_error(rc, err, emb, "missing")
+
+
+def test_bundle_with_a_truncated_graph(capsys, tmp_path, tiny_static_bundle):
+    from flashvl_edge.runtime.pipeline import Pipeline
+
+    root = copy_bundle(tiny_static_bundle, tmp_path / "b")
+    name = _graph_file(root, "llm")
+    size = (root / name).stat().st_size
+    with open(root / name, "r+b") as f:
+        f.truncate(size // 2)
+    with pytest.raises(FlashVLError) as ei:
+        Pipeline.from_bundle(root)
+    assert_api_error(ei, IntegrityError, name, "truncated")
+    rc, _, err = cli_in_process(capsys, "chat", root, "--prompt", "hi")
+    assert_user_error(rc, err, name)
+
+
+def test_bundle_with_a_tampered_graph_same_size(capsys, tmp_path, tiny_static_bundle):
+    from flashvl_edge.runtime.pipeline import Pipeline
+
+    root = copy_bundle(tiny_static_bundle, tmp_path / "b")
+    name = _graph_file(root, "vision")
+    data = bytearray((root / name).read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit in the middle of the weights
+    (root / name).write_bytes(bytes(data))
+    with pytest.raises(FlashVLError) as ei:
+        Pipeline.from_bundle(root)
+    assert_api_error(ei, IntegrityError, name, "sha256")
+    rc, _, err = cli_in_process(capsys, "chat", root, "--prompt", "hi")
+    assert_user_error(rc, err, name)
+
+
+@pytest.mark.parametrize("version", [2, 0, "1", None])
+def test_manifest_from_an_unknown_schema_version(capsys, tmp_path, tiny_static_bundle, version):
+    from flashvl_edge.runtime.pipeline import Pipeline
+
+    root = copy_bundle(tiny_static_bundle, tmp_path / "b")
+    rewrite_manifest(root, lambda m: m.update(schema_version=version))
+    with pytest.raises(FlashVLError) as ei:
+        Pipeline.from_bundle(root)
+    assert_api_error(ei, BundleError, "schema version")
+    rc, _, err = cli_in_process(capsys, "chat", root, "--prompt", "hi")
+    assert_user_error(rc, err, "schema version")
+
+
+def test_manifest_that_is_not_json_or_lacks_sections(capsys, tmp_path, tiny_static_bundle):
+    root = copy_bundle(tiny_static_bundle, tmp_path / "b")
+    rewrite_manifest(root, lambda m: m.pop("graphs"))
+    rc, _, err = cli_in_process(capsys, "chat", root, "--prompt", "hi")
+    assert_user_error(rc, err, "graphs")
+    (root / "manifest.json").write_bytes(b"\xff\xfe{garbage")
+    rc, _, err = cli_in_process(capsys, "chat", root, "--prompt", "hi")
+    assert_user_error(rc, err, "manifest.json")
+
+
+def test_not_a_bundle(capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    rc, _, err = cli_in_process(capsys, "chat", tmp_path / "empty", "--prompt", "hi")
+    assert_user_error(rc, err, "manifest.json")
+    (tmp_path / "file.onnx").write_bytes(b"x")
+    rc, _, err = cli_in_process(capsys, "chat", tmp_path / "file.onnx", "--prompt", "hi")
+    assert_user_error(rc, err, "file.onnx", action=False)
+
+
+# --- engines --------------------------------------------------------------------------------
+
+
+def test_engine_from_another_gpu_or_tensorrt_version():
+    """The manifest records what each engine was built for; a mismatch is refused naming both sides."""
+    from flashvl_edge.runtime.backends.trt import GpuInfo, select_engine
+
+    entry = {"gpu": "Orin", "compute_capability": "8.7", "trt_version": "10.3.0", "precision": "fp16"}
+    manifest = {"engines": {"engines/orin_sm87_trt10.3.0": entry}}
+    orin = GpuInfo("Orin", "8.7", 8 << 30)
+    assert select_engine(manifest, orin, "10.3.0")[0] == "engines/orin_sm87_trt10.3.0"  # the same: accepted
+    with pytest.raises(FlashVLError) as ei:
+        select_engine(manifest, GpuInfo("NVIDIA H100 80GB HBM3", "9.0", 80 << 30), "10.3.0")
+    assert_api_error(ei, EngineMismatchError, "Orin", "H100", "sm87", "sm90")
+    with pytest.raises(FlashVLError) as ei:
+        select_engine(manifest, orin, "8.6.2")
+    assert_api_error(ei, EngineMismatchError, "10.3.0", "8.6.2")
+    with pytest.raises(FlashVLError) as ei:
+        select_engine(manifest, None, None)
+    assert_api_error(ei, EngineMismatchError, "Orin", "no NVIDIA GPU", action=False)
+
+
+def test_chat_with_trt_backend_without_tensorrt(capsys, tiny_static_bundle):
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("tensorrt is installed here; this case is about machines without it")
+    except ImportError:
+        pass
+    rc, _, err = cli_in_process(capsys, "chat", tiny_static_bundle, "--backend", "trt", "--prompt", "hi")
+    assert_user_error(rc, err, "tensorrt")
+
+
+# --- checkpoints and export -------------------------------------------------------------------
+
+
+def _rewrite_safetensors(ckpt: Path, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
+    files = sorted(ckpt.glob("*.safetensors"))
+    assert files, f"no safetensors in {ckpt}"
+    for f in files:
+        sd = load_file(str(f))
+        edit(sd, f)
+        save_file(sd, str(f), metadata={"format": "pt"})
+        break  # edit the first shard only
+
+
+@pytest.fixture
+def canonical_ckpt(tmp_path):
+    from factories import make_canonical_checkpoint
+
+    d = tmp_path / "ckpt"
+    make_canonical_checkpoint(d, preset="tiny-static", seed=3)
+    return d
+
+
+def test_checkpoint_with_missing_keys(capsys, tmp_path, canonical_ckpt):
+    from flashvl_edge.export.model import load_model
+
+    dropped = []
+
+    def drop(sd, _):
+        for k in sorted(sd):
+            if k.startswith("mlp1.") or k.endswith("layers.0.self_attn.q_proj.weight"):
+                dropped.append(k)
+                del sd[k]
+    _rewrite_safetensors(canonical_ckpt, drop)
+    assert dropped
+    with pytest.raises(FlashVLError) as ei:
+        load_model(str(canonical_ckpt))
+    msg = assert_api_error(ei, CheckpointError, "missing")
+    for k in dropped[:2]:
+        assert k in msg, f"the error should name the missing key {k}: {msg}"
+    rc, _, err = cli_in_process(capsys, "export", canonical_ckpt, "--out", tmp_path / "out")
+    assert_user_error(rc, err, "missing")
+    assert not (tmp_path / "out").exists()
+
+
+def test_checkpoint_with_extra_keys(capsys, tmp_path, canonical_ckpt):
+    import torch
+    from flashvl_edge.export.model import load_model
+
+    def add(sd, _):
+        sd["language_model.model.layers.99.mlp.up_proj.weight"] = torch.zeros(2, 2)
+        sd["totally.unexpected"] = torch.zeros(1)
+    _rewrite_safetensors(canonical_ckpt, add)
+    with pytest.raises(FlashVLError) as ei:
+        load_model(str(canonical_ckpt))
+    msg = assert_api_error(ei, CheckpointError, "unexpected")
+    assert "totally.unexpected" in msg
+    rc, _, err = cli_in_process(capsys, "export", canonical_ckpt, "--out", tmp_path / "out")
+    assert_user_error(rc, err, "unexpected")
+    assert not (tmp_path / "out").exists()
+
+
+def test_checkpoint_with_a_wrongly_shaped_weight(tmp_path, canonical_ckpt):
+    import torch
+    from flashvl_edge.export.model import load_model
+
+    def reshape(sd, _):
+        k = next(k for k in sorted(sd) if k.startswith("mlp1.1.weight"))
+        sd[k] = torch.zeros(sd[k].shape[0] + 1, sd[k].shape[1])
+    _rewrite_safetensors(canonical_ckpt, reshape)
+    with pytest.raises(FlashVLError) as ei:
+        load_model(str(canonical_ckpt))
+    assert_api_error(ei, CheckpointError, "mlp1.1.weight", "shape")
+
+
+@pytest.mark.parametrize("model_type", ["llava", "not-a-model", ""])
+def test_unsupported_model_type(capsys, tmp_path, canonical_ckpt, model_type):
+    from flashvl_edge.export.model import load_model
+
+    cfg = json.loads((canonical_ckpt / "config.json").read_text())
+    cfg["model_type"] = model_type
+    (canonical_ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FlashVLError) as ei:
+        load_model(str(canonical_ckpt))
+    assert_api_error(ei, CheckpointError, "model_type")
+    rc, _, err = cli_in_process(capsys, "export", canonical_ckpt, "--out", tmp_path / "out")
+    assert_user_error(rc, err, "model_type")
+
+
+def test_checkpoint_dir_without_config_or_weights(capsys, tmp_path, canonical_ckpt):
+    from flashvl_edge.export.model import load_model
+
+    (tmp_path / "empty-ckpt").mkdir()
+    with pytest.raises(FlashVLError) as ei:
+        load_model(str(tmp_path / "empty-ckpt"))
+    assert_api_error(ei, CheckpointError, "config.json")
+    (canonical_ckpt / "config.json").write_text("{broken json")
+    with pytest.raises(FlashVLError) as ei:
+        load_model(str(canonical_ckpt))
+    assert_api_error(ei, CheckpointError, "config.json")
+    rc, _, err = cli_in_process(capsys, "export", canonical_ckpt, "--out", tmp_path / "out")
+    assert_user_error(rc, err, "config.json")
+
+
+def test_unknown_preset_api(tmp_path):
+    from flashvl_edge.export.model import load_model
+
+    with pytest.raises(FlashVLError) as ei:
+        load_model("flashvl-7b-imaginary")
+    assert_api_error(ei, CheckpointError, "flashvl-7b-imaginary")
+
+
+def test_export_out_is_an_existing_file(capsys, tmp_path):
+    (tmp_path / "out").write_text("keep me")
+    rc, _, err = cli_in_process(capsys, "export", "tiny-static", "--out", tmp_path / "out")
+    assert_user_error(rc, err, "out", action=False)
+    assert (tmp_path / "out").read_text() == "keep me"
+
+
+def _in_mount_namespace_available() -> bool:
+    if not shutil.which("unshare"):
+        return False
+    r = subprocess.run(["unshare", "-rm", "sh", "-c", "d=$(mktemp -d) && mount -t tmpfs -o size=1m tmpfs $d"],
+                       capture_output=True)
+    return r.returncode == 0
+
+
+def test_disk_full_during_export_file_size_limit(tmp_path, tiny_static_bundle):
+    """A write that fails half-way (RLIMIT_FSIZE, SIGXFSZ ignored, so write() raises EFBIG)."""
+    import resource
+    import signal
+
+    total = sum(p.stat().st_size for p in tiny_static_bundle.rglob("*") if p.is_file())
+    biggest = max(p.stat().st_size for p in tiny_static_bundle.rglob("*") if p.is_file())
+    limit = biggest // 2  # some files fit, the biggest does not
+
+    def limit_writes():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    env = subprocess_env(tmp_path)
+    r = subprocess.run([PY, "-m", "flashvl_edge.main", "export", "tiny-static", "--out", str(tmp_path / "b")],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env,
+                       preexec_fn=limit_writes)
+    assert total > limit
+    assert_user_error(r.returncode, r.stderr, action=False)
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name not in ("flashvl-cache",))
+    assert left == [], f"half-written output left behind: {left}"
+
+
+@pytest.mark.skipif(not _in_mount_namespace_available(), reason="cannot mount a small tmpfs here (needs unshare -rm)")
+def test_disk_full_during_export_small_tmpfs(tmp_path, tiny_static_bundle):
+    """A real ENOSPC: the bundle is written onto a tmpfs that is too small for it."""
+    total = sum(p.stat().st_size for p in tiny_static_bundle.rglob("*") if p.is_file())
+    size_kb = max(64, total // 2 // 1024)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    script = (
+        f"mount -t tmpfs -o size={size_kb}k tmpfs {mnt} || exit 99; "
+        f"{PY} -m flashvl_edge.main export tiny-static --out {mnt}/bundle; rc=$?; "
+        f"echo LEFT:$(ls -A {mnt} | tr '\\n' ' ') >&2; exit $rc"
+    )
+    r = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=300,
+                       cwd=tmp_path, env=subprocess_env(tmp_path))
+    assert r.returncode != 99, r.stderr
+    stderr = "\n".join(ln for ln in r.stderr.splitlines() if not ln.startswith("LEFT:"))
+    line = assert_user_error(r.returncode, stderr, action=False)
+    assert re.search(r"space|disk|full", line, re.I), line
+    left = [ln for ln in r.stderr.splitlines() if ln.startswith("LEFT:")][-1]
+    assert left.strip() == "LEFT:", f"half-written output left behind: {left}"
+
+
+# --- calibration ----------------------------------------------------------------------------
+
+
+def test_calibrate_with_an_empty_images_folder(capsys, tmp_path, tiny_static_bundle):
+    (tmp_path / "images").mkdir()
+    rc, _, err = cli_in_process(capsys, "calibrate", tiny_static_bundle, "--out", tmp_path / "q",
+                                "--images", tmp_path / "images")
+    assert_user_error(rc, err, "images")
+    assert not (tmp_path / "q").exists()
+
+
+def test_calibrate_with_a_folder_of_unreadable_images(capsys, tmp_path, tiny_static_bundle):
+    d = tmp_path / "images"
+    d.mkdir()
+    for name in ("zero_byte.png", "text_file.png", "truncated.jpg"):
+        write(d, name, UNREADABLE[name]())
+    rc, _, err = cli_in_process(capsys, "calibrate", tiny_static_bundle, "--out", tmp_path / "q",
+                                "--images", d)
+    assert_user_error(rc, err)
+    assert not (tmp_path / "q").exists()
+
+
+def test_calibrate_with_a_missing_images_folder(capsys, tmp_path, tiny_static_bundle):
+    rc, _, err = cli_in_process(capsys, "calibrate", tiny_static_bundle, "--out", tmp_path / "q",
+                                "--images", tmp_path / "nowhere")
+    assert_user_error(rc, err, "nowhere")
+    assert not (tmp_path / "q").exists()

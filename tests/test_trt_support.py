@@ -1,0 +1,195 @@
+"""The CPU-side TensorRT checks: the ONNX-op lint (export/trt_support.py) on real exported graphs and on
+small hand-built graphs, each of which carries exactly one defect the lint must name."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from flashvl_edge.export import trt_support
+from flashvl_edge.export.trt_support import errors, lint, op_status, resolve_trt_version
+from flashvl_edge.runtime.bundle import Bundle
+
+
+def _save(tmp_path, nodes, inputs, outputs, inits=(), opset=18, name="g.onnx", extra_opsets=()):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(inits))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), *extra_opsets])
+    path = tmp_path / name
+    onnx.save(model, str(path))
+    return path
+
+
+def _vi(name, shape, t=TensorProto.FLOAT):
+    return helper.make_tensor_value_info(name, t, shape)
+
+
+def _codes(findings, severity="error"):
+    return sorted({f.code for f in findings if f.severity == severity})
+
+
+def _relu_graph(tmp_path, **kw):
+    return _save(tmp_path, [helper.make_node("Relu", ["x"], ["y"])], [_vi("x", ["n", 4])], [_vi("y", ["n", 4])], **kw)
+
+
+def _qdq_matmul(tmp_path, *, per_channel=True, dangling_q=False, zero_point=0, scale_axis=1):
+    """x -> Q -> DQ -> MatMul(., DQ(W int8)) -> y; knobs break one QDQ rule at a time."""
+    rng = np.random.default_rng(0)
+    w = rng.integers(-127, 127, size=(8, 6), dtype=np.int8)
+    n_scales = w.shape[scale_axis] if per_channel else None
+    w_scale = np.full((n_scales,), 0.01, np.float32) if per_channel else np.array(0.01, np.float32)
+    inits = [numpy_helper.from_array(w, "w_q"), numpy_helper.from_array(w_scale, "w_scale"),
+             numpy_helper.from_array(np.zeros(w_scale.shape, np.int8), "w_zp"),
+             numpy_helper.from_array(np.array(0.02, np.float32), "x_scale"),
+             numpy_helper.from_array(np.array(zero_point, np.int8), "x_zp")]
+    w_dq = helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zp"], ["w"], name="w_dq",
+                            **({"axis": scale_axis} if per_channel else {}))
+    nodes = [helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zp"], ["xq"], name="x_q"),
+             helper.make_node("DequantizeLinear", ["xq", "x_scale", "x_zp"], ["xd"], name="x_dq"),
+             w_dq, helper.make_node("MatMul", ["xd", "w"], ["y"], name="mm")]
+    if dangling_q:
+        nodes.append(helper.make_node("QuantizeLinear", ["y", "x_scale", "x_zp"], ["unused"], name="dangling"))
+    return _save(tmp_path, nodes, [_vi("x", ["n", 8])], [_vi("y", ["n", 6])], inits, opset=13)
+
+
+# ---------------------------------------------------------------------------------------------
+# the table
+
+
+def test_support_table_is_data_with_its_source():
+    table = json.loads(trt_support.DATA_FILE.read_text())
+    assert "onnx-tensorrt" in table["source"]["document"]
+    assert table["versions"]["8.6"]["opset_max"] == 17
+    assert (table["versions"]["10.0"]["opset_min"], table["versions"]["10.0"]["opset_max"]) == (9, 20)
+    assert resolve_trt_version("10") == "10.3" and resolve_trt_version("8") == "8.6"
+    assert op_status("MatMul", "8.6")[0] == "ok"
+    assert op_status("LayerNormalization", "8.6")[0] == "ok"          # added in 8.6
+    assert op_status("RMSNormalization", "10.3") == ("newer", "10.15")  # added in 10.15
+    assert op_status("MatMulInteger", "10.3")[0] == "unsupported"
+
+
+# ---------------------------------------------------------------------------------------------
+# graphs with one defect each
+
+
+def test_clean_graph_has_no_findings(tmp_path):
+    assert lint(_relu_graph(tmp_path), "10") == []
+
+
+def test_contrib_op_is_an_error(tmp_path):
+    node = helper.make_node("MatMulNBits", ["x", "b"], ["y"], domain="com.microsoft", name="mm4")
+    path = _save(tmp_path, [node], [_vi("x", [1, 4]), _vi("b", [4, 4])], [_vi("y", [1, 4])],
+                 extra_opsets=[helper.make_opsetid("com.microsoft", 1)])
+    found = errors(lint(path, "10"))
+    assert [f.code for f in found] == ["domain"] and "com.microsoft" in found[0].message and found[0].node == "mm4"
+
+
+def test_unsupported_and_too_new_ops(tmp_path):
+    nodes = [helper.make_node("MatMulInteger", ["a", "b"], ["c"], name="mmi"),
+             helper.make_node("Unique", ["x"], ["u"], name="uniq")]
+    path = _save(tmp_path, nodes, [_vi("a", [2, 2], TensorProto.INT8), _vi("b", [2, 2], TensorProto.INT8),
+                                   _vi("x", [4])], [_vi("c", [2, 2], TensorProto.INT32), _vi("u", [None])])
+    found = errors(lint(path, "10"))
+    assert {f.node for f in found if f.code == "unsupported-op"} == {"mmi", "uniq"}
+    # an op TensorRT parses only from a later release than the target
+    rms = helper.make_node("RMSNormalization", ["x", "s"], ["y"], name="rms")
+    path = _save(tmp_path, [rms], [_vi("x", [2, 4]), _vi("s", [4])], [_vi("y", [2, 4])], opset=23, name="rms.onnx")
+    assert "op-needs-newer-trt" in _codes(lint(path, "10.3"))
+    assert "op-needs-newer-trt" not in _codes(lint(path, "10.15"))
+
+
+def test_opset_out_of_range(tmp_path):
+    assert _codes(lint(_relu_graph(tmp_path, opset=18), "8.6")) == ["opset"]       # 8.6 parses up to 17
+    assert _codes(lint(_relu_graph(tmp_path, opset=17, name="a.onnx"), "8.6")) == []
+    assert _codes(lint(_relu_graph(tmp_path, opset=8, name="b.onnx"), "10")) == ["opset"]   # 10.x: 9..20
+    assert _codes(lint(_relu_graph(tmp_path, opset=21, name="c.onnx"), "10")) == ["opset"]
+
+
+def test_restriction_non_constant_axes(tmp_path):
+    node = helper.make_node("ReduceMean", ["x", "axes"], ["y"], name="rm")
+    path = _save(tmp_path, [node], [_vi("x", [2, 4]), _vi("axes", [1], TensorProto.INT64)], [_vi("y", [2, 1])])
+    assert _codes(lint(path, "10")) == ["restriction"]
+
+
+def test_qdq_well_formed_passes(tmp_path):
+    assert errors(lint(_qdq_matmul(tmp_path), "10")) == []
+    assert errors(lint(_qdq_matmul(tmp_path), "8.6")) == []
+
+
+def test_qdq_dangling_quantize(tmp_path):
+    found = errors(lint(_qdq_matmul(tmp_path, dangling_q=True), "10"))
+    assert {(f.code, f.node) for f in found} == {("qdq-dangling", "dangling")}
+
+
+def test_qdq_per_tensor_weight(tmp_path):
+    found = errors(lint(_qdq_matmul(tmp_path, per_channel=False), "10"))
+    assert [(f.code, f.node) for f in found] == [("qdq-per-tensor-weight", "w_dq")]
+
+
+def test_qdq_weight_on_the_wrong_axis_warns(tmp_path):
+    found = lint(_qdq_matmul(tmp_path, scale_axis=0), "10")
+    assert _codes(found, "warning") == ["qdq-weight-axis"] and errors(found) == []
+
+
+def test_qdq_nonzero_zero_point(tmp_path):
+    found = errors(lint(_qdq_matmul(tmp_path, zero_point=3), "10"))
+    assert {f.code for f in found} == {"qdq-zero-point"} and {f.node for f in found} == {"x_q", "x_dq"}
+
+
+def test_int4_block_quantization_needs_trt10(tmp_path):
+    w = numpy_helper.from_array(np.zeros((4, 8), np.int8), "w4")
+    w.data_type = TensorProto.INT4  # re-typed: only dims and type matter to the lint
+    w.ClearField("raw_data")
+    w.raw_data = bytes(16)
+    inits = [w, numpy_helper.from_array(np.ones((1, 8), np.float32), "s")]
+    dq = helper.make_node("DequantizeLinear", ["w4", "s"], ["w"], axis=0, block_size=4, name="dq4")
+    mm = helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")
+    path = _save(tmp_path, [dq, mm], [_vi("x", [1, 4])], [_vi("y", [1, 8])], inits, opset=21)
+    assert "qdq-needs-trt10" in _codes(lint(path, "8.6"))
+    assert "qdq-needs-trt10" not in _codes(lint(path, "10.15"))
+
+
+def test_unreadable_file_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x00not a model")
+    with pytest.raises(trt_support.LintError, match="not a readable ONNX model"):
+        lint(bad)
+
+
+def test_external_data_is_not_read(tmp_path):
+    """A graph whose weights live in external data lints without them (the data file may even be absent)."""
+    w = numpy_helper.from_array(np.ones((64, 64), np.float32), "w")
+    path = _save(tmp_path, [helper.make_node("MatMul", ["x", "w"], ["y"])], [_vi("x", ["n", 64])],
+                 [_vi("y", ["n", 64])], [w])
+    model = onnx.load(str(path))
+    onnx.save(model, str(path), save_as_external_data=True, location="w.bin", size_threshold=0)
+    (tmp_path / "w.bin").unlink()
+    assert lint(path, "10") == []
+
+
+# ---------------------------------------------------------------------------------------------
+# the real exported graphs
+
+
+@pytest.mark.parametrize("which", ["tiny_static_bundle", "tiny_dynamic_bundle"])
+def test_exported_bundles_lint_clean_for_trt10(which, request):
+    from flashvl_edge.export.engines import default_limits, graph_profiles
+
+    bundle = Bundle.load(request.getfixturevalue(which))
+    profiles = graph_profiles(bundle.manifest, default_limits(bundle.manifest))
+    results = trt_support.lint_bundle(bundle, "10", profiles)
+    assert set(results) == {"vision", "llm"}
+    assert {g: errors(f) for g, f in results.items()} == {"vision": [], "llm": []}
+
+
+def test_dynamic_axis_fixed_in_graph_is_caught(tiny_static_bundle):
+    """The same graph checked against a manifest entry that claims a dim the graph fixes."""
+    bundle = Bundle.load(tiny_static_bundle)
+    entry = json.loads(json.dumps(bundle.graph("llm")))
+    # the graph's kv_heads dim is static; a manifest that says it is dynamic must be flagged
+    entry["inputs"][3]["shape"][1] = "kv_heads"
+    found = errors(lint(bundle.graph_path("llm"), "10", entry))
+    assert found and {f.code for f in found} == {"dynamic-axis"}

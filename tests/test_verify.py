@@ -1,0 +1,153 @@
+"""Parity of the ONNX graphs (ONNX Runtime) with the PyTorch model, and ``flashvl verify`` (issue 2, item 6).
+
+Every parity check here is also run against a deliberately broken ONNX side (KV cache dropped, image
+ignored) and must fail there: a check that cannot fail proves nothing.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from flashvl_edge.export.verify import THRESHOLDS, OrtGraphs, greedy_agreement, verify_against
+from flashvl_edge.main import main
+from flashvl_edge.runtime.bundle import Bundle
+
+
+def checks(report) -> dict[str, object]:
+    return {c.name: c for c in report.checks}
+
+
+def assert_parity(report, steps=32):
+    assert report.ok, report.lines()
+    assert set(checks(report)) == {"vision", "llm", "greedy"}
+    assert len(report.ref_tokens) == len(report.ort_tokens) == steps
+    assert report.ort_tokens == report.ref_tokens  # identical, not merely "agreeing up to a tie"
+
+
+@pytest.mark.parametrize("which", ["static", "dynamic"])
+def test_presets_match_pytorch(request, which):
+    bundle = request.getfixturevalue(f"tiny_{which}_bundle")
+    loaded = request.getfixturevalue(f"tiny_{which}_loaded")
+    assert_parity(verify_against(bundle, loaded, greedy_steps=32))
+
+
+@pytest.fixture(scope="module")
+def internvl(tmp_path_factory):
+    from factories import make_internvl_checkpoint
+
+    from flashvl_edge.export.model import load_model
+    from flashvl_edge.export.onnx import export_bundle
+
+    ckpt = make_internvl_checkpoint(tmp_path_factory.mktemp("internvl") / "ckpt", seed=1)
+    loaded = load_model(str(ckpt))
+    bundle = export_bundle(loaded, ckpt.parent / "bundle", progress=False)
+    return ckpt, loaded, bundle
+
+
+def test_internvl_directory_matches_pytorch(internvl):
+    ckpt, loaded, bundle = internvl
+    m = Bundle.load(bundle).manifest
+    assert m["family"] == "internvl"
+    report = verify_against(bundle, loaded, greedy_steps=32)
+    assert_parity(report)
+    # the InternVL prompt wraps the image tokens in its start/end tokens
+    assert m["image"]["start_token"] and m["image"]["end_token"]
+
+
+class CacheDroppingGraphs(OrtGraphs):
+    """Broken on purpose: every decode step runs without the KV cache (as if it were not fed back)."""
+
+    def step(self, inputs_embeds, past, past_len):
+        return super().step(inputs_embeds, self.empty_past(inputs_embeds.shape[0]), 0)
+
+
+class ImageIgnoringGraphs(OrtGraphs):
+    """Broken on purpose: the image embeddings are never spliced in (image tokens keep their embedding)."""
+
+    def embed(self, input_ids, image_embeds, image_token_id):
+        return super().embed(input_ids, None, image_token_id)
+
+
+def test_checks_fail_on_a_dropped_kv_cache(tiny_static_bundle, tiny_static_loaded):
+    report = verify_against(tiny_static_bundle, tiny_static_loaded,
+                            graphs=CacheDroppingGraphs(Bundle.load(tiny_static_bundle)))
+    c = checks(report)
+    assert c["vision"].ok  # untouched part still passes
+    assert not c["llm"].ok and not c["greedy"].ok and not report.ok
+
+
+def test_checks_fail_when_the_image_is_ignored(tiny_dynamic_bundle, tiny_dynamic_loaded):
+    report = verify_against(tiny_dynamic_bundle, tiny_dynamic_loaded,
+                            graphs=ImageIgnoringGraphs(Bundle.load(tiny_dynamic_bundle)))
+    c = checks(report)
+    assert not c["llm"].ok and not c["greedy"].ok and not report.ok
+
+
+def test_checks_fail_against_another_model(tiny_static_bundle):
+    from flashvl_edge.export.model import build_preset
+
+    report = verify_against(tiny_static_bundle, build_preset("tiny-static", seed=1), greedy_steps=8)
+    assert not checks(report)["vision"].ok and not checks(report)["llm"].ok
+
+
+def test_greedy_agreement_rules():
+    assert greedy_agreement([1, 2, 3], [1, 2, 3]).ok
+    assert not greedy_agreement([1, 2, 4], [1, 2, 3]).ok
+    assert not greedy_agreement([1, 2], [1, 2, 3]).ok
+    # a divergence is excused only where the reference itself has a numerical tie at that step
+    assert greedy_agreement([1, 2, 4], [1, 2, 3], tie_gap=lambda step: step == 2).ok
+    assert not greedy_agreement([1, 5, 4], [1, 2, 3], tie_gap=lambda step: step == 2).ok
+    assert THRESHOLDS["fp32"] == 1e-4
+
+
+def test_fp16_bundle_passes_with_the_looser_threshold(tmp_path, tiny_static_loaded):
+    from flashvl_edge.export.onnx import export_bundle
+
+    bundle = export_bundle(tiny_static_loaded, tmp_path / "fp16", dtype="fp16", progress=False)
+    report = verify_against(bundle, tiny_static_loaded, greedy_steps=8)
+    c = checks(report)
+    assert c["vision"].ok and c["llm"].ok, report.lines()
+    # fp16 really is fp16: the error is well above fp32 round-off
+    assert "fp16" == Bundle.load(bundle).manifest["dtype"]
+    assert float(c["llm"].detail.split("= ")[1].split(" ")[0]) > 1e-5
+
+
+# --------------------------------------------------------------------------------------------
+# The CLI
+
+
+def test_cli_verify_against_preset(tiny_static_bundle, capsys):
+    rc = main(["verify", str(tiny_static_bundle), "--against", "tiny-static", "--integrity", "--steps", "8"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    for name in ("integrity", "vision", "llm", "greedy"):
+        assert f"PASS  {name}" in out
+    assert "of output scale" in out and "8/8 tokens identical" in out
+
+
+def test_cli_verify_wrong_seed_exits_nonzero(tiny_static_bundle, capsys):
+    rc = main(["verify", str(tiny_static_bundle), "--against", "tiny-static", "--seed", "1", "--steps", "4"])
+    out = capsys.readouterr().out
+    assert rc != 0 and "FAIL" in out and "verify: FAILED" in out
+
+
+def test_cli_verify_integrity_detects_tampering(tiny_static_bundle, tmp_path, capsys):
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_static_bundle, copy)
+    table = copy / "embed_tokens.npy"
+    data = bytearray(table.read_bytes())
+    data[-1] ^= 0xFF
+    table.write_bytes(bytes(data))
+    rc = main(["verify", str(copy), "--integrity"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "embed_tokens.npy" in err
+
+
+def test_cli_verify_needs_something_to_do(tiny_static_bundle, tmp_path, capsys):
+    assert main(["verify", str(tiny_static_bundle)]) == 2
+    assert main(["verify", str(tmp_path / "missing"), "--integrity"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("flashvl: error:") for line in err)
