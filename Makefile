@@ -31,9 +31,10 @@ test: setup
 test-gpu: setup
 	$(PY) -m pytest -q -m trt
 
+# Export the random-init tiny-static preset and chat about a real photo (answer + metrics).
 demo: setup
 	$(FLASHVL) export tiny-static --out build/demo/tiny-static --force
-	$(FLASHVL) verify build/demo/tiny-static --against tiny-static
+	$(PY) scripts/demo.py build/demo/tiny-static
 
 clean:
 	rm -rf build .pytest_cache

@@ -15,13 +15,15 @@ same explicit-quantization form TensorRT documents:
   served by one per-tensor int8 scale.
 * **LLM INT8, W8A8** (:func:`quantize_llm_int8`): the same recipe on the decoder's weight MatMuls,
   calibrated on prefill inputs (``inputs_embeds`` with image embeddings spliced in, empty KV cache).
-* **LLM INT4 weight-only** (:func:`quantize_llm_int4`): ``MatMulNBitsQuantizer`` with
-  ``quant_format=QDQ``: each weight becomes an int4 initializer with per-block fp32 scales (block 128
-  along K, symmetric) feeding ``DequantizeLinear(axis=0, block_size=128)`` -> ``MatMul`` (opset 21).
-  TensorRT parses that as weight-only INT4, and ONNX Runtime's CPU provider fuses the DQ+MatMul pair
-  into its ``MatMulNBits`` kernel when the session is created. The scales are **round-to-nearest
-  (RTN)**, not AWQ: ONNX Runtime has no AWQ, and its calibration-aware int4 (GPTQ) needs Intel's
-  neural-compressor; RTN at block 128 is what ONNX Runtime GenAI's builder ships by default.
+* **LLM INT4 weight-only** (:func:`quantize_llm_int4`): every weight MatMul reads an int4
+  initializer through ``DequantizeLinear(axis=0, block_size=128)`` (opset 21): symmetric
+  **round-to-nearest (RTN)** with one fp32 scale per block of 128 along K, ``scale = absmax / 7``.
+  TensorRT parses that as weight-only INT4, and ONNX Runtime's CPU provider fuses each DQ+MatMul
+  pair into its ``MatMulNBits`` kernel when the session is created. Not AWQ: ONNX Runtime has no
+  AWQ, and its calibration-aware int4 (GPTQ) needs Intel's neural-compressor. The rewrite is done
+  here rather than with ``MatMulNBitsQuantizer(quant_format=QDQ)`` because that tool (ORT 1.31)
+  writes *signed* scales (``scale = signed absmax / -8``, so about half are negative) and zero
+  scales for all-zero blocks, and TensorRT's ONNX parser requires every Q/DQ scale to be positive.
 
 Every function keeps the graph's inputs and outputs exactly as they were (names, types, shapes), so
 the runtime and the engine builder need no special case for a quantized bundle.
@@ -230,6 +232,8 @@ def _static_int8(src: Path, dst: Path, feeds: Sequence[Mapping[str, np.ndarray]]
                 extra_options={
                     "ActivationSymmetric": symmetric,
                     "WeightSymmetric": True,
+                    # biases stay float: an int32 DequantizeLinear is not something TensorRT parses
+                    "QuantizeBias": False,
                     # Feed the calibrator one sample at a time: ranges/histograms are merged after each,
                     # so only one sample's intermediate tensors are ever held in memory. (Not
                     # CalibMaxIntermediateOutputs: in ORT 1.31 it drops MinMax data without merging it.)
@@ -262,32 +266,78 @@ def quantize_llm_int8(src: Path, dst: Path, feeds: Sequence[Mapping[str, np.ndar
     return _static_int8(src, dst, feeds, method, external_data, ("MatMul", "Gemm"))
 
 
+def rtn_int4(w: np.ndarray, block_size: int = INT4_BLOCK_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric round-to-nearest int4 of a MatMul weight ``w`` [K, N] in blocks of ``block_size`` along K.
+
+    Returns (q int8 values in [-8, 7] of shape [K, N], scales float32 [ceil(K / block), N]) with
+    ``w ~= q * scale`` (scale repeated over each block). ``scale = absmax / 7``, so the largest weight
+    of a block maps to +-7 and nothing is clipped; every scale is > 0 (an all-zero block gets 1.0),
+    because TensorRT's ONNX parser refuses non-positive Q/DQ scales.
+    """
+    k, n = w.shape
+    blocks = -(-k // block_size)
+    padded = np.zeros((blocks * block_size, n), np.float32)
+    padded[:k] = w
+    padded = padded.reshape(blocks, block_size, n)
+    amax = np.abs(padded).max(axis=1)
+    scale = np.where(amax > 0, amax / 7.0, 1.0).astype(np.float32)
+    q = np.clip(np.rint(padded / scale[:, None, :]), -8, 7).astype(np.int8)
+    return q.reshape(blocks * block_size, n)[:k], scale
+
+
+def _int4_tensor(name: str, q: np.ndarray) -> onnx.TensorProto:
+    """An INT4 initializer, packed two values per byte (first value in the low nibble) as raw data."""
+    flat = q.astype(np.int8).ravel()
+    if flat.size % 2:
+        flat = np.append(flat, np.int8(0))
+    u = flat.view(np.uint8) & 0x0F
+    packed = (u[0::2] | (u[1::2] << 4)).astype(np.uint8)
+    return onnx.helper.make_tensor(name, onnx.TensorProto.INT4, list(q.shape), packed.tobytes(), raw=True)
+
+
 def quantize_llm_int4(src: Path, dst: Path, block_size: int = INT4_BLOCK_SIZE,
                       external_data: str | None = None) -> QuantResult:
-    """INT4 weight-only decoder graph: blocked ``DequantizeLinear`` (int4, RTN, symmetric) -> MatMul."""
-    from onnxruntime.quantization import QuantFormat
-    from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
-                                                                 MatMulNBitsQuantizer)
-
+    """INT4 weight-only decoder graph: ``DequantizeLinear`` (int4, blocked, RTN, symmetric) -> MatMul."""
     model = _load(src)
+    io_before = _io_signature(model)
     folded = fold_weight_transposes(model)
     quantize, keep_float = weight_nodes(model, ("MatMul",))
-    io_before = _io_signature(model)
-    config = DefaultWeightOnlyQuantConfig(
-        block_size=block_size, is_symmetric=True, accuracy_level=None,
-        quant_format=QuantFormat.QDQ, op_types_to_quantize=("MatMul",), quant_axes=(("MatMul", 0),), bits=4)
-    # The quantizer logs one line per weight at INFO; keep the console readable.
-    # (It also warns that it raises the opset to 21 for int4; that is expected, recorded in details.)
-    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.ERROR)
-    with _quiet_ort_tools():
-        quantizer = MatMulNBitsQuantizer(model, algo_config=config)
-        quantizer.process()
-    qmodel = quantizer.model.model
-    _save(qmodel, dst, external_data)
+    graph = model.graph
+    inits = {init.name: init for init in graph.initializer}
+    wanted = set(quantize)
+    dq_of: dict[str, str] = {}          # weight initializer -> its DequantizeLinear output
+    nodes = []
+    for node in graph.node:
+        w_name = node.input[1] if node.name in wanted else None
+        if w_name is not None and w_name in inits and numpy_helper.to_array(inits[w_name]).ndim == 2:
+            if w_name not in dq_of:
+                w = numpy_helper.to_array(inits[w_name]).astype(np.float32)
+                q, scale = rtn_int4(w, block_size)
+                graph.initializer.append(_int4_tensor(f"{w_name}_int4", q))
+                graph.initializer.append(numpy_helper.from_array(scale, f"{w_name}_int4_scale"))
+                dq_of[w_name] = f"{w_name}_int4_dq"
+                nodes.append(onnx.helper.make_node(
+                    "DequantizeLinear", [f"{w_name}_int4", f"{w_name}_int4_scale"], [dq_of[w_name]],
+                    name=f"{node.name}_weight_dq", axis=0, block_size=block_size))
+            node.input[1] = dq_of[w_name]
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    still_read = {i for n in graph.node for i in n.input}
+    for w_name in dq_of:  # the float weights go, unless something else still reads them
+        if w_name not in still_read:
+            graph.initializer.remove(inits[w_name])
+    # int4 tensors and blocked DequantizeLinear need opset 21 / IR version 10. The ops these graphs
+    # use mean the same at 18 and 21 (the parity test runs both); TensorRT 10 parses opset 21.
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version < 21:
+            opset.version = 21
+    model.ir_version = max(model.ir_version, 10)
+    _save(model, dst, external_data)
     _check_io_unchanged(io_before, dst)
     return QuantResult(
-        scheme="int4", method="rtn", quantized_nodes=quantize, kept_float_nodes=keep_float,
-        details={"weights": f"int4 symmetric, block {block_size} along K (DequantizeLinear axis 0)",
+        scheme="int4", method="rtn", quantized_nodes=list(quantize), kept_float_nodes=keep_float,
+        details={"weights": f"int4 symmetric (scale = block absmax / 7), block {block_size} along K "
+                            "(DequantizeLinear axis 0)",
                  "activations": "float (weight-only)", "folded_weight_transposes": folded,
-                 "opset": max(o.version for o in qmodel.opset_import if o.domain in ("", "ai.onnx")),
-                 "tensorrt_compatible": True})
+                 "quantized_weights": len(dq_of), "opset": 21, "tensorrt_compatible": True})

@@ -28,6 +28,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -554,6 +555,13 @@ def _edge(value, default: int) -> int:
     return default
 
 
+def _shortest_edge(size, default: int) -> int | None:
+    """CLIP's ``size`` as a shortest edge, or None for an exact {"height","width"} resize."""
+    if isinstance(size, dict) and "shortest_edge" not in size and ("height" in size or "width" in size):
+        return None
+    return _edge(size, default)
+
+
 def _resample_name(value) -> str:
     if isinstance(value, str):
         return value.lower()
@@ -620,7 +628,8 @@ def flashvl_manifest_sections(cfg: FlashVLConfig, tokenizer, tokenizer_config: d
         "preprocess": {
             "mode": "tiles" if tiles else "clip",
             "image_size": image_size,
-            "resize_shortest_edge": _edge(preprocessor.get("size"), image_size),
+            # {"height","width"} (SigLIP-style) means "resize straight to that size": no shortest-edge step.
+            "resize_shortest_edge": _shortest_edge(preprocessor.get("size"), image_size),
             "crop_size": _edge(preprocessor.get("crop_size"), image_size),
             # Tiles are resized to image_size x image_size as a whole; only "clip" center-crops.
             "do_center_crop": bool(preprocessor.get("do_center_crop", True)) and not tiles,
@@ -1062,27 +1071,30 @@ def _load_remote_code(ckpt_dir: Path, config: dict) -> LoadedModel:
         probe = model.get_image_features(torch.zeros(1, 3, image_size, image_size))
     tokens_per_tile = int(probe.shape[1])
     side = int(math.isqrt(tokens_per_tile))
-    name = (str(config.get("model_type", "")) + " ".join(config.get("architectures") or [])).lower()
+    name = " ".join([str(config.get("model_type", "")), *(config.get("architectures") or [])]).lower()
     variant = "dynamic-iss" if "iss" in name or "dynamic" in name else "static"
     ratio = float(config.get("downsample_ratio", 0.5))
     preprocessor = _read_json(ckpt_dir / "preprocessor_config.json", required=False) or _clip_preprocessor_config(
         image_size, CLIP_MEAN, CLIP_STD
     )
-    cfg_like = FlashVLConfig.__new__(FlashVLConfig)
-    cfg_like.__dict__.update(
+    # The remote config's vision fields, shaped like a transformers vision config for the section builder.
+    vision_like = SimpleNamespace(
+        model_type=vget("model_type", "remote"),
+        image_size=image_size,
+        patch_size=patch_size,
+        hidden_size=vget("hidden_size", 0),
+        num_hidden_layers=vget("num_hidden_layers", 0),
+    )
+    cfg_like = FlashVLConfig(
         variant=variant,
-        vision_config=type("V", (), {"model_type": vget("model_type", "remote"), "image_size": image_size,
-                                     "patch_size": patch_size, "hidden_size": vget("hidden_size", 0),
-                                     "num_hidden_layers": vget("num_hidden_layers", 0)})(),
+        vision_config=vision_like,
         text_config=model.text_config,
         downsample_ratio=ratio,
         vision_feature_layer=int(config.get("vision_feature_layer", config.get("select_layer", -1))),
-        vision_use_post_norm=False,
         image_token=image_token,
         max_tiles=int(config.get("max_dynamic_patch", 4)),
         min_tiles=int(config.get("min_dynamic_patch", 1)),
         use_thumbnail=bool(config.get("use_thumbnail", True)),
-        iss_overlap_tokens=2,
     )
     source = {"model": str(ckpt_dir.resolve()), "preset": None, "seed": None}
     sections = flashvl_manifest_sections(cfg_like, tokenizer, tokenizer_config, preprocessor, source)

@@ -355,7 +355,7 @@ class _Steps:
         result = fn()
         self.timings[name] = dt = time.perf_counter() - t0
         if self.enabled:
-            self.bar.write(f"  {name}: {dt:.1f} s")
+            self.bar.write(f"  {name}: {dt:.1f} s", file=sys.stderr)
         self.bar.update(1)
         return result
 

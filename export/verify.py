@@ -1,14 +1,15 @@
 """Parity between a bundle's ONNX graphs (run in ONNX Runtime) and the PyTorch model it came from.
 
-Three checks, each printed as one line:
+Four checks, each printed as one line:
 
 * vision: a real photo (skimage's astronaut) preprocessed as the runtime does, through ``vision.onnx`` and
   through ``get_image_features``; max abs error relative to the output's scale (max abs of the reference);
 * llm: the same ``inputs_embeds`` (text + the reference image embeddings) through a prefill plus 8 decode
   steps in both, the decode tokens fed identically to both; max relative logits error over all steps;
-* greedy: the ONNX graphs alone in a manual decode loop (embedding gather, image splice, KV cache fed back),
-  starting from the ONNX vision output, against the model's ``reference_generate`` (transformers generate)
-  for 32 tokens. A divergence at a numerical tie (the reference's own top-2 logits closer than the
+* greedy / generate: the ONNX graphs alone in a manual decode loop (embedding gather, image splice, KV cache
+  fed back), starting from the ONNX vision output: 32 argmax steps against transformers' decoder (greedy),
+  and a generation that stops at the bundle's eos tokens against the model's ``reference_generate``
+  (transformers ``generate``, generate). A divergence at a numerical tie (the reference's own top-2 logits closer than the
   tolerance) is reported as such, not as a failure: no export can be asked to break exact ties identically.
 """
 
@@ -209,7 +210,7 @@ class Check:
     detail: str
 
     def line(self) -> str:
-        return f"{'PASS' if self.ok else 'FAIL'}  {self.name:<7} {self.detail}"
+        return f"{'PASS' if self.ok else 'FAIL'}  {self.name:<8} {self.detail}"
 
 
 @dataclass
@@ -226,19 +227,19 @@ class Report:
         return [c.line() for c in self.checks]
 
 
-def greedy_agreement(ort_tokens: list[int], ref_tokens: list[int], tie_gap=None) -> Check:
-    """Compare token lists; ``tie_gap(step)`` gives the reference's top-2 logit gap / tolerance at a step."""
+def greedy_agreement(name: str, ort_tokens: list[int], ref_tokens: list[int], tie_gap=None) -> Check:
+    """Compare token lists; ``tie_gap(step)`` says whether the reference has a numerical tie at a step."""
     n = min(len(ort_tokens), len(ref_tokens))
     first = next((i for i in range(n) if ort_tokens[i] != ref_tokens[i]), None)
     if first is None and len(ort_tokens) == len(ref_tokens):
-        return Check("greedy", True, f"{n}/{len(ref_tokens)} tokens identical")
+        return Check(name, True, f"{n}/{len(ref_tokens)} tokens identical")
     if first is None:
-        return Check("greedy", False, f"{len(ort_tokens)} tokens from ONNX vs {len(ref_tokens)} from the reference")
+        return Check(name, False, f"{len(ort_tokens)} tokens from ONNX vs {len(ref_tokens)} from the reference")
     if tie_gap is not None and tie_gap(first):
-        return Check("greedy", True, f"{first}/{len(ref_tokens)} tokens identical, then a numerical tie "
-                                     f"(reference top-2 logits within tolerance) at step {first}")
-    return Check("greedy", False, f"tokens differ from step {first} of {len(ref_tokens)}: "
-                                  f"ONNX {ort_tokens[first]} vs reference {ref_tokens[first]}")
+        return Check(name, True, f"{first}/{len(ref_tokens)} tokens identical, then a numerical tie "
+                                 f"(reference top-2 logits within tolerance) at step {first}")
+    return Check(name, False, f"tokens differ from step {first} of {len(ref_tokens)}: "
+                              f"ONNX {ort_tokens[first]} vs reference {ref_tokens[first]}")
 
 
 def verify_against(bundle_path, loaded: "LoadedModel", greedy_steps: int = 32, decode_steps: int = 8,
@@ -287,21 +288,27 @@ def verify_against(bundle_path, loaded: "LoadedModel", greedy_steps: int = 32, d
     report.checks.append(Check("llm", rel <= tol, f"max abs err {err:.3g} = {rel:.3g} of logits scale (limit {tol:g}); "
                                                   f"prefill of {len(embeds)} + {decode_steps} decode steps"))
 
-    # greedy: the ONNX graphs end to end vs transformers generate
-    eos = tuple(int(t) for t in (manifest.get("generation") or {}).get("eos_token_ids") or ())
+    # The ONNX graphs end to end (their own vision output, embedding gather, splice, KV cache fed back):
+    # greedy: `greedy_steps` argmax steps, no stopping, against transformers' decoder step by step;
+    # generate: stopping at the bundle's eos tokens, against transformers' generate().
+    eos = [int(t) for t in (manifest.get("generation") or {}).get("eos_token_ids") or ()]
     ort_image_tokens = np.asarray(select_tokens(ort_vision), np.float32)
-    report.ort_tokens = graphs.greedy(input_ids, ort_image_tokens, image_token_id, greedy_steps, eos)
+    report.ort_tokens = graphs.greedy(input_ids, ort_image_tokens, image_token_id, greedy_steps)
+    report.ref_tokens, _ = torch_decode(vlm, embeds, greedy_steps)
+
+    def tie(ref_tokens: list[int], ort_tokens: list[int]):
+        def is_tie(step: int) -> bool:
+            logits = torch_decode(vlm, embeds, step, forced=ref_tokens[:step])[1][-1]
+            gap = logits[ref_tokens[step]] - logits[ort_tokens[step]]
+            return 0 <= gap <= tol * float(np.max(np.abs(logits)))
+        return is_tie
+
+    report.checks.append(greedy_agreement("greedy", report.ort_tokens, report.ref_tokens,
+                                          tie(report.ref_tokens, report.ort_tokens)))
+    ort_gen = graphs.greedy(input_ids, ort_image_tokens, image_token_id, greedy_steps, tuple(eos))
     with torch.no_grad():
-        ref = vlm.reference_generate(torch.from_numpy(input_ids)[None], torch.from_numpy(ref_image_tokens), greedy_steps)
-    report.ref_tokens = [int(t) for t in list(ref)[-greedy_steps:]] if len(ref) > greedy_steps else [int(t) for t in ref]
-    if eos:  # generate stops after an eos; the loop above does too
-        cut = next((i + 1 for i, t in enumerate(report.ref_tokens) if t in eos), len(report.ref_tokens))
-        report.ref_tokens = report.ref_tokens[:cut]
-
-    def is_tie(step: int) -> bool:
-        logits = torch_decode(vlm, embeds, step, forced=report.ref_tokens[:step])[1][-1]
-        gap = logits[report.ref_tokens[step]] - logits[report.ort_tokens[step]]
-        return 0 <= gap <= tol * float(np.max(np.abs(logits)))
-
-    report.checks.append(greedy_agreement(report.ort_tokens, report.ref_tokens, is_tie))
+        ref_gen = [int(t) for t in vlm.reference_generate(torch.from_numpy(input_ids)[None],
+                                                          torch.from_numpy(ref_image_tokens), greedy_steps,
+                                                          eos_token_ids=eos or None)]
+    report.checks.append(greedy_agreement("generate", ort_gen, ref_gen, tie(ref_gen, ort_gen)))
     return report

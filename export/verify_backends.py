@@ -47,19 +47,21 @@ def _feeds(bundle: Bundle, graph: str, seed: int = 0) -> dict[str, np.ndarray]:
 
     m = bundle.manifest
     rng = np.random.default_rng(seed)
+    dtypes = {i["name"]: np.dtype(i["dtype"]) for i in m["graphs"][graph]["inputs"]}
     if graph == "vision":
         pre = images.preprocess(_test_image(), m)
-        return {"pixel_values": pre.pixel_values.astype(np.float32)}
+        return {"pixel_values": pre.pixel_values.astype(dtypes["pixel_values"])}
     table = np.load(bundle.path(m["embeddings"]["file"]), mmap_mode="r")
     seq = 12
     ids = rng.integers(0, table.shape[0], size=seq)
-    feed = {"inputs_embeds": np.asarray(table[ids], np.float32)[None],
+    feed = {"inputs_embeds": np.asarray(table[ids], dtypes["inputs_embeds"])[None],
             "attention_mask": np.ones((1, seq), np.int64),
             "position_ids": np.arange(seq, dtype=np.int64)[None]}
     llm = m["llm"]
     for i in range(int(m["graphs"]["llm"].get("num_layers", llm["num_layers"]))):
         for kind in ("key", "value"):
-            feed[f"past_key_values.{i}.{kind}"] = np.zeros((1, llm["num_kv_heads"], 0, llm["head_dim"]), np.float32)
+            name = f"past_key_values.{i}.{kind}"
+            feed[name] = np.zeros((1, llm["num_kv_heads"], 0, llm["head_dim"]), dtypes[name])
     return feed
 
 

@@ -49,3 +49,11 @@ def tiny_dynamic_bundle(tmp_path_factory, tiny_dynamic_loaded):
     from flashvl_edge.export.onnx import export_bundle
 
     return export_bundle(tiny_dynamic_loaded, tmp_path_factory.mktemp("bundles") / "tiny-dynamic-iss", progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_static_fp16_bundle(tmp_path_factory, tiny_static_loaded):
+    from flashvl_edge.export.onnx import export_bundle
+
+    return export_bundle(tiny_static_loaded, tmp_path_factory.mktemp("bundles") / "tiny-static-fp16", dtype="fp16",
+                         progress=False)

@@ -65,7 +65,13 @@ def test_report_meets_thresholds(which, request):
     assert v["cosine_mean"] >= 0.98 and v["cosine_min"] >= 0.9, v
     assert v["max_abs_error"] < 0.5 * v["fp_max_abs"], v
     assert l["positions"] == 2 * 8
-    assert l["top1_agreement"] >= 0.6 and l["kl_mean"] < 0.1, l
+    if l["scheme"] == "int8":
+        assert l["top1_agreement"] >= 0.6 and l["kl_mean"] < 0.1, l
+    else:
+        # int4 RTN on this tiny random model is inherently lossy (64-wide weight columns, weight std
+        # 0.24, peaky logits: 0.4-0.6 nats measured even at block 16); a sanity bound only, the
+        # exactness of the int4 graph is checked in test_int4_graph_is_rtn_of_the_fp_weights.
+        assert l["kl_mean"] < 1.0 and l["top1_agreement"] > 0.1, l
     assert rep["sizes"]["vision"]["after"] < rep["sizes"]["vision"]["before"]
     assert rep["sizes"]["llm"]["after"] < 0.7 * rep["sizes"]["llm"]["before"]
     assert len(rep["calibration_samples"]) == 6 and len(rep["held_out"]) == 2
@@ -131,6 +137,22 @@ def _attr(node, name, default=None):
     return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
+@pytest.mark.parametrize("which", ["static_q", "dynamic_q"])
+def test_every_qdq_scale_is_positive(which, request):
+    """TensorRT's ONNX parser rejects a Q/DQ node with any scale <= 0 ("Scale coefficients must all
+    be positive"), e.g. from an all-zero weight column or activation."""
+    b = Bundle.load(request.getfixturevalue(which))
+    for g in ("vision", "llm"):
+        model = onnx.load(str(b.graph_path(g)))
+        inits = _inits(model)
+        qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+        assert qdq
+        for n in qdq:
+            assert (numpy_helper.to_array(inits[n.input[1]]) > 0).all(), (g, n.name)
+            if n.input[0] in inits:  # TensorRT dequantizes int8 and int4 only (no int32 bias DQ)
+                assert inits[n.input[0]].data_type in (onnx.TensorProto.INT8, onnx.TensorProto.INT4), n.name
+
+
 @pytest.mark.parametrize("which,graph", [("static_q", "vision"), ("dynamic_q", "vision"), ("dynamic_q", "llm")])
 def test_int8_qdq_is_symmetric_per_channel(which, graph, request):
     b = Bundle.load(request.getfixturevalue(which))
@@ -180,6 +202,41 @@ def test_int4_blocked_dq_fuses_to_matmulnbits(static_q, tmp_path):
     ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
     assert ops.count("MatMulNBits") == len(dqs)
     assert "DequantizeLinear" not in ops
+
+
+def test_int4_graph_is_rtn_of_the_fp_weights(static_q, tiny_static_bundle):
+    """Each int4 weight dequantizes to within one step of the FP weight, and the int4 graph computes
+    exactly what the FP graph computes with those dequantized weights (so axis/blocks are right)."""
+    qm = onnx.load(str(Bundle.load(static_q).graph_path("llm")))
+    fm = onnx.load(str(Bundle.load(tiny_static_bundle).graph_path("llm")))
+    q_inits, f_inits = _inits(qm), _inits(fm)
+    producers = {o: n for n in qm.graph.node for o in n.output}
+    q_mm = [n for n in qm.graph.node if n.op_type == "MatMul" and n.input[1] in producers
+            and producers[n.input[1]].op_type == "DequantizeLinear"]
+    f_mm = [n for n in fm.graph.node if n.op_type == "MatMul" and n.input[1] in f_inits]
+    assert len(q_mm) == len(f_mm) > 0  # every weight MatMul quantized, in the same order
+    for qn, fn in zip(q_mm, f_mm):
+        dq = producers[qn.input[1]]
+        w4 = numpy_helper.to_array(q_inits[dq.input[0]]).astype(np.float32)
+        scale = numpy_helper.to_array(q_inits[dq.input[1]])
+        w = numpy_helper.to_array(f_inits[fn.input[1]])
+        assert w4.shape == w.shape and w4.min() >= -7 and w4.max() <= 7  # symmetric, absmax / 7
+        per_elem = np.repeat(scale, 128, axis=0)[: w.shape[0]]
+        deq = w4 * per_elem
+        assert np.all(scale > 0)  # TensorRT's parser refuses non-positive Q/DQ scales
+        assert np.all(np.abs(deq - w) <= per_elem * 0.5001 + 1e-12)  # round to nearest: within half a step
+        f_inits[fn.input[1]].CopyFrom(numpy_helper.from_array(deq.astype(np.float32), fn.input[1]))
+    rng = np.random.default_rng(1)
+    meta = Bundle.load(tiny_static_bundle).manifest["llm"]
+    from flashvl_edge.calibration.cli import _prefill_feed
+
+    feed = _prefill_feed(rng.standard_normal((1, 9, meta["hidden_size"])).astype(np.float32),
+                         Bundle.load(tiny_static_bundle).manifest)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    ref = ort.InferenceSession(fm.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(["logits"], feed)[0]
+    got = ort.InferenceSession(qm.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(["logits"], feed)[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
 
 
 # -- the metrics catch broken graphs -----------------------------------------------------------

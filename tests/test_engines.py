@@ -147,7 +147,7 @@ def test_make_engines_stops_at_the_trt_stage(tmp_path):
     env = dict(os.environ, VIRTUAL_ENV=str(venv))
     first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert first.returncode != 0
-    assert NO_TRT_LINE in first.stderr and "flashvl build" in first.stdout
+    assert NO_TRT_LINE in first.stderr and "flashvl_edge.main export" in first.stdout and "flashvl_edge.main build" in first.stdout
     assert (out / "fp" / "manifest.json").is_file()              # the ONNX stage is done
     assert not (out / "fp" / "engines").exists() and not (out / "engines.stamp").exists()
     # re-running redoes only what is missing: no second export, straight to the build step

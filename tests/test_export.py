@@ -149,16 +149,9 @@ def test_vision_graph_takes_any_number_of_tiles(tiny_dynamic_bundle, tiny_dynami
 # fp16, --max-tiles
 
 
-@pytest.fixture(scope="module")
-def tiny_static_fp16_bundle(tmp_path_factory, tiny_static_loaded):
-    return fx.export_bundle(tiny_static_loaded, tmp_path_factory.mktemp("fp16") / "b", dtype="fp16",
-                            max_tiles=3, progress=False)
-
-
 def test_fp16_export_records_float16_io(tiny_static_fp16_bundle, tiny_static_loaded):
     m = Bundle.load(tiny_static_fp16_bundle).manifest
     assert m["dtype"] == "fp16" and m["embeddings"]["dtype"] == "float16"
-    assert m["preprocess"]["max_tiles"] == 3
     for name in ("vision", "llm"):
         ins, outs = graph_io(tiny_static_fp16_bundle / m["graphs"][name]["file"])
         assert (ins, outs) == (m["graphs"][name]["inputs"], m["graphs"][name]["outputs"])

@@ -22,7 +22,9 @@ def checks(report) -> dict[str, object]:
 
 def assert_parity(report, steps=32):
     assert report.ok, report.lines()
-    assert set(checks(report)) == {"vision", "llm", "greedy"}
+    assert set(checks(report)) == {"vision", "llm", "greedy", "generate"}
+    assert checks(report)["greedy"].detail == f"{steps}/{steps} tokens identical"
+    assert "tie" not in checks(report)["generate"].detail
     assert len(report.ref_tokens) == len(report.ort_tokens) == steps
     assert report.ort_tokens == report.ref_tokens  # identical, not merely "agreeing up to a tie"
 
@@ -76,7 +78,7 @@ def test_checks_fail_on_a_dropped_kv_cache(tiny_static_bundle, tiny_static_loade
                             graphs=CacheDroppingGraphs(Bundle.load(tiny_static_bundle)))
     c = checks(report)
     assert c["vision"].ok  # untouched part still passes
-    assert not c["llm"].ok and not c["greedy"].ok and not report.ok
+    assert not c["llm"].ok and not c["greedy"].ok and not c["generate"].ok and not report.ok
 
 
 def test_checks_fail_when_the_image_is_ignored(tiny_dynamic_bundle, tiny_dynamic_loaded):
@@ -94,19 +96,17 @@ def test_checks_fail_against_another_model(tiny_static_bundle):
 
 
 def test_greedy_agreement_rules():
-    assert greedy_agreement([1, 2, 3], [1, 2, 3]).ok
-    assert not greedy_agreement([1, 2, 4], [1, 2, 3]).ok
-    assert not greedy_agreement([1, 2], [1, 2, 3]).ok
+    assert greedy_agreement("g", [1, 2, 3], [1, 2, 3]).ok
+    assert not greedy_agreement("g", [1, 2, 4], [1, 2, 3]).ok
+    assert not greedy_agreement("g", [1, 2], [1, 2, 3]).ok
     # a divergence is excused only where the reference itself has a numerical tie at that step
-    assert greedy_agreement([1, 2, 4], [1, 2, 3], tie_gap=lambda step: step == 2).ok
-    assert not greedy_agreement([1, 5, 4], [1, 2, 3], tie_gap=lambda step: step == 2).ok
+    assert greedy_agreement("g", [1, 2, 4], [1, 2, 3], tie_gap=lambda step: step == 2).ok
+    assert not greedy_agreement("g", [1, 5, 4], [1, 2, 3], tie_gap=lambda step: step == 2).ok
     assert THRESHOLDS["fp32"] == 1e-4
 
 
-def test_fp16_bundle_passes_with_the_looser_threshold(tmp_path, tiny_static_loaded):
-    from flashvl_edge.export.onnx import export_bundle
-
-    bundle = export_bundle(tiny_static_loaded, tmp_path / "fp16", dtype="fp16", progress=False)
+def test_fp16_bundle_passes_with_the_looser_threshold(tiny_static_fp16_bundle, tiny_static_loaded):
+    bundle = tiny_static_fp16_bundle
     report = verify_against(bundle, tiny_static_loaded, greedy_steps=8)
     c = checks(report)
     assert c["vision"].ok and c["llm"].ok, report.lines()
@@ -123,7 +123,7 @@ def test_cli_verify_against_preset(tiny_static_bundle, capsys):
     rc = main(["verify", str(tiny_static_bundle), "--against", "tiny-static", "--integrity", "--steps", "8"])
     out = capsys.readouterr().out
     assert rc == 0, out
-    for name in ("integrity", "vision", "llm", "greedy"):
+    for name in ("integrity", "vision", "llm", "greedy", "generate"):
         assert f"PASS  {name}" in out
     assert "of output scale" in out and "8/8 tokens identical" in out
 

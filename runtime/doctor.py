@@ -1,0 +1,318 @@
+"""``flashvl doctor [BUNDLE]``: what this machine can run, what to install, and (with a bundle) whether it
+fits in each Jetson's memory at each precision.
+
+Never imports torch (it ships in the runtime). The memory budget is computed from the bundle's real
+bytes: every weight tensor of both graphs (ONNX initializers, read with ``load_external_data=False``, so
+GBs are not loaded; without the ``onnx`` package the graph file sizes are used), the KV cache at the
+context the engines are built for, and an activation estimate. See docs/jetson.md for the table of the
+full-size presets and the assumptions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+GiB = 1 << 30
+# name, memory in bytes (shared CPU/GPU on Jetson), note
+JETSON_DEVICES = [
+    ("Orin Nano 8GB", 8 * 10**9, "JetPack 6.x, sm87, 68-102 GB/s"),
+    ("Orin NX 16GB", 16 * 10**9, "JetPack 6.x, sm87, 102 GB/s"),
+    ("AGX Orin 32GB", 32 * 10**9, "JetPack 6.x, sm87, 205 GB/s"),
+    ("AGX Orin 64GB", 64 * 10**9, "JetPack 6.x, sm87, 205 GB/s"),
+    ("AGX Thor 128GB", 128 * 10**9, "JetPack 7.x, sm110, 273 GB/s"),
+]
+# Memory the budget keeps aside: headless L4T + Python + libraries (measured ranges on L4T r36 are
+# ~0.8-1.2 GB) and the CUDA context + TensorRT/cuBLAS/cuDNN kernels (~0.6-1.0 GB on Orin).
+OS_RESERVE = int(1.2 * GiB)
+CUDA_RESERVE = int(1.0 * GiB)
+INT4_BLOCK = 128
+PRECISIONS = ("fp16", "int8", "int4")
+PACKAGES = ("numpy", "pillow", "tokenizers", "onnxruntime", "onnxruntime-gpu", "jinja2", "onnx", "polygraphy",
+            "tensorrt", "torch", "transformers")
+
+
+# --------------------------------------------------------------------------------------------
+# The machine
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _tensorrt_version() -> str | None:
+    try:
+        import tensorrt  # noqa: PLC0415 - optional
+
+        return tensorrt.__version__
+    except Exception:
+        return None
+
+
+def _nvidia_smi() -> list[dict[str, str]]:
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return []
+    try:
+        out = subprocess.run([exe, "--query-gpu=name,compute_cap,memory.total,memory.free", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    gpus = []
+    for line in out.stdout.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 4:
+            gpus.append({"name": parts[0], "compute_capability": parts[1], "total_mib": parts[2], "free_mib": parts[3]})
+    return gpus
+
+
+def _jetson_model() -> str | None:
+    for p in ("/proc/device-tree/model", "/sys/firmware/devicetree/base/model"):
+        try:
+            text = Path(p).read_bytes().rstrip(b"\x00").decode(errors="replace").strip()
+            if text:
+                return text
+        except OSError:
+            continue
+    try:
+        return "L4T " + Path("/etc/nv_tegra_release").read_text().split(",")[0].strip("# ")
+    except OSError:
+        return None
+
+
+def _meminfo() -> dict[str, int]:
+    out = {}
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            k, v = line.split(":", 1)
+            if k in ("MemTotal", "MemAvailable", "SwapTotal"):
+                out[k] = int(v.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def collect() -> dict[str, Any]:
+    from .backends.trt import gpu_info
+
+    info: dict[str, Any] = {
+        "python": sys.version.split()[0], "platform": platform.platform(), "machine": platform.machine(),
+        "jetson": _jetson_model(), "memory": _meminfo(),
+        "packages": {p: _version(p) for p in PACKAGES},
+        "tensorrt": _tensorrt_version(),
+    }
+    gpus = _nvidia_smi()
+    if not gpus:
+        g = gpu_info()
+        if g is not None:
+            gpus = [{"name": g.name, "compute_capability": g.compute_capability,
+                     "total_mib": str(g.total_bytes >> 20), "free_mib": None}]
+    info["gpus"] = gpus
+    providers: list[str] = []
+    try:
+        import onnxruntime
+
+        providers = list(onnxruntime.get_available_providers())
+    except Exception:
+        pass
+    info["ort_providers"] = providers
+    info["backends"] = backends_status(info)
+    return info
+
+
+def backends_status(info: dict[str, Any]) -> dict[str, tuple[bool, str]]:
+    """backend -> (works here, what it needs / how to get it)."""
+    providers = info["ort_providers"]
+    on_jetson = bool(info.get("jetson"))
+    out = {"ort-cpu": (bool(providers), "pip install onnxruntime")}
+    cuda_hint = ("pip install onnxruntime-gpu from the Jetson AI Lab index (https://pypi.jetson-ai-lab.io, jp6/cu126)"
+                 if on_jetson else "pip install onnxruntime-gpu (matching your CUDA 12 driver)")
+    out["ort-cuda"] = ("CUDAExecutionProvider" in providers, cuda_hint)
+    have_trt, have_pg, have_gpu = bool(info["tensorrt"]), bool(info["packages"].get("polygraphy")), bool(info["gpus"])
+    if have_trt and have_pg and have_gpu:
+        hint = "ready: flashvl build BUNDLE --precision fp16"
+    elif not have_gpu:
+        hint = "needs an NVIDIA GPU (none visible)"
+    elif not have_trt:
+        hint = ("sudo apt install nvidia-tensorrt (JetPack; gives python3-libnvinfer)" if on_jetson
+                else "pip install tensorrt (NVIDIA's index: --extra-index-url https://pypi.nvidia.com)")
+    else:
+        hint = "pip install polygraphy"
+    out["trt"] = (have_trt and have_pg and have_gpu, hint)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Memory budget
+
+
+@dataclass
+class WeightInventory:
+    """Parameter counts of one graph: matrices (quantizable: ndim >= 2) and the rest (norms, biases)."""
+
+    matrix_params: int = 0
+    other_params: int = 0
+    bytes_on_disk: int = 0
+
+    def add(self, numel: int, ndim: int, nbytes: int) -> None:
+        if ndim >= 2:
+            self.matrix_params += numel
+        else:
+            self.other_params += numel
+        self.bytes_on_disk += nbytes
+
+
+_ONNX_ITEMSIZE = {1: 4, 10: 2, 16: 2, 11: 8, 3: 1, 2: 1, 6: 4, 7: 8, 22: 0.5, 21: 0.5, 17: 1}
+
+
+def graph_inventory(path: Path) -> WeightInventory:
+    """Initializers of an ONNX graph, without reading external data; file size if onnx is absent."""
+    inv = WeightInventory()
+    try:
+        import onnx
+    except ImportError:
+        size = path.stat().st_size
+        inv.add(size // 4, 2, size)  # assume fp32 matrices: an approximation, said in the report
+        return inv
+    model = onnx.load(str(path), load_external_data=False)
+    for t in model.graph.initializer:
+        numel = 1
+        for d in t.dims:
+            numel *= int(d)
+        inv.add(numel, len(t.dims), int(numel * _ONNX_ITEMSIZE.get(t.data_type, 4)))
+    return inv
+
+
+def weight_bytes(inv: WeightInventory, scheme: str) -> int:
+    """Bytes of the weights at a precision: fp16 everything; int8 matrices 1 B (+ fp16 per-row scales,
+    bounded here by 2 B per 128 weights); int4 matrices 0.5 B + one fp16 scale per 128-weight block."""
+    other = inv.other_params * 2
+    if scheme == "fp16":
+        return inv.matrix_params * 2 + other
+    if scheme == "int8":
+        return inv.matrix_params + inv.matrix_params * 2 // INT4_BLOCK + other
+    if scheme == "int4":
+        return inv.matrix_params // 2 + inv.matrix_params * 2 // INT4_BLOCK + other
+    raise ValueError(scheme)
+
+
+def kv_cache_bytes(llm: dict[str, Any], context: int, copies: int = 2) -> int:
+    """fp16 K and V for every layer at ``context`` tokens; ``copies`` = 2: the TensorRT backend's ping-pong."""
+    return 2 * int(llm["num_layers"]) * int(llm["num_kv_heads"]) * int(llm["head_dim"]) * context * 2 * copies
+
+
+def activation_bytes(m: dict[str, Any], max_tiles: int, max_input_len: int) -> int:
+    """Rough peak activations (fp16) of the larger of the two engines; TensorRT reuses memory across layers,
+    so one layer's live tensors count: ~16 hidden-sized tensors per token plus one layer's attention scores."""
+    v = m["vision"]
+    patches = (int(v["image_size"]) // int(v["patch_size"])) ** 2
+    vh = int(v["hidden_size"])
+    v_heads = max(1, vh // 72)
+    vision = max_tiles * (patches * vh * 16 + v_heads * patches * patches) * 2
+    l = m["llm"]
+    llm = (max_input_len * int(l["hidden_size"]) * 16 + int(l["num_attention_heads"]) * max_input_len ** 2) * 2
+    return max(vision, llm) + int(l["vocab_size"]) * 4
+
+
+def budget(manifest: dict[str, Any], inventories: dict[str, WeightInventory], context: int | None = None,
+           max_tiles: int | None = None, max_input_len: int | None = None) -> dict[str, dict[str, int]]:
+    """Per precision: weights (vision + llm), kv, activations, runtime reserve, total bytes."""
+    pre = manifest["preprocess"]
+    tiles = max_tiles or int(pre.get("max_tiles") or 1) + (1 if pre.get("use_thumbnail") and int(pre.get("max_tiles") or 1) > 1 else 0)
+    ctx = context or int((manifest.get("generation") or {}).get("max_context") or manifest["llm"]["max_position_embeddings"])
+    inp = max_input_len or min(ctx, tiles * int(manifest["vision"]["tokens_per_tile"]) + 256)
+    out = {}
+    for p in PRECISIONS:
+        vision_scheme = "fp16" if p == "fp16" else "int8"   # INT4 is for the LLM's weights only
+        w = weight_bytes(inventories["vision"], vision_scheme) + weight_bytes(inventories["llm"], p)
+        kv = kv_cache_bytes(manifest["llm"], ctx)
+        act = activation_bytes(manifest, tiles, inp)
+        out[p] = {"weights": w, "kv_cache": kv, "activations": act, "cuda_reserve": CUDA_RESERVE,
+                  "total": w + kv + act + CUDA_RESERVE}
+    return out
+
+
+def bundle_budget(bundle, context: int | None = None) -> tuple[dict[str, dict[str, int]], dict[str, WeightInventory]]:
+    inv = {g: graph_inventory(bundle.graph_path(g)) for g in ("vision", "llm")}
+    for g in ("vision", "llm"):
+        ext = bundle.graph(g).get("external_data")
+        if ext and bundle.path(ext).exists() and inv[g].bytes_on_disk == 0:
+            inv[g].bytes_on_disk = bundle.path(ext).stat().st_size
+    return budget(bundle.manifest, inv, context), inv
+
+
+def format_budget(b: dict[str, dict[str, int]], context: int) -> str:
+    gib = lambda x: f"{x / GiB:.2f}"  # noqa: E731
+    lines = [f"memory budget (GiB) at context {context}; device memory minus {OS_RESERVE / GiB:.1f} GiB for the OS:",
+             f"  {'precision':10s} {'weights':>8s} {'kv':>6s} {'activ.':>7s} {'cuda':>5s} {'total':>6s}   " +
+             "  ".join(f"{d[0]:>15s}" for d in JETSON_DEVICES)]
+    for p, row in b.items():
+        fits = []
+        for _, mem, _ in JETSON_DEVICES:
+            free = mem - OS_RESERVE - row["total"]
+            fits.append(f"{'fits' if free >= 0 else 'NO'} ({free / GiB:+.1f})")
+        lines.append(f"  {p:10s} {gib(row['weights']):>8s} {gib(row['kv_cache']):>6s} {gib(row['activations']):>7s} "
+                     f"{gib(row['cuda_reserve']):>5s} {gib(row['total']):>6s}   " + "  ".join(f"{f:>15s}" for f in fits))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bundle", nargs="?", help="a bundle: also report its memory budget per Jetson device")
+    parser.add_argument("--context", type=int, default=None, help="context length for the KV cache (default: the bundle's)")
+    parser.add_argument("--json", action="store_true", help="print everything as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    info = collect()
+    report: dict[str, Any] = {"machine": info}
+    if args.bundle:
+        from .bundle import Bundle
+
+        bundle = Bundle.load(args.bundle, verify="none")
+        ctx = args.context or int((bundle.manifest.get("generation") or {}).get("max_context")
+                                  or bundle.manifest["llm"]["max_position_embeddings"])
+        b, inv = bundle_budget(bundle, ctx)
+        report["budget"] = {"context": ctx, "per_precision": b,
+                            "inventory": {g: vars(i) for g, i in inv.items()}}
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+        return 0
+    print(f"python       {info['python']} ({info['machine']}; {info['platform']})")
+    print(f"jetson       {info['jetson'] or 'no'}")
+    mem = info["memory"]
+    if mem:
+        print(f"memory       {mem.get('MemTotal', 0) / GiB:.1f} GiB total, {mem.get('MemAvailable', 0) / GiB:.1f} GiB available")
+    for g in info["gpus"] or [None]:
+        if g is None:
+            print("gpu          none visible (no nvidia-smi / CUDA driver)")
+        else:
+            free = f", {int(g['free_mib']) / 1024:.1f} GiB free" if g.get("free_mib") not in (None, "", "[N/A]") and str(g["free_mib"]).isdigit() else ""
+            print(f"gpu          {g['name']} (compute capability {g['compute_capability']}){free}")
+    print(f"tensorrt     {info['tensorrt'] or 'not installed'}")
+    print("packages     " + ", ".join(f"{k} {v}" for k, v in info["packages"].items() if v))
+    print(f"ort          providers: {', '.join(info['ort_providers']) or 'onnxruntime not installed'}")
+    print("backends:")
+    for name, (ok, hint) in info["backends"].items():
+        print(f"  {name:9s} {'yes' if ok else 'no '}  {hint if not ok or name == 'trt' else ''}".rstrip())
+    if args.bundle:
+        inv = report["budget"]["inventory"]
+        print(f"bundle       {args.bundle}: vision {inv['vision']['matrix_params'] + inv['vision']['other_params']:,} params, "
+              f"llm {inv['llm']['matrix_params'] + inv['llm']['other_params']:,} params")
+        print(format_budget(report["budget"]["per_precision"], report["budget"]["context"]))
+    return 0
