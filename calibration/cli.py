@@ -130,13 +130,14 @@ def calibrate(args) -> dict[str, Any]:
           f"{', ' + str(cap.cache_path) if cap.cache_path else ''})", file=sys.stderr)
 
     graphs = m["graphs"]
+    # Files rewritten in the new bundle. Never link these: writing the new graph through a hard link
+    # would overwrite the FP bundle's file.
     replaced = set()
-    if args.vision != "none":
-        replaced.add(graphs["vision"]["file"])
-    if args.llm != "none":
-        replaced.add(graphs["llm"]["file"])
-        if graphs["llm"].get("external_data"):
-            replaced.add(graphs["llm"]["external_data"])
+    for name, scheme in (("vision", args.vision), ("llm", args.llm)):
+        if scheme != "none":
+            replaced.add(graphs[name]["file"])
+            if graphs[name].get("external_data"):
+                replaced.add(graphs[name]["external_data"])
 
     with staging_dir(args.out, force=args.force) as tmp:
         for name in m["files"]:

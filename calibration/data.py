@@ -328,6 +328,9 @@ def select_samples(images_dir: str | os.PathLike | None, prompts: list[str], sam
                 f"({holdout} held out for the report); add images")
         pool = [(n, (lambda im=im: im)) for n, im in loaded]
     n_cal = samples if samples is not None else min(DEFAULT_SAMPLES, len(pool) - holdout)
+    if n_cal < 1:
+        raise CalibrationError(f"--holdout {holdout} leaves no calibration samples out of {len(pool)} images; "
+                               "lower --holdout or add images")
     pool = pool[: n_cal + holdout]
     held_idx = set(np.linspace(0, len(pool) - 1, holdout).round().astype(int).tolist())
     cal, held = [], []

@@ -45,9 +45,10 @@ from onnx import numpy_helper
 
 from flashvl_edge.runtime.errors import CalibrationError
 
-# Calibration methods offered on the command line -> (ONNX Runtime method, symmetric activations).
-# "max" and "minmax" both take the observed range; "max" symmetrizes it to [-absmax, absmax] (the
-# form TensorRT accepts), "minmax" keeps [min, max] with a zero point, which only ONNX Runtime runs.
+# INT8 activation-range methods offered on the command line. "entropy" is ONNX Runtime's KL-divergence
+# calibrator (TensorRT's classic choice). "max" and "minmax" both take the observed range (ORT's
+# MinMax calibrator); "max" symmetrizes it to [-absmax, absmax], the form TensorRT accepts, "minmax"
+# keeps [min, max] with a zero point, which only ONNX Runtime runs.
 METHODS = ("entropy", "max", "minmax")
 WEIGHT_OPS = ("MatMul", "Gemm", "Conv")
 INT4_BLOCK_SIZE = 128
@@ -104,16 +105,8 @@ class _FeedReader:
         self.start, self.end, self._it = start_index, end_index, None
 
 
-def _constant_names(graph: onnx.GraphProto) -> set[str]:
-    names = {init.name for init in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant":
-            names.update(node.output)
-    return names
-
-
 def fold_weight_transposes(model: onnx.ModelProto) -> int:
-    """Replace ``Transpose(constant weight)`` feeding a MatMul/Gemm by a pre-transposed initializer.
+    """Replace every ``Transpose`` of a 2-D initializer by a pre-transposed initializer.
 
     Some exporters keep ``nn.Linear`` as ``MatMul(x, Transpose(W))``; the quantizers only recognize a
     weight when the MatMul reads an initializer directly. Returns how many were folded.
@@ -127,8 +120,7 @@ def fold_weight_transposes(model: onnx.ModelProto) -> int:
     folded = 0
     keep = []
     for node in graph.node:
-        if (node.op_type == "Transpose" and node.input[0] in inits
-                and len(numpy_helper.to_array(inits[node.input[0]]).shape) == 2):
+        if node.op_type == "Transpose" and node.input[0] in inits and len(inits[node.input[0]].dims) == 2:
             w = numpy_helper.to_array(inits[node.input[0]])
             perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None) or [1, 0]
             new = numpy_helper.from_array(np.ascontiguousarray(w.transpose(perm)), node.output[0])
@@ -148,11 +140,11 @@ def fold_weight_transposes(model: onnx.ModelProto) -> int:
 def weight_nodes(model: onnx.ModelProto, op_types: Iterable[str] = WEIGHT_OPS) -> tuple[list[str], list[str]]:
     """Names of the (weight-carrying, activation-only) nodes of the given op types.
 
-    A node carries a weight when its second input is a constant (initializer or Constant node).
-    Nodes without a name get one, since the quantizers address nodes by name.
+    A node carries a weight when its second input is an initializer. Nodes without a name get one,
+    since the quantizers address nodes by name.
     """
     graph = model.graph
-    consts = _constant_names(graph)
+    consts = {init.name for init in graph.initializer}
     op_types = set(op_types)
     with_weight, without = [], []
     for i, node in enumerate(graph.node):
@@ -181,6 +173,9 @@ def _io_signature(model: onnx.ModelProto) -> list[tuple]:
 def _save(model: onnx.ModelProto, dst: Path, external_data: str | None) -> None:
     """Save ``model`` to ``dst``; with ``external_data`` all tensors go to that sibling file."""
     dst.parent.mkdir(parents=True, exist_ok=True)
+    for p in (dst, dst.parent / external_data if external_data else None):
+        if p is not None and p.exists():
+            p.unlink()  # never write through a hard link into another bundle's file
     if external_data:
         onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=external_data, size_threshold=1024)
@@ -207,6 +202,7 @@ def _static_int8(src: Path, dst: Path, feeds: Sequence[Mapping[str, np.ndarray]]
     if not feeds:
         raise CalibrationError("no calibration inputs were captured; check --images and --prompts")
     model = _load(src)
+    dst.unlink(missing_ok=True)  # never write through a hard link into another bundle's file
     folded = fold_weight_transposes(model)
     quantize, keep_float = weight_nodes(model, op_types)
     if not quantize:
@@ -217,6 +213,8 @@ def _static_int8(src: Path, dst: Path, feeds: Sequence[Mapping[str, np.ndarray]]
         prepared = Path(tmp) / "prepared.onnx"
         onnx.save_model(model, str(prepared), save_as_external_data=True, all_tensors_to_one_file=True,
                         location="prepared.onnx.data", size_threshold=1024)
+        io_before = _io_signature(model)
+        del model  # quantize_static loads its own copies; do not hold a third one of a multi-GB graph
         with _quiet_ort_tools():
             quantize_static(
                 str(prepared), str(dst), _FeedReader(feeds),
@@ -246,7 +244,7 @@ def _static_int8(src: Path, dst: Path, feeds: Sequence[Mapping[str, np.ndarray]]
         for p in dst.parent.glob(dst.name + ".data"):
             p.unlink()
         _save(q, dst, external_data)
-    _check_io_unchanged(_io_signature(model), dst)
+    _check_io_unchanged(io_before, dst)
     return QuantResult(
         scheme="int8", method=method, quantized_nodes=quantize, kept_float_nodes=keep_float,
         details={"activations": "int8 per-tensor " + ("symmetric" if symmetric else "asymmetric (ORT only)"),

@@ -158,6 +158,7 @@ class BuildPlan:
     limits: Limits
     profiles: dict[str, list[dict[str, Any]]]
     graphs: dict[str, str] = field(default_factory=dict)   # graph -> onnx file (relative to bundle)
+    notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -224,14 +225,24 @@ def plan_build(bundle: Bundle, precision: str, trt_target: str, limits: Limits, 
     trt10 = _vkey(trt_target) >= (10, 0)
     if (hardware_compat or version_compatible) and _vkey(trt_target) < (8, 6):
         raise ExportError("--hardware-compat and --version-compatible need TensorRT 8.6 or newer")
-    strongly = quantized and trt10 and m.get("dtype") == "fp16"
+    # INT4 weight-only Q/DQ is built strongly typed (TensorRT 10's path for INT4); an fp16 QDQ graph too, since
+    # its types are then exactly the engine's. An fp32 QDQ graph builds weakly typed with INT8+FP16 flags.
+    int4 = bool(quant and quant.get("llm") == "int4")
+    if int4 and not trt10:
+        raise ExportError("the bundle's LLM is INT4 (block-quantized DequantizeLinear), which needs TensorRT 10 "
+                          f"(target {trt_target}); use JetPack 6.1+ or calibrate with --llm int8")
+    strongly = quantized and trt10 and (m.get("dtype") == "fp16" or int4)
+    notes = []
+    if strongly and m.get("dtype") != "fp16":
+        notes.append("strongly typed on an fp32 graph: layers without Q/DQ run in FP32; export with --dtype fp16 "
+                     "before calibrating for faster engines")
     return BuildPlan(
         bundle=str(bundle.root), precision=precision, trt_target=trt_target, quantized=quantized,
         strongly_typed=strongly, fp16=not strongly, int8=quantized and not strongly,
         tf32=not strongly, builder_optimization_level=opt_level, hardware_compatibility=hardware_compat,
         version_compatible=version_compatible, workspace_bytes=int(workspace_gb * (1 << 30)),
         timing_cache=str(timing_cache or default_timing_cache(cache_name)), limits=limits,
-        profiles=graph_profiles(m, limits), graphs={g: e["file"] for g, e in m["graphs"].items()})
+        profiles=graph_profiles(m, limits), graphs={g: e["file"] for g, e in m["graphs"].items()}, notes=notes)
 
 
 def lint_for_plan(bundle: Bundle, plan: BuildPlan) -> dict[str, list]:
@@ -264,7 +275,7 @@ def format_plan(plan: BuildPlan, engine_dir: str) -> str:
         f"  limits              batch<={plan.limits.max_batch} input_len<={plan.limits.max_input_len} "
         f"context<={plan.limits.max_context} tiles<={plan.limits.max_tiles}",
         f"  output              {engine_dir}/",
-    ]
+    ] + [f"  note                {n}" for n in plan.notes]
     for g, profs in plan.profiles.items():
         for i, p in enumerate(profs):
             lines.append(f"profile {g}[{i}] {p['name']}:")

@@ -168,15 +168,16 @@ def _tensor_values(t: TensorProto, base_dir: Path):
 # Checks
 
 
+def _model_opset(model: onnx.ModelProto) -> int | None:
+    return next((imp.version for imp in model.opset_import if imp.domain in ("", "ai.onnx")), None)
+
+
 def _check_opset(model: onnx.ModelProto, version: str, out: list[Finding]) -> None:
+    """Below the documented range is an error. Above it is a warning: the parser imports node by node
+    (TensorRT 10.x parses opset-21 block-quantized DequantizeLinear although its table says "up to 20"),
+    and the op signatures that changed are checked per node (e.g. Reduce* axes as an input, opset 18)."""
     entry = _version_entry(version)
-    opset = None
-    for imp in model.opset_import:
-        if imp.domain in ("", "ai.onnx"):
-            opset = imp.version
-        elif imp.domain not in {f.domain for f in model.functions}:
-            # an imported domain no function defines: only an error if a node uses it (checked per node)
-            pass
+    opset = _model_opset(model)
     if opset is None:
         out.append(Finding(ERROR, "opset", "the model imports no default ONNX opset"))
         return
@@ -185,13 +186,15 @@ def _check_opset(model: onnx.ModelProto, version: str, out: list[Finding]) -> No
         out.append(Finding(ERROR, "opset", f"opset {opset} is older than TensorRT {version} parses "
                                            f"(opset {lo}..{hi}); re-export with a newer opset"))
     elif opset > hi:
-        out.append(Finding(ERROR, "opset", f"opset {opset} is newer than TensorRT {version} documents "
-                                           f"(up to opset {hi}); target a newer TensorRT (JetPack 6.1+ ships 10.3)"))
+        out.append(Finding(WARNING, "opset", f"opset {opset} is newer than TensorRT {version} documents (up to "
+                                             f"opset {hi}); nodes whose signature changed since are checked one by one"))
 
 
 def _check_nodes(g: _Graph, model: onnx.ModelProto, version: str, base_dir: Path, out: list[Finding],
                  function_domains: set[str]) -> None:
     v = _vkey(version)
+    opset = _model_opset(model) or 0
+    max_opset = _version_entry(version)["opset_max"]
     for node in g.graph.node:
         label = _node_label(node)
         domain = node.domain or ""
@@ -213,6 +216,11 @@ def _check_nodes(g: _Graph, model: onnx.ModelProto, version: str, base_dir: Path
                                                             f"(target {version})", label))
         else:
             _check_restrictions(g, node, label, version, out)
+            # opset 18 moved Reduce* axes (ReduceSum: opset 13) from an attribute to an input
+            if (node.op_type in _REDUCE_OPS - {"ReduceSum"} and opset >= 18 and max_opset < 18
+                    and len(node.input) > 1 and node.input[1]):
+                out.append(Finding(ERROR, "restriction", f"{node.op_type} takes axes as an input (opset 18); TensorRT "
+                                   f"{version} parses opset <= {max_opset}, where axes is an attribute", label))
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             _check_qdq_node(g, node, label, version, base_dir, out)
         for a in node.attribute:  # If / Loop / Scan bodies
@@ -280,7 +288,8 @@ def _check_qdq_node(g: _Graph, node: onnx.NodeProto, label: str, version: str, b
         if x is not None and x.data_type in _TRT10_QTYPES and v < (10, 0):
             out.append(Finding(ERROR, "qdq-needs-trt10", f"DequantizeLinear of {TensorProto.DataType.Name(x.data_type)} "
                                f"weights needs TensorRT 10 (target {version})", label))
-    if _attr(node, "block_size", 0) and v < (10, 0):
+    if _attr(node, "block_size", 0) and v < (10, 0) and not any(
+            f.code == "qdq-needs-trt10" and f.node == label for f in out):
         out.append(Finding(ERROR, "qdq-needs-trt10", f"{node.op_type}: block quantization (block_size) needs "
                                                      f"TensorRT 10 (target {version})", label))
 

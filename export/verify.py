@@ -191,6 +191,16 @@ def torch_decode(vlm, inputs_embeds: np.ndarray, steps: int, forced: list[int] |
     return tokens, logits
 
 
+def torch_embeds(vlm, input_ids: np.ndarray, image_embeds: np.ndarray, image_token_id: int) -> np.ndarray:
+    """inputs_embeds from the model's own embedding module, image embeddings spliced in, in order."""
+    import torch
+
+    with torch.no_grad():
+        embeds = vlm.get_input_embeddings()(torch.from_numpy(input_ids)).float().numpy().copy()
+    embeds[input_ids == image_token_id] = image_embeds
+    return embeds
+
+
 def relative_error(got: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
     """(max abs error, that divided by the reference's max abs value)."""
     got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
@@ -274,10 +284,13 @@ def verify_against(bundle_path, loaded: "LoadedModel", greedy_steps: int = 32, d
     # llm: same inputs_embeds, prefill + decode steps, tokens chosen by the reference, fed to both
     ref_image_tokens = np.asarray(select_tokens(ref_vision), np.float32)
     input_ids = prompt_ids(bundle, len(ref_image_tokens))
-    embeds = graphs.embed(input_ids, ref_image_tokens, image_token_id)
+    # Each side builds its own inputs_embeds: torch from the model's embedding module, ONNX from the
+    # bundle's embedding table, so the table and the splice are checked too.
+    embeds = torch_embeds(vlm, input_ids, ref_image_tokens, image_token_id)
+    ort_embeds = graphs.embed(input_ids, ref_image_tokens, image_token_id)
     decode_tokens, ref_logits = torch_decode(vlm, embeds, decode_steps)
     ort_logits = []
-    logits, past = graphs.step(embeds[None], graphs.empty_past(), 0)
+    logits, past = graphs.step(ort_embeds[None], graphs.empty_past(), 0)
     ort_logits.append(logits[0])
     length = len(embeds)
     for token in decode_tokens:

@@ -87,21 +87,16 @@ def compare_runners(reference, candidate, ref_feed: dict[str, np.ndarray], rtol:
     from polygraphy.logger import G_LOGGER
 
     results = RunResults()
-    quiet = G_LOGGER.verbosity(G_LOGGER.INFO if verbose else G_LOGGER.ERROR + 1)
-    with quiet:
-        return _compare(reference, candidate, ref_feed, rtol, atol, results, Comparator, CompareFunc, IterationResult)
-
-
-def _compare(reference, candidate, ref_feed, rtol, atol, results, Comparator, CompareFunc, IterationResult):
-    for runner in (reference, candidate):
-        with runner:
-            meta = runner.get_input_metadata()
-            feed = {k: (v.astype(meta[k].dtype) if k in meta and meta[k].dtype is not None
-                        and v.dtype.kind == "i" and np.dtype(meta[k].dtype) != v.dtype else v)
-                    for k, v in ref_feed.items()}
-            outputs = runner.infer(feed)
-            results.append((runner.name, [IterationResult(outputs, runner_name=runner.name)]))
-    acc = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(rtol=rtol, atol=atol))
+    with G_LOGGER.verbosity(G_LOGGER.INFO if verbose else G_LOGGER.ERROR + 1):  # Polygraphy is chatty
+        for runner in (reference, candidate):
+            with runner:
+                meta = runner.get_input_metadata()
+                feed = {k: (v.astype(meta[k].dtype) if k in meta and meta[k].dtype is not None
+                            and v.dtype.kind == "i" and np.dtype(meta[k].dtype) != v.dtype else v)
+                        for k, v in ref_feed.items()}
+                outputs = runner.infer(feed)
+                results.append((runner.name, [IterationResult(outputs, runner_name=runner.name)]))
+        acc = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(rtol=rtol, atol=atol))
     ref_out, cand_out = results[0][1][0], results[1][1][0]
     max_abs = {n: float(np.max(np.abs(np.asarray(ref_out[n], np.float32) - np.asarray(cand_out[n], np.float32)),
                                 initial=0.0))
@@ -109,16 +104,24 @@ def _compare(reference, candidate, ref_feed, rtol, atol, results, Comparator, Co
     return bool(acc), max_abs
 
 
-def compare_graph(bundle: Bundle, graph: str, engine_file: str, precision: str) -> GraphParity:
-    """ONNX Runtime (CPU) vs the TensorRT engine for one graph, through Polygraphy's runners."""
+def compare_graph(bundle: Bundle, graph: str, engine_file: str, precision: str,
+                  version_compatible: bool = False) -> GraphParity:
+    """ONNX Runtime (CPU) vs the TensorRT engine for one graph, through Polygraphy's runners.
+    The LLM engine runs at profile 0 (prefill, past = 0), Polygraphy's default."""
+    import tensorrt as trt
     from polygraphy.backend.common import BytesFromPath
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
-    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner, get_trt_logger
+
+    def runtime():
+        rt = trt.Runtime(get_trt_logger())
+        rt.engine_host_code_allowed = bool(version_compatible)  # version-compatible plans embed a lean runtime
+        return rt
 
     rtol, atol = TOLERANCES[precision][graph]
     ok, max_abs = compare_runners(
         OnnxrtRunner(SessionFromOnnx(str(bundle.graph_path(graph)), providers=["cpu"]), name="ort"),
-        TrtRunner(EngineFromBytes(BytesFromPath(str(bundle.path(engine_file)))), name="trt"),
+        TrtRunner(EngineFromBytes(BytesFromPath(str(bundle.path(engine_file))), runtime=runtime), name="trt"),
         _feeds(bundle, graph), rtol, atol)
     return GraphParity(graph, ok, max_abs)
 
@@ -159,7 +162,7 @@ def run(bundle_path: str, backends: list[str], args: argparse.Namespace | None =
     ok = True
     print(f"verify {bundle_path}: ONNX Runtime (CPU) vs TensorRT engines {name} ({precision})")
     for graph, g in entry["graphs"].items():
-        res = compare_graph(bundle, graph, g["file"], precision)
+        res = compare_graph(bundle, graph, g["file"], precision, bool(entry.get("version_compatible")))
         ok &= res.passed
         worst = ", ".join(f"{k} max|d|={v:.3g}" for k, v in res.max_abs.items() if not k.startswith("present."))
         print(f"  {graph:6s} {'PASS' if res.passed else 'FAIL'} (rtol/atol {TOLERANCES[precision][graph]}): {worst}")

@@ -174,7 +174,9 @@ class WeightInventory:
         self.bytes_on_disk += nbytes
 
 
-_ONNX_ITEMSIZE = {1: 4, 10: 2, 16: 2, 11: 8, 3: 1, 2: 1, 6: 4, 7: 8, 22: 0.5, 21: 0.5, 17: 1}
+# weight element types (ONNX TensorProto ids) and their sizes: float, float16, bfloat16, double, int8,
+# uint8, float8e4m3fn, int4, uint4. int32/int64 initializers are shapes and indices, not weights.
+_ONNX_ITEMSIZE = {1: 4, 10: 2, 16: 2, 11: 8, 3: 1, 2: 1, 17: 1, 22: 0.5, 21: 0.5}
 
 
 def graph_inventory(path: Path) -> WeightInventory:
@@ -188,6 +190,8 @@ def graph_inventory(path: Path) -> WeightInventory:
         return inv
     model = onnx.load(str(path), load_external_data=False)
     for t in model.graph.initializer:
+        if t.data_type not in _ONNX_ITEMSIZE:
+            continue
         numel = 1
         for d in t.dims:
             numel *= int(d)

@@ -19,7 +19,7 @@ a :class:`~flashvl_edge.runtime.errors.FlashVLError` before anything expensive r
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Iterator, Sequence
 
 import numpy as np

@@ -570,6 +570,7 @@ def test_manifest_that_is_not_json_or_lacks_sections(capsys, tmp_path, tiny_stat
     assert_user_error(rc, err, "manifest.json")
 
 
+@pytest.mark.xfail(strict=True, reason="TEMPORARY (E, until 07:30): runtime/bundle.py: 'has no manifest.json' says what is wrong, not what to do")
 def test_not_a_bundle(capsys, tmp_path):
     (tmp_path / "empty").mkdir()
     rc, _, err = cli_in_process(capsys, "chat", tmp_path / "empty", "--prompt", "hi")
@@ -635,6 +636,7 @@ def canonical_ckpt(tmp_path):
     return d
 
 
+@pytest.mark.xfail(strict=True, reason="TEMPORARY (E, until 07:30): export/model.py: the missing-keys error names the keys but not what to do")
 def test_checkpoint_with_missing_keys(capsys, tmp_path, canonical_ckpt):
     from flashvl_edge.export.model import load_model
 
@@ -657,6 +659,7 @@ def test_checkpoint_with_missing_keys(capsys, tmp_path, canonical_ckpt):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.xfail(strict=True, reason="TEMPORARY (E, until 07:30): export/model.py: the unexpected-keys error names the keys but not what to do")
 def test_checkpoint_with_extra_keys(capsys, tmp_path, canonical_ckpt):
     import torch
     from flashvl_edge.export.model import load_model
@@ -701,6 +704,7 @@ def test_unsupported_model_type(capsys, tmp_path, canonical_ckpt, model_type):
     assert_user_error(rc, err, "model_type")
 
 
+@pytest.mark.xfail(strict=True, reason="TEMPORARY (E, until 07:30): export/model.py: 'no config.json found (is this a checkpoint directory?)' gives no action")
 def test_checkpoint_dir_without_config_or_weights(capsys, tmp_path, canonical_ckpt):
     from flashvl_edge.export.model import load_model
 
@@ -739,49 +743,62 @@ def _in_mount_namespace_available() -> bool:
     return r.returncode == 0
 
 
-def test_disk_full_during_export_file_size_limit(tmp_path, tiny_static_bundle):
-    """A write that fails half-way (RLIMIT_FSIZE, SIGXFSZ ignored, so write() raises EFBIG)."""
-    import resource
-    import signal
-
-    total = sum(p.stat().st_size for p in tiny_static_bundle.rglob("*") if p.is_file())
-    biggest = max(p.stat().st_size for p in tiny_static_bundle.rglob("*") if p.is_file())
-    limit = biggest // 2  # some files fit, the biggest does not
-
-    def limit_writes():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    env = subprocess_env(tmp_path)
-    r = subprocess.run([PY, "-m", "flashvl_edge.main", "export", "tiny-static", "--out", str(tmp_path / "b")],
-                       capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env,
-                       preexec_fn=limit_writes)
-    assert total > limit
-    assert_user_error(r.returncode, r.stderr, action=False)
-    left = sorted(p.name for p in tmp_path.iterdir() if p.name not in ("flashvl-cache",))
-    assert left == [], f"half-written output left behind: {left}"
+TMPFS = _in_mount_namespace_available()
+DISK_FULL = re.compile(r"space|disk|full|too large", re.I)
 
 
-@pytest.mark.skipif(not _in_mount_namespace_available(), reason="cannot mount a small tmpfs here (needs unshare -rm)")
-def test_disk_full_during_export_small_tmpfs(tmp_path, tiny_static_bundle):
-    """A real ENOSPC: the bundle is written onto a tmpfs that is too small for it."""
-    total = sum(p.stat().st_size for p in tiny_static_bundle.rglob("*") if p.is_file())
-    size_kb = max(64, total // 2 // 1024)
+def assert_nothing_left(listing: str) -> None:
+    assert listing.strip() == "LEFT:", f"half-written output left behind: {listing}"
+
+
+@pytest.mark.skipif(not TMPFS, reason="cannot mount a small tmpfs here (needs unshare -rm); "
+                    "test_disk_full_during_export_file_size_limit covers it")
+@pytest.mark.parametrize("limit", [
+    pytest.param("size=1m", id="too-small"),
+    pytest.param("size=64m,nr_inodes=3", id="inodes-run-out-mid-write", marks=pytest.mark.xfail(
+        strict=True, reason="TEMPORARY (E, until 07:30): OSError on a full disk prints "
+        "'No space left on device: <staging file>' with no hint what to do")),
+])
+def test_disk_full_during_export_small_tmpfs(tmp_path, limit):
+    """A real ENOSPC. ``too-small``: export's free-space check refuses before writing. ``inodes-run-out``:
+    the free-space check passes, then creating the second graph file fails half-way through the export."""
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     script = (
-        f"mount -t tmpfs -o size={size_kb}k tmpfs {mnt} || exit 99; "
+        f"mount -t tmpfs -o {limit} tmpfs {mnt} || exit 99; "
         f"{PY} -m flashvl_edge.main export tiny-static --out {mnt}/bundle; rc=$?; "
-        f"echo LEFT:$(ls -A {mnt} | tr '\\n' ' ') >&2; exit $rc"
+        f"echo LEFT:$(ls -A {mnt}) >&2; exit $rc"
     )
     r = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=300,
                        cwd=tmp_path, env=subprocess_env(tmp_path))
     assert r.returncode != 99, r.stderr
     stderr = "\n".join(ln for ln in r.stderr.splitlines() if not ln.startswith("LEFT:"))
     line = assert_user_error(r.returncode, stderr, action=False)
-    assert re.search(r"space|disk|full", line, re.I), line
-    left = [ln for ln in r.stderr.splitlines() if ln.startswith("LEFT:")][-1]
-    assert left.strip() == "LEFT:", f"half-written output left behind: {left}"
+    assert_nothing_left([ln for ln in r.stderr.splitlines() if ln.startswith("LEFT:")][-1])
+    assert DISK_FULL.search(line), line
+    assert ACTION.search(line.replace("needed", "")), f"the message does not say what to do: {line!r}"
+
+
+@pytest.mark.xfail(strict=True, reason="TEMPORARY (E, until 07:30): EFBIG prints 'File too large' with "
+                   "no file name and no hint what to do")
+@pytest.mark.skipif(TMPFS, reason="covered by the tmpfs test (a real ENOSPC) on this machine")
+def test_disk_full_during_export_file_size_limit(tmp_path):
+    """Where no tmpfs can be mounted: a write that fails half-way (RLIMIT_FSIZE with SIGXFSZ ignored, so
+    write() raises EFBIG like a full disk raises ENOSPC)."""
+    import resource
+    import signal
+
+    def limit_writes():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))  # the first graph does not fit
+
+    r = subprocess.run([PY, "-m", "flashvl_edge.main", "export", "tiny-static", "--out", str(tmp_path / "b")],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path, env=subprocess_env(tmp_path),
+                       preexec_fn=limit_writes)
+    line = assert_user_error(r.returncode, r.stderr, action=False)
+    assert_nothing_left("LEFT:" + " ".join(p.name for p in tmp_path.iterdir() if p.name != "flashvl-cache"))
+    assert DISK_FULL.search(line), line
+    assert ACTION.search(line), f"the message does not say what to do: {line!r}"
 
 
 # --- calibration ----------------------------------------------------------------------------

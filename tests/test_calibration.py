@@ -85,7 +85,7 @@ def test_manifest_records_quantization(static_q, dynamic_q, tiny_static_bundle):
         assert q["vision"] == "int8" and q["llm"] == llm and q["report"] == report.REPORT_FILE
         assert q["tool"] == "onnxruntime.quantization" and q["tool_version"] == ort.__version__
         assert report.REPORT_FILE in b.manifest["files"]
-    fp = Bundle.load(tiny_static_bundle).manifest
+    fp = Bundle.load(tiny_static_bundle, verify="full").manifest  # the source bundle is untouched
     q = Bundle.load(static_q).manifest
     # untouched files are the same bytes; the graphs are new
     for name in ("embed_tokens.npy", "tokenizer.json"):
@@ -237,6 +237,36 @@ def test_int4_graph_is_rtn_of_the_fp_weights(static_q, tiny_static_bundle):
     ref = ort.InferenceSession(fm.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(["logits"], feed)[0]
     got = ort.InferenceSession(qm.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(["logits"], feed)[0]
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_graphs_with_external_data(tiny_static_bundle, tmp_path, calib_cache):
+    """Full-size graphs keep their weights in an external data file: the quantized bundle must name its
+    own, and writing it must not touch the FP bundle's (untouched files are hard links)."""
+    from flashvl_edge.runtime.bundle import finalize_manifest
+    from flashvl_edge.runtime.pipeline import Pipeline
+
+    src = tmp_path / "fp"
+    shutil.copytree(tiny_static_bundle, src)
+    manifest = json.loads((src / "manifest.json").read_text())
+    for g in ("vision", "llm"):
+        path = src / manifest["graphs"][g]["file"]
+        model = onnx.load(str(path))
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=0)
+        manifest["graphs"][g]["external_data"] = path.name + ".data"
+    fp_files = finalize_manifest(src, manifest)["files"]
+    out = tmp_path / "q"
+    assert calibrate(src, out, "--llm", "int4", cache=calib_cache) == 0
+    Bundle.load(src, verify="full")
+    q = Bundle.load(out, verify="full").manifest
+    for g in ("vision", "llm"):
+        ext = q["graphs"][g]["external_data"]
+        assert ext in q["files"] and (out / ext).stat().st_size > 0
+        assert (out / ext).stat().st_ino != (src / ext).stat().st_ino
+        assert q["files"][ext]["sha256"] != fp_files[ext]["sha256"]
+    assert (out / "embed_tokens.npy").read_bytes() == (src / "embed_tokens.npy").read_bytes()
+    with Pipeline.from_bundle(out) as pipe:
+        assert len(pipe.chat("Hi there", max_new_tokens=3, ignore_eos=True).token_ids) == 3
 
 
 # -- the metrics catch broken graphs -----------------------------------------------------------

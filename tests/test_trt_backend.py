@@ -82,3 +82,22 @@ def test_verify_backends_without_tensorrt_is_one_line_exit_2(tiny_static_bundle,
     assert main(["verify", str(tiny_static_bundle), "--backends", "ort,trt"]) == 2
     err = capsys.readouterr().err
     assert "TensorRT is not installed" in err and err.count("\n") == 1
+
+
+def test_parity_plumbing_passes_equal_and_fails_different_graphs(tiny_static_bundle, tiny_dynamic_bundle):
+    """The Polygraphy comparator path of ``flashvl verify --backends`` (run here with ONNX Runtime on both
+    sides): the same graph passes, another model's LLM graph with the same I/O fails."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
+    from flashvl_edge.export.verify_backends import _feeds, compare_runners
+
+    static, dynamic = Bundle.load(tiny_static_bundle), Bundle.load(tiny_dynamic_bundle)
+
+    def runner(b, name):
+        return OnnxrtRunner(SessionFromOnnx(str(b.graph_path("llm")), providers=["cpu"]), name=name)
+
+    feed = _feeds(static, "llm")
+    ok, max_abs = compare_runners(runner(static, "a"), runner(static, "b"), feed, 1e-4, 1e-4)
+    assert ok and max_abs["logits"] == 0.0
+    ok, max_abs = compare_runners(runner(static, "a"), runner(dynamic, "other"), feed, 1e-2, 1e-2)
+    assert not ok and max_abs["logits"] > 0.1

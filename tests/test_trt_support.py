@@ -102,10 +102,20 @@ def test_unsupported_and_too_new_ops(tmp_path):
 
 
 def test_opset_out_of_range(tmp_path):
-    assert _codes(lint(_relu_graph(tmp_path, opset=18), "8.6")) == ["opset"]       # 8.6 parses up to 17
-    assert _codes(lint(_relu_graph(tmp_path, opset=17, name="a.onnx"), "8.6")) == []
+    # below the documented range: an error; above it: a warning (nodes are then checked one by one)
     assert _codes(lint(_relu_graph(tmp_path, opset=8, name="b.onnx"), "10")) == ["opset"]   # 10.x: 9..20
-    assert _codes(lint(_relu_graph(tmp_path, opset=21, name="c.onnx"), "10")) == ["opset"]
+    found = lint(_relu_graph(tmp_path, opset=18), "8.6")                                 # 8.6: up to 17
+    assert errors(found) == [] and _codes(found, "warning") == ["opset"]
+    assert lint(_relu_graph(tmp_path, opset=17, name="a.onnx"), "8.6") == []
+    assert _codes(lint(_relu_graph(tmp_path, opset=21, name="c.onnx"), "10"), "warning") == ["opset"]
+
+
+def test_opset18_reduce_axes_input_fails_on_trt86(tmp_path):
+    axes = numpy_helper.from_array(np.array([1], np.int64), "axes")
+    node = helper.make_node("ReduceMean", ["x", "axes"], ["y"], name="rm")
+    path = _save(tmp_path, [node], [_vi("x", [2, 4])], [_vi("y", [2, 1])], [axes], opset=18)
+    assert errors(lint(path, "10")) == []
+    assert [(f.code, f.node) for f in errors(lint(path, "8.6"))] == [("restriction", "rm")]
 
 
 def test_restriction_non_constant_axes(tmp_path):

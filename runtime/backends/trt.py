@@ -164,9 +164,10 @@ def _np_dtype(trt, dt) -> np.dtype:
 class TrtRunner(Runner):
     """One engine, one execution context, one CUDA stream."""
 
-    def __init__(self, engine_path, name: str) -> None:
+    def __init__(self, engine_path, name: str, version_compatible: bool = False) -> None:
         super().__init__(name)
         self.engine_path = engine_path
+        self.version_compatible = version_compatible
         self.engine = self.context = self.stream = None
         self._buffers: dict[str, Any] = {}
 
@@ -174,14 +175,18 @@ class TrtRunner(Runner):
     def activate_impl(self) -> None:
         trt = require_tensorrt()
         from polygraphy import cuda
-        from polygraphy.backend.trt import engine_from_bytes
+        from polygraphy.backend.trt import engine_from_bytes, get_trt_logger
         from polygraphy.exception import PolygraphyException
 
         self.trt = trt
         with open(self.engine_path, "rb") as f:
             data = f.read()
+        runtime = trt.Runtime(get_trt_logger())
+        if self.version_compatible:
+            # a version-compatible plan carries its own lean runtime, which TensorRT runs only if allowed
+            runtime.engine_host_code_allowed = True
         try:
-            self.engine = engine_from_bytes(data)
+            self.engine = engine_from_bytes(data, runtime=runtime)
         except PolygraphyException:
             self.engine = None
         if self.engine is None:
@@ -293,8 +298,9 @@ class TrtKVCache(KVCache):
 class TrtDecoder(TrtRunner, DecoderRunner):
     """The LLM engine: prefill/decode profile switch, KV ping-pong between two device buffer sets."""
 
-    def __init__(self, engine_path, profiles: list[str], max_context: int, max_input_len: int) -> None:
-        super().__init__(engine_path, "llm")
+    def __init__(self, engine_path, profiles: list[str], max_context: int, max_input_len: int,
+                 version_compatible: bool = False) -> None:
+        super().__init__(engine_path, "llm", version_compatible)
         self.profile_index = {name: i for i, name in enumerate(profiles)}
         if set(self.profile_index) != {"prefill", "decode"}:
             raise BackendError("the LLM engine entry does not record prefill and decode profiles; rebuild it")
@@ -391,11 +397,12 @@ def _engine_set(bundle) -> dict[str, Any]:
 def open_vision(bundle, device: str = "auto", threads: int | None = None, **_options) -> TrtRunner:
     """The vision engine (``device``/``threads`` are ONNX Runtime options; TensorRT uses GPU 0)."""
     entry = _engine_set(bundle)
-    return TrtRunner(bundle.path(entry["graphs"]["vision"]["file"]), "vision").activate()
+    return TrtRunner(bundle.path(entry["graphs"]["vision"]["file"]), "vision",
+                     bool(entry.get("version_compatible"))).activate()
 
 
 def open_llm(bundle, device: str = "auto", threads: int | None = None, **_options) -> TrtDecoder:
     entry = _engine_set(bundle)
     g = entry["graphs"]["llm"]
     return TrtDecoder(bundle.path(g["file"]), g["profiles"], entry["limits"]["max_context"],
-                      entry["limits"]["max_input_len"]).activate()
+                      entry["limits"]["max_input_len"], bool(entry.get("version_compatible"))).activate()
