@@ -55,6 +55,11 @@ ACTION = re.compile(
 # helpers
 
 
+def known_bug(reason: str):
+    """A temporary strict xfail for a bug found here in another owner's file (to be fixed, then removed)."""
+    return pytest.mark.xfail(strict=True, reason=f"TEMPORARY (E, until 07:30): {reason}")
+
+
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path, monkeypatch):
     # The verified-file cache lives outside the bundle; keep the tests' entries out of the user's.
@@ -330,6 +335,57 @@ def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path):
     assert np.abs(out[0, :, 0] - expected).max() <= 1, out[0, ::32, 0]
 
 
+@pytest.mark.parametrize("fmt,make,rgb", [
+    ("GIF", lambda: _palette_frames(), (255, 0, 0)),  # animated: the first frame
+    ("WEBP", lambda: Image.new("RGB", (20, 10), (10, 20, 30)), (10, 20, 30)),
+    ("BMP", lambda: Image.new("RGB", (20, 10), (10, 20, 30)), (10, 20, 30)),
+    ("TIFF", lambda: Image.new("CMYK", (20, 10), (0, 255, 255, 0)), (255, 0, 0)),
+    ("TIFF", lambda: Image.fromarray(np.full((10, 20), 0.5, np.float32)), (128, 128, 128)),  # float grey in [0, 1]
+], ids=["animated-gif", "webp", "bmp", "cmyk-tiff", "float-tiff"])
+def test_other_formats_work(tmp_path, fmt, make, rgb):
+    from flashvl_edge.runtime.images import load_image
+
+    path = tmp_path / f"img.{fmt.lower()}"
+    im = make()
+    im.save(path, fmt, **({"save_all": True, "append_images": im.info.pop("frames")} if fmt == "GIF" else {}),
+            **({"lossless": True} if fmt == "WEBP" else {}))
+    out = load_image(path, max_pixels=50_000_000)
+    assert out.mode == "RGB" and out.size == (20, 10)
+    assert np.abs(np.asarray(out)[5, 10].astype(int) - np.array(rgb)).max() <= 1
+
+
+def _palette_frames() -> Image.Image:
+    frames = []
+    for colour in ((255, 0, 0), (0, 255, 0), (0, 0, 255)):
+        f = Image.new("P", (20, 10), 0)
+        f.putpalette(list(colour) + [0] * 765)
+        frames.append(f)
+    frames[0].info["frames"] = frames[1:]
+    return frames[0]
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    from flashvl_edge.runtime.images import load_image
+
+    im = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = im.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    im.save(tmp_path / "rotated.jpg", "JPEG", exif=exif.tobytes())
+    assert load_image(tmp_path / "rotated.jpg", max_pixels=50_000_000).size == (20, 40)
+
+
+@pytest.mark.parametrize("name,data", [
+    ("drawing.svg", b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"></svg>'),
+    ("document.pdf", b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF\n"),
+])
+def test_formats_that_are_not_images(tmp_path, name, data):
+    from flashvl_edge.runtime.images import load_image
+
+    with pytest.raises(FlashVLError) as ei:
+        load_image(write(tmp_path, name, data), max_pixels=50_000_000)
+    assert_api_error(ei, ImageError, name)
+
+
 # --------------------------------------------------------------------------------------------
 # prompts and sampling through the API (one pipeline for the module)
 
@@ -455,6 +511,16 @@ def test_cli_subprocess_export_errors_end_to_end(tmp_path, tiny_static_bundle):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".flashvl-tmp-")) == []
 
 
+@pytest.mark.xfail(strict=True, reason="TEMPORARY (E, until 07:30): a prompt with invalid UTF-8 from argv "
+                   "(surrogate escapes) reaches tokenizers and raises TypeError")
+def test_cli_prompt_with_invalid_utf8_bytes(tmp_path, tiny_static_bundle):
+    """Bytes that are not UTF-8 on the command line arrive as surrogate escapes: one clear line."""
+    r = subprocess.run([os.fsencode(PY), b"-m", b"flashvl_edge.main", b"chat", os.fsencode(tiny_static_bundle),
+                        b"--prompt", b"caf\xe9 \xff\xfe", b"--max-new-tokens", b"2"],
+                       capture_output=True, timeout=120, cwd=tmp_path, env=subprocess_env(tmp_path))
+    assert_user_error(r.returncode, r.stderr.decode("utf-8", "replace"), "utf-8", action=False)
+
+
 @pytest.mark.parametrize("flag,value", [
     ("--temperature", "-0.1"), ("--top-p", "0"), ("--top-p", "1.01"), ("--top-k", "-2"),
     ("--max-new-tokens", "0"), ("--max-new-tokens", "-1"),
@@ -578,6 +644,101 @@ def test_not_a_bundle(capsys, tmp_path):
     (tmp_path / "file.onnx").write_bytes(b"x")
     rc, _, err = cli_in_process(capsys, "chat", tmp_path / "file.onnx", "--prompt", "hi")
     assert_user_error(rc, err, "file.onnx", action=False)
+
+
+@pytest.mark.xfail(strict=True, reason="TEMPORARY (E, until 07:30): runtime/bundle.py verify_files assumes a "
+                   "well-formed 'files' section (AttributeError/TypeError/KeyError tracebacks)")
+@pytest.mark.parametrize("files", [
+    ["vision.onnx"], {"vision.onnx": "oops"}, {"vision.onnx": {"size": 1}}, {"vision.onnx": {"size": "1", "sha256": 5}},
+    "all of them",
+], ids=["list", "entry-a-string", "no-sha256", "wrong-types", "a-string"])
+def test_hand_edited_manifest_with_a_malformed_files_section(capsys, tmp_path, tiny_static_bundle, files):
+    root = copy_bundle(tiny_static_bundle, tmp_path / "b")
+    rewrite_manifest(root, lambda m: m.update(files=files))
+    with pytest.raises(FlashVLError) as ei:
+        from flashvl_edge.runtime.bundle import Bundle
+
+        Bundle.load(root)
+    assert_api_error(ei, BundleError, "files")
+    rc, _, err = cli_in_process(capsys, "chat", root, "--prompt", "hi")
+    assert_user_error(rc, err, "files")
+
+
+_NOT_OBJECTS = known_bug("runtime/bundle.py does not check that the manifest sections are JSON objects (TypeError)")
+
+
+@pytest.mark.parametrize("section", [pytest.param("graphs", marks=_NOT_OBJECTS), pytest.param("llm", marks=_NOT_OBJECTS),
+                                     pytest.param("image", marks=_NOT_OBJECTS), "preprocess", "tokenizer"])
+def test_hand_edited_manifest_with_a_section_of_the_wrong_type(capsys, tmp_path, tiny_static_bundle, section):
+    root = copy_bundle(tiny_static_bundle, tmp_path / "b")
+    rewrite_manifest(root, lambda m: m.update({section: "x"}))
+    rc, _, err = cli_in_process(capsys, "chat", root, "--prompt", "hi", "--max-new-tokens", "2")
+    assert_user_error(rc, err, section)
+
+
+def _refinalize(root: Path, edit) -> None:
+    """Change files and re-record them, as a careless tool would: sizes and sha256 are consistent."""
+    from flashvl_edge.runtime.bundle import finalize_manifest
+
+    m = json.loads((root / "manifest.json").read_text())
+    edit(root, m)
+    m.pop("files")
+    finalize_manifest(root, m)
+
+
+_UNCHECKED_DIMS = known_bug("the runtime does not check graph inputs and the embedding table against the manifest "
+                            "(onnxruntime InvalidArgument / IndexError / ValueError tracebacks)")
+
+
+@pytest.mark.parametrize("what", [
+    pytest.param("vision graph of another model", marks=_UNCHECKED_DIMS), "vision graph in the llm slot",
+    pytest.param("embedding table with too few rows", marks=_UNCHECKED_DIMS),
+    pytest.param("embedding table of another width", marks=_UNCHECKED_DIMS),
+])
+def test_bundle_files_consistent_with_the_manifest_hashes_but_not_with_its_dims(capsys, tmp_path, tiny_static_bundle,
+                                                                                 tiny_dynamic_bundle, photo_path, what):
+    """Each file matches its sha256, but not the dims the manifest declares: refused with one line,
+    at load or at the first chat, never a crash mid-generation."""
+    from flashvl_edge.runtime.pipeline import Pipeline
+
+    root = copy_bundle(tiny_static_bundle, tmp_path / "b")
+
+    def edit(r, m):
+        vision, llm, emb = m["graphs"]["vision"]["file"], m["graphs"]["llm"]["file"], m["embeddings"]["file"]
+        if what == "vision graph of another model":  # the dynamic preset's tiles are another size
+            shutil.copy(tiny_dynamic_bundle / vision, r / vision)
+        elif what == "vision graph in the llm slot":
+            shutil.copy(r / vision, r / llm)
+        else:
+            t = np.load(r / emb)
+            np.save(r / emb, t[:10] if "rows" in what else np.ascontiguousarray(t[:, : t.shape[1] // 2]))
+    _refinalize(root, edit)
+    try:
+        pipe = Pipeline.from_bundle(root)
+        with pytest.raises(FlashVLError) as ei:
+            pipe.chat("Describe the image.", image=photo_path, max_new_tokens=3)
+    except FlashVLError as e:  # refused at load: better
+        err = e
+    else:
+        err = ei.value
+    assert isinstance(err, BundleError) or type(err).__name__ == "BackendError", repr(err)
+    rc, _, stderr = cli_in_process(capsys, "chat", root, "--image", photo_path, "--prompt", "hi")
+    assert_user_error(rc, stderr, action=False)
+
+
+@pytest.mark.parametrize("template", [
+    pytest.param("{% for i in range(10**9) %}x{% endfor %}", marks=known_bug(
+        "runtime/prompt.py: a chat template that overflows the jinja sandbox raises OverflowError")),
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "{% for m in messages %}{{ m.content }",
+    "{{ raise_exception('no system role') }}",
+], ids=["huge-range", "sandbox-escape", "syntax-error", "raises"])
+def test_hostile_chat_template_in_the_manifest(capsys, tmp_path, tiny_static_bundle, template):
+    root = copy_bundle(tiny_static_bundle, tmp_path / "b")
+    rewrite_manifest(root, lambda m: m.update(chat_template=template))
+    rc, out, err = cli_in_process(capsys, "chat", root, "--prompt", "hi", "--max-new-tokens", "2")
+    assert_user_error(rc, err, action=False)
+    assert "Object" not in out  # the sandbox held: no class list printed
 
 
 # --- engines --------------------------------------------------------------------------------
@@ -718,6 +879,52 @@ def test_checkpoint_dir_without_config_or_weights(capsys, tmp_path, canonical_ck
     assert_api_error(ei, CheckpointError, "config.json")
     rc, _, err = cli_in_process(capsys, "export", canonical_ckpt, "--out", tmp_path / "out")
     assert_user_error(rc, err, "config.json")
+
+
+@pytest.mark.parametrize("layout", [
+    "canonical",
+    pytest.param("internvl", marks=pytest.mark.xfail(strict=True, reason="TEMPORARY (E, until 07:30): "
+                 "export/model.py lets safetensors' SafetensorError through for InternVL directories")),
+])
+@pytest.mark.parametrize("damage", ["truncated", "zero-byte"])
+def test_checkpoint_with_unreadable_safetensors(capsys, tmp_path, layout, damage):
+    from factories import make_canonical_checkpoint, make_internvl_checkpoint
+    from flashvl_edge.export.model import load_model
+
+    ckpt = tmp_path / "ckpt"
+    if layout == "canonical":
+        make_canonical_checkpoint(ckpt, preset="tiny-static", seed=2)
+    else:
+        make_internvl_checkpoint(ckpt, seed=2)
+    f = sorted(ckpt.glob("*.safetensors"))[0]
+    f.write_bytes(f.read_bytes()[:1000] if damage == "truncated" else b"")
+    with pytest.raises(FlashVLError) as ei:
+        load_model(str(ckpt))
+    assert_api_error(ei, CheckpointError, f.name, action=False)
+    rc, _, err = cli_in_process(capsys, "export", ckpt, "--out", tmp_path / "out")
+    assert_user_error(rc, err, f.name, action=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.xfail(strict=True, reason="TEMPORARY (E, until 07:30): export/model.py lets transformers' config "
+                   "validation errors (StrictDataclass...Error) through as tracebacks")
+@pytest.mark.parametrize("field,value", [("hidden_size", "abc"), ("num_hidden_layers", -1)])
+def test_checkpoint_config_with_invalid_values(capsys, tmp_path, canonical_ckpt, field, value):
+    from flashvl_edge.export.model import load_model
+
+    cfg = json.loads((canonical_ckpt / "config.json").read_text())
+    cfg["text_config"][field] = value
+    (canonical_ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FlashVLError) as ei:
+        load_model(str(canonical_ckpt))
+    assert_api_error(ei, CheckpointError, field, action=False)
+
+
+@pytest.mark.xfail(strict=True, reason="TEMPORARY (E, until 07:30): 'flashvl verify' against a model of other "
+                   "dims crashes in torch (RuntimeError traceback) instead of saying the bundle is not from it")
+def test_verify_against_a_different_model(capsys, tiny_static_bundle):
+    rc, _, err = cli_in_process(capsys, "verify", tiny_static_bundle, "--against", "tiny-dynamic-iss")
+    assert_user_error(rc, err, "tiny-dynamic-iss", action=False)
 
 
 def test_unknown_preset_api(tmp_path):

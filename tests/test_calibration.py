@@ -252,7 +252,7 @@ def test_graphs_with_external_data(tiny_static_bundle, tmp_path, calib_cache):
         path = src / manifest["graphs"][g]["file"]
         model = onnx.load(str(path))
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=0)
+                        location=path.name + ".data", size_threshold=1024)
         manifest["graphs"][g]["external_data"] = path.name + ".data"
     fp_files = finalize_manifest(src, manifest)["files"]
     out = tmp_path / "q"
