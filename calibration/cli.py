@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from flashvl_edge.runtime.bundle import check_output_dir
 from flashvl_edge.runtime.errors import CalibrationError
 
 from . import data, report
@@ -40,7 +41,8 @@ def add_arguments(p) -> None:
                    help=f"samples held out for the accuracy report (default {data.DEFAULT_HOLDOUT})")
     p.add_argument("--method", choices=METHODS, default="entropy",
                    help="INT8 activation range: entropy (KL, default), max (symmetric absmax), "
-                        "minmax (asymmetric; ONNX Runtime only, TensorRT needs symmetric)")
+                        "minmax (asymmetric; ONNX Runtime only, TensorRT needs symmetric); "
+                        "int4 is round-to-nearest and needs no calibration")
     p.add_argument("--report-tokens", type=int, default=data.DEFAULT_REPORT_TOKENS,
                    help="teacher-forced positions per held-out sample for the LLM report (default 16)")
     p.add_argument("--cache-dir", help="where captured inputs are cached (default ~/.cache/flashvl-edge/calibration)")
@@ -56,8 +58,7 @@ def _check_args(args) -> None:
     src, out = Path(args.bundle).resolve(), Path(args.out).resolve()
     if src == out or src in out.parents:
         raise CalibrationError("--out must be a new directory outside the input bundle")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
-        raise CalibrationError(f"--out {args.out!r} exists and is not empty; pass --force to replace it")
+    check_output_dir(out, args.force, error=CalibrationError)
 
 
 def _prefill_feed(embeds: np.ndarray, manifest: dict) -> dict[str, np.ndarray]:
@@ -74,12 +75,15 @@ def _prefill_feed(embeds: np.ndarray, manifest: dict) -> dict[str, np.ndarray]:
     return feed
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
+def _link_or_copy(src: Path, dst: Path, link: bool = True) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)  # same filesystem: no second copy of the embedding table
-    except OSError:
-        shutil.copy2(src, dst)
+    if link:
+        try:
+            os.link(src, dst)  # same filesystem: no second copy of the embedding table
+            return
+        except OSError:
+            pass
+    shutil.copyfile(src, dst)
 
 
 def initializer_bytes(model_path: Path) -> int:
@@ -140,10 +144,13 @@ def calibrate(args) -> dict[str, Any]:
                 replaced.add(graphs[name]["external_data"])
 
     with staging_dir(args.out, force=args.force) as tmp:
+        # ONNX files are always copied: onnx refuses to load external data from a file with more than
+        # one hard link ("potential hardlink attack"), which would break both bundles for onnx tools.
+        graph_files = {g.get(k) for g in graphs.values() for k in ("file", "external_data")} - {None}
         for name in m["files"]:
             if name in replaced or name.startswith("engines/") or name == report.REPORT_FILE:
                 continue  # engines were built from the FP graphs: they do not belong to this bundle
-            _link_or_copy(bundle.path(name), tmp / name)
+            _link_or_copy(bundle.path(name), tmp / name, link=name not in graph_files)
 
         new = copy.deepcopy(m)
         new.pop("files", None)

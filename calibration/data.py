@@ -120,7 +120,10 @@ def _photo(name: str) -> Callable[[], Image.Image]:
 
 
 def _font(size: int) -> ImageFont.ImageFont:
-    return ImageFont.load_default(size=size)
+    try:
+        return ImageFont.load_default(size=size)  # Pillow >= 10.1 with FreeType: a scalable font
+    except (TypeError, OSError, ImportError):
+        return ImageFont.load_default()  # older Pillow / no FreeType: the fixed bitmap font
 
 
 def _bar_chart() -> Image.Image:

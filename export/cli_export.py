@@ -23,13 +23,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from flashvl_edge.runtime.bundle import MANIFEST
+    from flashvl_edge.runtime.bundle import MANIFEST, check_output_dir
     from flashvl_edge.runtime.errors import ExportError
 
     out = Path(args.out)
     # Refuse before the (possibly minutes-long) model load; export_bundle checks again when it writes.
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
-        raise ExportError(f"--out {str(out)!r} exists and is not empty; pass --force to replace it")
+    check_output_dir(out, args.force)
     if args.max_tiles is not None and args.max_tiles < 1:
         raise ExportError(f"--max-tiles must be at least 1, got {args.max_tiles}")
 

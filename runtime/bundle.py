@@ -12,11 +12,14 @@ This module also holds the two write-side helpers every stage shares, so they ex
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import hashlib
 import json
 import os
 import shutil
 import stat
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -105,6 +108,16 @@ class _VerifiedCache:
             pass
 
 
+def _check_files_section(files: Any, mpath: Path) -> None:
+    """``files`` maps relative names to {"size": int, "sha256": 64 hex chars}; anything else is refused."""
+    fix = "re-export the bundle (or restore its manifest)"
+    for name, entry in files.items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("size"), int) and not isinstance(entry["size"], bool)
+                and entry["size"] >= 0 and isinstance(entry.get("sha256"), str) and len(entry["sha256"]) == 64):
+            raise BundleError(f"{mpath}: the 'files' entry for {name!r} is malformed (needs an integer size and a "
+                              f"sha256); {fix}")
+
+
 @dataclass
 class Bundle:
     """A loaded bundle: its directory and its parsed manifest."""
@@ -125,7 +138,9 @@ class Bundle:
             raise BundleError(f"{str(root)!r} is an unfinished temporary directory from an interrupted write, not a bundle")
         mpath = root / MANIFEST
         if not mpath.is_file():
-            raise BundleError(f"{str(root)!r} has no {MANIFEST}; it is not a flashvl bundle (or the export was interrupted)")
+            raise BundleError(
+                f"{str(root)!r} has no {MANIFEST}: it is not a flashvl bundle (or its export was interrupted); "
+                "pass a bundle directory written by 'flashvl export', or re-export it")
         try:
             manifest = json.loads(mpath.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as e:
@@ -137,9 +152,15 @@ class Bundle:
             raise BundleError(
                 f"bundle schema version {version!r} is not supported by this flashvl-edge "
                 f"(supports {SCHEMA_VERSION}); re-export the bundle with this version")
-        for key in ("family", "variant", "graphs", "files", "llm", "vision", "image", "preprocess", "tokenizer"):
+        for key in ("graphs", "files", "llm", "vision", "image", "preprocess", "tokenizer"):
             if key not in manifest:
                 raise BundleError(f"{mpath} lacks the {key!r} section; re-export the bundle")
+            if not isinstance(manifest[key], dict):
+                raise BundleError(f"{mpath}: the {key!r} section must be a JSON object; re-export the bundle")
+        for key in ("family", "variant"):
+            if not isinstance(manifest.get(key), str):
+                raise BundleError(f"{mpath} lacks a valid {key!r}; re-export the bundle")
+        _check_files_section(manifest["files"], mpath)
         bundle = cls(root=root, manifest=manifest)
         for name in manifest["files"]:
             safe_member(root, name)
@@ -223,20 +244,83 @@ def clean_stale_staging(parent: Path, max_age_s: float = 24 * 3600) -> None:
         pass
 
 
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def exchange_paths(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Returns False where the platform or file system has no atomic exchange; the caller falls back to
+    two renames. With the exchange, a kill at any instant leaves either the old or the new bundle at
+    ``b``, never none.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(str(a)), _AT_FDCWD, os.fsencode(str(b)), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _publish(tmp: Path, out: Path, parent: Path) -> None:
+    """Put the finished ``tmp`` at ``out``, replacing what is there, as atomically as the OS allows."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    if exchange_paths(tmp, out):
+        _remove_tree(tmp)  # tmp now holds the previous bundle
+        return
+    # No atomic exchange: two renames. An exception between them puts the previous bundle back
+    # (only a SIGKILL in that instant can leave --out empty; the previous bundle is then the trash dir).
+    trash = parent / f"{STAGING_PREFIX}{out.name}-old-{uuid.uuid4().hex[:8]}"
+    try:
+        os.replace(out, trash)
+        os.replace(tmp, out)
+    except BaseException:
+        if not out.exists() and trash.exists():
+            os.replace(trash, out)
+        raise
+    finally:
+        if out.exists():
+            _remove_tree(trash)
+
+
+def check_output_dir(out: str | os.PathLike, force: bool, error: type[Exception] = ExportError) -> None:
+    """Refuse an ``--out`` that must not be replaced; called early by the CLIs and again when writing.
+
+    --force replaces a previous bundle, never a directory of other files (a typo for `--out ~`, the
+    checkpoint being exported, a folder of photos)."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise error(f"--out {str(out)!r} exists and is not a directory; choose another --out")
+    if any(out.iterdir()):
+        if not (out / MANIFEST).is_file():
+            raise error(f"--out {str(out)!r} is not empty and is not a flashvl bundle; "
+                        "choose a new or empty directory (--force only replaces a previous bundle)")
+        if not force:
+            raise error(f"--out {str(out)!r} already holds a bundle; pass --force to replace it")
+
+
 @contextlib.contextmanager
 def staging_dir(out: str | os.PathLike, force: bool = False, min_free_bytes: int = 0) -> Iterator[Path]:
     """Yield a fresh temporary sibling of ``out``; on success it replaces ``out`` by a rename.
 
     An exception or a kill leaves ``out`` as it was (the previous bundle still loads) and only a
-    ``.flashvl-tmp-*`` directory behind, which no loader accepts as a bundle. ``out`` that exists and is
-    not empty is refused unless ``force``.
+    ``.flashvl-tmp-*`` directory behind, which no loader accepts as a bundle. An existing bundle at
+    ``out`` is replaced only with ``force``; a non-empty directory that is not a bundle never is.
     """
     out = Path(out)
-    if out.exists():
-        if not out.is_dir():
-            raise ExportError(f"--out {str(out)!r} exists and is not a directory")
-        if any(out.iterdir()) and not force:
-            raise ExportError(f"--out {str(out)!r} exists and is not empty; pass --force to replace it")
+    check_output_dir(out, force)
     parent = out.parent if str(out.parent) else Path(".")
     parent.mkdir(parents=True, exist_ok=True)
     if min_free_bytes:
@@ -250,13 +334,7 @@ def staging_dir(out: str | os.PathLike, force: bool = False, min_free_bytes: int
     tmp.mkdir()
     try:
         yield tmp
-        if out.exists():
-            trash = parent / f"{STAGING_PREFIX}{out.name}-old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, trash)
-            os.replace(tmp, out)
-            _remove_tree(trash)
-        else:
-            os.replace(tmp, out)
+        _publish(tmp, out, parent)
     except BaseException:
         _remove_tree(tmp)
         raise

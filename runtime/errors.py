@@ -7,6 +7,7 @@ what is wrong and what to do. Everything else is a bug and shows a traceback.
 
 from __future__ import annotations
 
+import errno
 import sys
 import traceback
 from typing import Callable
@@ -81,6 +82,23 @@ def run_cli(func: Callable[[object], int | None], args) -> int:
         # Disk full, permission denied, missing file: the user can act on these.
         if debug:
             traceback.print_exc()
-        what = f"{err.strerror or err}" + (f": {err.filename}" if getattr(err, "filename", None) else "")
-        print(f"flashvl: error: {one_line(what)}", file=sys.stderr)
+        print(f"flashvl: error: {describe_os_error(err)}", file=sys.stderr)
         return 2
+
+
+_OS_HINTS = {
+    errno.ENOSPC: "no space left on device; free some space or choose another --out",
+    errno.EDQUOT: "disk quota exceeded; free some space or choose another --out",
+    errno.EFBIG: "file too large for this file system or the process's file size limit; raise the limit "
+                 "(ulimit -f) or choose another --out",
+    errno.EACCES: "permission denied; check the path's permissions or choose another path",
+    errno.EROFS: "read-only file system; choose a writable path",
+}
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line for an OSError: what failed, where, and what to do."""
+    what = _OS_HINTS.get(err.errno, err.strerror or str(err))
+    where = f" (writing {err.filename})" if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) and err.filename \
+        else (f": {err.filename}" if err.filename else "")
+    return one_line(what + where)

@@ -137,6 +137,12 @@ def test_staging_dir_refuses_non_empty_out_without_force(tmp_path):
     with pytest.raises(ExportError, match="--force"):
         with B.staging_dir(out):
             pass
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "holiday.jpg").write_bytes(b"precious")
+    with pytest.raises(ExportError, match="not a flashvl bundle"):
+        with B.staging_dir(tmp_path / "photos", force=True):
+            pass
+    assert (tmp_path / "photos" / "holiday.jpg").read_bytes() == b"precious"
     (tmp_path / "empty").mkdir()
     with B.staging_dir(tmp_path / "empty") as tmp:  # an empty directory is fine
         make_bundle(tmp)
