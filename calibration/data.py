@@ -29,7 +29,7 @@ import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont

@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
         from flashvl_edge.export.verify import verify_against
 
         loaded = load_model(args.against, seed=args.seed, trust_remote_code=args.trust_remote_code)
-        report = verify_against(args.bundle, loaded, greedy_steps=args.steps)
+        report = verify_against(args.bundle, loaded, greedy_steps=args.steps, model_name=repr(str(args.against)))
         for line in report.lines():
             print(line)
         ok = ok and report.ok

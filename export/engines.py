@@ -39,7 +39,9 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -346,10 +348,13 @@ def build(bundle_path: str, args: argparse.Namespace) -> Path:
     _fail_on_lint(lint_for_plan(bundle, plan))
     Path(plan.timing_cache).parent.mkdir(parents=True, exist_ok=True)
 
-    engines_root = bundle.root / "engines"
-    rel_dir = f"engines/{name}"
+    # Each build writes a fresh engines/<name>/<build-id>/ that only the manifest's atomic rewrite
+    # publishes: killed at any instant, the manifest still names a complete, hash-checked set of
+    # engines (the previous build's or this one's). Builds no manifest refers to are removed after.
+    build_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    rel_dir = f"engines/{name}/{build_id}"
     graphs_entry = {}
-    with staging_dir(engines_root / name, force=True) as tmp:
+    with staging_dir(bundle.root / rel_dir) as tmp:
         for graph, rel in plan.graphs.items():
             t0 = time.perf_counter()
             print(f"building {graph} engine ({rel}) ...", flush=True)
@@ -370,7 +375,12 @@ def build(bundle_path: str, args: argparse.Namespace) -> Path:
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     manifest["engines"] = engines
-    finalize_manifest(bundle.root, manifest)
+    live = {e["dir"] for e in engines.values() if isinstance(e, dict) and "dir" in e}
+    stale = [d.relative_to(bundle.root).as_posix() for d in (bundle.root / "engines").glob("*/*")
+             if d.is_dir() and d.relative_to(bundle.root).as_posix() not in live]
+    finalize_manifest(bundle.root, manifest, exclude=tuple(stale))
+    for rel in stale:  # the previous build of this name, and builds a kill left unpublished
+        shutil.rmtree(bundle.root / rel, ignore_errors=True)
     print(f"engines written to {bundle.root / rel_dir}")
     return bundle.root / rel_dir
 

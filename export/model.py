@@ -239,8 +239,8 @@ class FlashVLConfig:
         tdict = dict(data["text_config"])
         if tdict.get("model_type", "qwen2") != "qwen2":
             raise CheckpointError(f"{where}: text_config.model_type {tdict.get('model_type')!r} is not supported (qwen2 only)")
-        vision_config = transformers.CONFIG_MAPPING[vtype].from_dict(vdict)
-        text_config = transformers.Qwen2Config.from_dict(tdict)
+        vision_config = _build_hf_config(lambda: transformers.CONFIG_MAPPING[vtype].from_dict(vdict), where, "vision_config")
+        text_config = _build_hf_config(lambda: transformers.Qwen2Config.from_dict(tdict), where, "text_config")
         cfg = cls(
             variant=variant,
             vision_config=vision_config,
@@ -271,6 +271,22 @@ class FlashVLConfig:
             raise CheckpointError(
                 f"{where}: downsample_ratio {self.downsample_ratio} does not divide the {side}x{side} patch grid"
             )
+
+
+def _build_hf_config(factory, where: str, section: str):
+    """Run a transformers config constructor, turning its validation errors into one CheckpointError.
+
+    transformers validates config fields (types, cross-field rules) with huggingface_hub's strict
+    dataclasses; their messages name the field but span several lines and end in a traceback.
+    """
+    from huggingface_hub.errors import StrictDataclassError
+
+    try:
+        return factory()
+    except (StrictDataclassError, TypeError, ValueError) as err:
+        raise CheckpointError(
+            f"{where}: invalid {section} ({one_line(err)[:300]}); fix that value in config.json or re-save the checkpoint"
+        ) from None
 
 
 def pixel_shuffle(features: torch.Tensor, scale_factor: float = 0.5) -> torch.Tensor:
@@ -750,6 +766,16 @@ KEY_ALIASES: tuple[tuple[str, str], ...] = (
 )
 MAX_LISTED_KEYS = 8
 
+# What to do when a checkpoint's weights do not match its config (appended to those errors).
+CANONICAL_WEIGHTS_HINT = (
+    "check that the directory is a complete Flash-VL checkpoint in the canonical layout "
+    "(config.json matching the weights), or re-save it with `save_checkpoint`"
+)
+HF_WEIGHTS_HINT = (
+    "check that the directory is a complete checkpoint whose config.json matches its weights, "
+    "or re-save it with transformers' save_pretrained"
+)
+
 # Pickle-based weight formats we refuse to open (unpickling runs arbitrary code).
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -796,6 +822,22 @@ def safetensors_files(ckpt_dir: Path) -> list[Path]:
     raise CheckpointError(f"{ckpt_dir}: no *.safetensors weight files found")
 
 
+def check_safetensors_headers(files: list[Path]) -> None:
+    """Open every weight file's header (cheap: no tensor data) so a truncated or empty file is one
+    CheckpointError naming it, before transformers' loader meets it and raises SafetensorError."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as sf:
+                sf.keys()
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CheckpointError(
+                f"{path}: not a readable safetensors file ({one_line(err)}); the file is damaged or incomplete: "
+                "copy or download it again"
+            ) from None
+
+
 def load_safetensors_into(model: nn.Module, files: list[Path], optional: set[str] = frozenset(), where: str = "") -> None:
     """Copy checkpoint tensors into ``model`` one at a time (no second full copy in memory).
 
@@ -828,7 +870,10 @@ def load_safetensors_into(model: nn.Module, files: list[Path], optional: set[str
                     found.add(canonical)
                     plan.append((path, key, canonical))
         except (SafetensorError, OSError, ValueError) as err:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({one_line(err)})") from None
+            raise CheckpointError(
+                f"{path}: not a readable safetensors file ({one_line(err)}); the file is damaged or incomplete: "
+                "copy or download it again"
+            ) from None
     missing = sorted(k for k in expected if k not in found and k not in optional and k not in reported)
     problems = []
     if missing:
@@ -840,7 +885,9 @@ def load_safetensors_into(model: nn.Module, files: list[Path], optional: set[str
     if duplicated:
         problems.append(f"{len(duplicated)} duplicated (after aliasing): {_list_keys(duplicated)}")
     if problems:
-        raise CheckpointError(f"{where or 'checkpoint'}: weights do not match the config: " + "; ".join(problems))
+        raise CheckpointError(
+            f"{where or 'checkpoint'}: weights do not match the config: " + "; ".join(problems) + f"; {CANONICAL_WEIGHTS_HINT}"
+        )
     with torch.no_grad():
         by_file: dict[Path, list[tuple[str, str]]] = {}
         for path, key, canonical in plan:
@@ -858,12 +905,15 @@ def one_line(err) -> str:
 def _read_json(path: Path, required: bool = True) -> dict | None:
     if not path.exists():
         if required:
-            raise CheckpointError(f"{path.parent}: no {path.name} found (is this a checkpoint directory?)")
+            raise CheckpointError(
+                f"{path.parent}: no {path.name} found, so this is not a checkpoint directory; give a checkpoint "
+                f"directory (config.json, tokenizer.json, *.safetensors) or a preset name ({', '.join(PRESETS)})"
+            )
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path}: not valid JSON ({one_line(err)})") from None
+        raise CheckpointError(f"{path}: not valid JSON ({one_line(err)}); fix or re-save the file") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return data
@@ -945,7 +995,7 @@ def _check_loading_info(info: dict, where: Path) -> None:
         if keys:
             problems.append(f"{len(keys)} {kind.replace('_keys', '')}: {_list_keys(sorted(keys))}")
     if problems:
-        raise CheckpointError(f"{where}: weights do not match the config: " + "; ".join(problems))
+        raise CheckpointError(f"{where}: weights do not match the config: " + "; ".join(problems) + f"; {HF_WEIGHTS_HINT}")
 
 
 def _internvl_sections(hf_model, tokenizer, tokenizer_config: dict, preprocessor: dict, source: dict) -> dict:
@@ -1013,9 +1063,12 @@ def _internvl_sections(hf_model, tokenizer, tokenizer_config: dict, preprocessor
 
 
 def _load_internvl(ckpt_dir: Path, config: dict) -> LoadedModel:
+    from huggingface_hub.errors import StrictDataclassError
+    from safetensors import SafetensorError
     from transformers import InternVLForConditionalGeneration
 
-    safetensors_files(ckpt_dir)  # refuse pickle before transformers looks at the directory
+    # Refuse pickle and unreadable weight files before transformers looks at the directory.
+    check_safetensors_headers(safetensors_files(ckpt_dir))
     tokenizer_file, tokenizer, tokenizer_config = _checkpoint_tokenizer(ckpt_dir)
     preprocessor = _read_json(ckpt_dir / "preprocessor_config.json", required=False)
     if preprocessor is None:
@@ -1024,8 +1077,11 @@ def _load_internvl(ckpt_dir: Path, config: dict) -> LoadedModel:
         hf_model, info = InternVLForConditionalGeneration.from_pretrained(
             str(ckpt_dir), dtype=torch.float32, use_safetensors=True, output_loading_info=True
         )
-    except (OSError, ValueError, RuntimeError) as err:
-        raise CheckpointError(f"{ckpt_dir}: cannot load the InternVL checkpoint ({one_line(err)[:300]})") from None
+    except (OSError, ValueError, RuntimeError, TypeError, SafetensorError, StrictDataclassError) as err:
+        raise CheckpointError(
+            f"{ckpt_dir}: cannot load the InternVL checkpoint ({one_line(err)[:300]}); check that config.json and "
+            "the weights are complete and consistent"
+        ) from None
     _check_loading_info(info, ckpt_dir)
     source = {"model": str(ckpt_dir.resolve()), "preset": None, "seed": None}
     try:
@@ -1047,7 +1103,7 @@ def _load_remote_code(ckpt_dir: Path, config: dict) -> LoadedModel:
     """Best effort (see docs/design-sketch): wrap the model's own methods; fail loudly otherwise."""
     from transformers import AutoModel
 
-    safetensors_files(ckpt_dir)
+    check_safetensors_headers(safetensors_files(ckpt_dir))
     tokenizer_file, tokenizer, tokenizer_config = _checkpoint_tokenizer(ckpt_dir)
     try:
         hf_model, info = AutoModel.from_pretrained(

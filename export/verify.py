@@ -251,13 +251,47 @@ def greedy_agreement(name: str, ort_tokens: list[int], ref_tokens: list[int], ti
                               f"ONNX {ort_tokens[first]} vs reference {ref_tokens[first]}")
 
 
+# The dims that decide whether a bundle's graphs can even be run against a model (section -> keys).
+# Different weights with the same dims are for the parity checks to catch; different dims are refused
+# up front, before torch runs the model on inputs shaped for the bundle.
+IDENTITY_DIMS = {
+    "vision": ("model_type", "image_size", "patch_size", "hidden_size", "num_layers", "tokens_per_tile"),
+    "llm": ("hidden_size", "num_layers", "num_attention_heads", "num_kv_heads", "head_dim", "vocab_size"),
+    "image": ("image_token_id",),
+}
+
+
+def check_exported_from(manifest: dict[str, Any], loaded: "LoadedModel", model_name: str = "this model") -> None:
+    """Raise BundleError when the bundle's declared dims are not the model's (it cannot be its export)."""
+    ours = loaded.manifest_sections
+    differences = []
+    if manifest.get("family") and ours.get("family") and manifest["family"] != ours["family"]:
+        differences.append(f"family {manifest['family']!r} vs {ours['family']!r}")
+    for section, keys in IDENTITY_DIMS.items():
+        declared, actual = manifest.get(section), ours.get(section)
+        if not isinstance(declared, dict) or not isinstance(actual, dict):
+            continue
+        for key in keys:
+            a, b = declared.get(key), actual.get(key)
+            if a is not None and b is not None and a != b:
+                differences.append(f"{section}.{key} {a!r} vs {b!r}")
+    if differences:
+        shown = "; ".join(differences[:6]) + (f" (+{len(differences) - 6} more)" if len(differences) > 6 else "")
+        raise BundleError(
+            f"the bundle was not exported from {model_name} (bundle vs model: {shown}); "
+            "pass the model the bundle was exported from to --against"
+        )
+
+
 def verify_against(bundle_path, loaded: "LoadedModel", greedy_steps: int = 32, decode_steps: int = 8,
-                   graphs: OrtGraphs | None = None, image: np.ndarray | None = None) -> Report:
+                   graphs: OrtGraphs | None = None, image: np.ndarray | None = None,
+                   model_name: str = "this model") -> Report:
     """Run all three checks; ``graphs`` lets a caller substitute the ONNX side (tests break it on purpose)."""
     import torch
 
     bundle = Bundle.load(bundle_path)
     manifest = bundle.manifest
+    check_exported_from(manifest, loaded, model_name)
     dtype = manifest.get("dtype", "fp32")
     tol = THRESHOLDS.get(dtype, THRESHOLDS["fp16"])
     graphs = graphs or OrtGraphs(bundle)

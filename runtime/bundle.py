@@ -340,19 +340,31 @@ def staging_dir(out: str | os.PathLike, force: bool = False, min_free_bytes: int
         raise
 
 
-def finalize_manifest(root: str | os.PathLike, manifest: dict[str, Any]) -> dict[str, Any]:
+def finalize_manifest(root: str | os.PathLike, manifest: dict[str, Any],
+                      exclude: tuple[str, ...] = ()) -> dict[str, Any]:
     """Record every file under ``root`` (size, sha256) in ``manifest`` and write ``manifest.json``.
 
-    Called last, so a bundle without a manifest is by construction an unfinished one.
+    Called last, so a bundle without a manifest is by construction an unfinished one; the manifest is
+    replaced atomically. Staging debris (``.flashvl-tmp-*``) and the relative paths in ``exclude`` (and
+    everything below them) are not recorded. Files the verified cache already knows are not re-hashed.
     """
     root = Path(root)
+    cache = _VerifiedCache()
     files: dict[str, dict[str, Any]] = {}
     for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if any(part.startswith(STAGING_PREFIX) for part in p.relative_to(root).parts) \
+                or any(rel == e or rel.startswith(e.rstrip("/") + "/") for e in exclude):
+            continue
         if p.is_symlink():
             raise ExportError(f"refusing to record symlink {p} in a bundle")
-        if p.is_file() and p.name != MANIFEST:
-            rel = p.relative_to(root).as_posix()
-            files[rel] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+        if p.is_file() and rel not in (MANIFEST, f".{MANIFEST}.tmp"):
+            st = p.stat()
+            digest = cache.get(p, st)
+            if digest is None:
+                digest = sha256_file(p)
+                cache.put(p, st, digest)  # known good: the first load needs no re-hash
+            files[rel] = {"size": st.st_size, "sha256": digest}
     manifest = dict(manifest)
     manifest["schema_version"] = SCHEMA_VERSION
     manifest["files"] = files
@@ -363,11 +375,6 @@ def finalize_manifest(root: str | os.PathLike, manifest: dict[str, Any]) -> dict
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, root / MANIFEST)
-    # Files hashed here are known good: prime the verified cache so the first load is fast.
-    cache = _VerifiedCache()
-    for rel, entry in files.items():
-        p = root / rel
-        cache.put(p, p.stat(), entry["sha256"])
     cache.save()
     return manifest
 

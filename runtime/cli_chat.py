@@ -74,6 +74,15 @@ def _answer(turn_stream, args):
     return result
 
 
+def _read_line() -> str:
+    """One stdin line; bytes that do not decode become surrogate escapes (refused per question by the
+    prompt check, one error line) instead of a UnicodeDecodeError that would end the session."""
+    raw = getattr(sys.stdin, "buffer", None)
+    if raw is None:  # a text-only stream (e.g. io.StringIO)
+        return sys.stdin.readline()
+    return raw.readline().decode(sys.stdin.encoding or "utf-8", "surrogateescape")
+
+
 def _interactive(pipe, args) -> int:
     tty = sys.stdin.isatty()
     if tty:
@@ -85,7 +94,7 @@ def _interactive(pipe, args) -> int:
     while True:
         if tty:
             print("> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
+        line = _read_line()
         if not line:
             break
         line = line.strip()

@@ -27,7 +27,7 @@ import numpy as np
 from .bundle import Bundle
 from .errors import BundleError, ImageError, PromptError
 from .generate import Generator, SamplingParams, TextAssembler
-from .prompt import PromptBuilder
+from .prompt import PromptBuilder, check_text
 
 
 @dataclass
@@ -100,7 +100,18 @@ class Pipeline:
             table = np.load(bundle.path(emb["file"]), mmap_mode="r")  # rows are read only when gathered
         except (OSError, ValueError) as e:
             raise BundleError(f"cannot read the embedding table ({e}); re-export the bundle") from None
+        check_embedding_table(bundle.manifest, table)
         vision, llm = open_runners(bundle, backend, **backend_options)
+        try:
+            # Files can match their sha256 and still not belong together (copied from another bundle,
+            # re-recorded by hand): refuse here, not with a shape error in the middle of a chat.
+            check_graph_interface(bundle.manifest, "vision", vision)
+            check_graph_interface(bundle.manifest, "llm", llm)
+            check_table_fits_llm(bundle.manifest, table, llm)
+        except BundleError:
+            for runner in (vision, llm):
+                runner.deactivate()
+            raise
         return cls(bundle, vision, llm, prompts, table, max_image_pixels, backend, max_tiles)
 
     # -- one-shot API ----------------------------------------------------------------------------
@@ -163,6 +174,81 @@ class Pipeline:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+_REEXPORT = "the bundle's files do not belong together: re-export the bundle"
+
+
+def _static(dim) -> int | None:
+    """A fixed dimension (int >= 0), or None for a symbolic/dynamic one ("seq", None, -1 in TensorRT)."""
+    return int(dim) if isinstance(dim, (int, np.integer)) and not isinstance(dim, bool) and dim >= 0 else None
+
+
+def _shape_str(shape) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def check_graph_interface(manifest: dict, graph: str, runner) -> None:
+    """The graph the backend opened has the inputs/outputs the manifest declares (names, ranks and
+    every fixed dimension); raises one BundleError listing the differences."""
+    section = (manifest.get("graphs") or {}).get(graph)
+    if not isinstance(section, dict):
+        return
+    where = f"the {graph} graph {section.get('file', '')!s}".rstrip()
+    problems = []
+    for kind, actual in (("input", runner.get_input_metadata()), ("output", runner.get_output_metadata())):
+        declared = section.get(kind + "s")
+        if not isinstance(declared, list):
+            continue
+        for t in declared:
+            if not isinstance(t, dict) or not isinstance(t.get("name"), str):
+                raise BundleError(f"manifest.json: graphs.{graph}.{kind}s has a malformed entry {t!r}; re-export the bundle")
+            name, want = t["name"], t.get("shape")
+            if name not in actual:
+                problems.append(f"no {kind} {name!r}")
+                continue
+            if not isinstance(want, list):
+                continue
+            got = tuple(actual[name].shape)
+            if len(got) != len(want) or any(
+                    _static(a) is not None and _static(b) is not None and _static(a) != _static(b)
+                    for a, b in zip(got, want)):
+                problems.append(f"{kind} {name} {_shape_str(got)} (manifest: {_shape_str(want)})")
+    if problems:
+        shown = "; ".join(problems[:4]) + (f" (+{len(problems) - 4} more)" if len(problems) > 4 else "")
+        raise BundleError(f"{where} does not match manifest.json: {shown}; {_REEXPORT}")
+
+
+def check_embedding_table(manifest: dict, table: np.ndarray) -> None:
+    """The embedding table has the shape the manifest declares (and the LLM's hidden size)."""
+    name = (manifest.get("embeddings") or {}).get("file", "the embedding table")
+    if table.ndim != 2:
+        raise BundleError(f"the embedding table {name} has shape {_shape_str(table.shape)}, not [vocab, hidden]; "
+                          f"{_REEXPORT}")
+    declared = (manifest.get("embeddings") or {}).get("shape")
+    if isinstance(declared, list) and len(declared) == 2 and list(table.shape) != [_static(d) for d in declared]:
+        raise BundleError(f"the embedding table {name} has shape {_shape_str(table.shape)}, manifest.json "
+                          f"declares {_shape_str(declared)}; {_REEXPORT}")
+    llm = manifest.get("llm") or {}
+    for axis, key in ((0, "vocab_size"), (1, "hidden_size")):
+        want = _static(llm.get(key))
+        if want is not None and table.shape[axis] != want:
+            raise BundleError(f"the embedding table {name} has shape {_shape_str(table.shape)}, but the LLM's "
+                              f"{key} is {want}; {_REEXPORT}")
+
+
+def check_table_fits_llm(manifest: dict, table: np.ndarray, llm) -> None:
+    """Every id the LLM can produce has a row, and rows are as wide as the LLM's inputs_embeds."""
+    name = (manifest.get("embeddings") or {}).get("file", "the embedding table")
+    inputs, outputs = llm.get_input_metadata(), llm.get_output_metadata()
+    width = _static(inputs["inputs_embeds"].shape[-1]) if "inputs_embeds" in inputs else None
+    if width is not None and table.shape[1] != width:
+        raise BundleError(f"the embedding table {name} has rows of width {table.shape[1]}, the LLM graph takes "
+                          f"inputs_embeds of width {width}; {_REEXPORT}")
+    vocab = _static(outputs["logits"].shape[-1]) if "logits" in outputs else None
+    if vocab is not None and table.shape[0] < vocab:
+        raise BundleError(f"the embedding table {name} has {table.shape[0]} rows, the LLM graph produces "
+                          f"{vocab} logits (token ids up to {vocab - 1}); {_REEXPORT}")
 
 
 def _preprocess_config(manifest: dict, max_image_pixels: int | None):
@@ -272,7 +358,10 @@ class ChatSession:
 
     def __init__(self, pipe: Pipeline, system: str | None = None) -> None:
         self.pipe = pipe
-        self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
+        if system is not None and not isinstance(system, str):
+            raise PromptError(f"the system message must be text, got {type(system).__name__}")
+        self.messages: list[dict] = [{"role": "system", "content": check_text(system, "system message")}] \
+            if system else []
         self.cache = pipe.llm.new_cache()
         self.token_ids: list[int] = []  # ids in the KV cache, in order
         self.image_mask: list[bool] = []  # which of them are image positions

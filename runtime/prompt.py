@@ -29,6 +29,20 @@ CHATML_TEMPLATE = (
 DEFAULT_PLACEHOLDER = "<image>"
 
 
+def check_text(text: str, what: str = "prompt") -> str:
+    """``text`` if it is encodable as UTF-8, else one PromptError.
+
+    Bytes that are not UTF-8 on the command line (or from a file read with ``surrogateescape``) arrive
+    as lone surrogates: Python strings that tokenizers cannot take (it raises TypeError).
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PromptError(f"the {what} is not valid UTF-8 text (undecodable bytes at character {e.start}); "
+                          "pass the text encoded as UTF-8") from None
+    return text
+
+
 def _token_text(value: Any) -> str | None:
     """tokenizer_config stores special tokens as text or as serialized AddedToken dicts."""
     if isinstance(value, dict):
@@ -106,13 +120,21 @@ class PromptBuilder:
         try:
             return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                         **{k: v for k, v in self.special_tokens.items() if v is not None})
+        except PromptError:  # the template's own raise_exception(): already a user-facing message
+            raise
         except TemplateError as e:
-            raise PromptError(f"the chat template failed to render these messages ({e})") from None
+            raise PromptError(f"the chat template failed to render these messages ({' '.join(str(e).split())})") from None
+        except (ArithmeticError, TypeError, ValueError, LookupError, AttributeError, RecursionError) as e:
+            # Errors the template's own code raises inside the sandbox, e.g. OverflowError for a range
+            # past the sandbox's MAX_RANGE, TypeError for 'a' + 1: the bundle's template is at fault.
+            raise BundleError(f"the bundle's chat template failed: {type(e).__name__}: {' '.join(str(e).split())[:200]}; "
+                              "fix chat_template in manifest.json or re-export the bundle") from None
 
     def user_message(self, prompt: str, n_images: int) -> dict:
         """A user turn; with an image and no placeholder in the text, the image goes first."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise PromptError("the prompt is empty; pass some text to ask about")
+        check_text(prompt, "prompt")
         found = prompt.count(self.placeholder)
         if n_images and found == 0:
             prompt = self.placeholder * n_images + "\n" + prompt

@@ -9,6 +9,7 @@ code and the absence of a traceback end to end; the rest call ``main([...])`` in
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -103,6 +104,15 @@ def cli_in_process(capsys, *argv) -> tuple[int, str, str]:
     rc = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return rc, out, err
+
+
+def assert_cli_error_class(capsys, cls, *argv) -> None:
+    """Where only the CLI reaches a check: ``--debug`` prints the traceback, whose last line names the
+    exact exception class (and the one error line still follows it)."""
+    rc, _, err = cli_in_process(capsys, *argv, "--debug")
+    assert rc == 2, err
+    raised = [ln for ln in err.splitlines() if ln.startswith("flashvl_edge.")]
+    assert raised and raised[-1].startswith(f"{cls.__module__}.{cls.__name__}:"), err[-1500:]
 
 
 def assert_api_error(excinfo, cls, *needles: str, action: bool = True) -> str:
@@ -220,6 +230,47 @@ def test_unreadable_image_files_raise_image_error(tmp_path, name):
     with pytest.raises(FlashVLError) as ei:
         load_image(path, max_pixels=50_000_000)
     assert_api_error(ei, ImageError, name)  # the message names the file
+
+
+def _mutations(data: bytes, rng, n: int):
+    """``n`` damaged copies of ``data``: flipped, deleted, inserted bytes, truncation."""
+    for _ in range(n):
+        d = bytearray(data)
+        for _ in range(rng.randint(1, 8)):
+            if not d:
+                break
+            i, op = rng.randrange(len(d)), rng.random()
+            if op < 0.5:
+                d[i] = rng.randrange(256)
+            elif op < 0.7:
+                del d[i:i + rng.randint(1, 64)]
+            elif op < 0.85:
+                d[i:i] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 16)))
+            else:
+                del d[i:]
+        yield bytes(d)
+
+
+@pytest.mark.parametrize("fmt", [
+    "PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "ICO", "TGA", "PPM",
+    pytest.param("DDS", marks=known_bug("runtime/images.py: Pillow's DDS decoder raises NotImplementedError for "
+                                        "unknown pixel formats, which load_image lets through")),
+])
+def test_damaged_files_of_every_format_raise_only_image_error(fmt):
+    """Random damage to valid files: each either decodes to RGB or raises ImageError, nothing else."""
+    import random
+
+    from flashvl_edge.runtime.images import load_image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(buf, fmt)
+    rng = random.Random(fmt)
+    for data in _mutations(buf.getvalue(), rng, 300):
+        try:
+            img = load_image(data, max_pixels=4_000_000)
+        except ImageError:
+            continue
+        assert img.mode == "RGB" and img.width * img.height <= 4_000_000
 
 
 def test_missing_image_file_raises_image_error(tmp_path):
@@ -468,6 +519,14 @@ def test_invalid_sampling_parameters_raise_prompt_error(static_pipeline, kwargs,
         next(iter(static_pipeline.stream("Describe the image.", **sampling)))
 
 
+@known_bug("runtime/pipeline.py: an unknown sampling keyword (a typo such as max_tokens=) raises TypeError "
+           "from the SamplingParams dataclass instead of a PromptError naming the valid ones")
+def test_unknown_sampling_parameter_name(static_pipeline):
+    with pytest.raises(FlashVLError) as ei:
+        static_pipeline.chat("Describe the image.", max_tokens=5)
+    assert_api_error(ei, PromptError, "max_tokens", "max_new_tokens")
+
+
 def test_pipeline_survives_bad_inputs(static_pipeline, photo_path, tmp_path):
     """After refusing bad inputs the same pipeline still answers (nothing half-done left in it)."""
     good = static_pipeline.chat("Describe the image.", image=photo_path, max_new_tokens=4)
@@ -511,8 +570,6 @@ def test_cli_subprocess_export_errors_end_to_end(tmp_path, tiny_static_bundle):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".flashvl-tmp-")) == []
 
 
-@pytest.mark.xfail(strict=True, reason="TEMPORARY (E, until 07:30): a prompt with invalid UTF-8 from argv "
-                   "(surrogate escapes) reaches tokenizers and raises TypeError")
 def test_cli_prompt_with_invalid_utf8_bytes(tmp_path, tiny_static_bundle):
     """Bytes that are not UTF-8 on the command line arrive as surrogate escapes: one clear line."""
     r = subprocess.run([os.fsencode(PY), b"-m", b"flashvl_edge.main", b"chat", os.fsencode(tiny_static_bundle),
@@ -604,12 +661,16 @@ def test_bundle_with_a_tampered_graph_same_size(capsys, tmp_path, tiny_static_bu
     root = copy_bundle(tiny_static_bundle, tmp_path / "b")
     name = _graph_file(root, "vision")
     data = bytearray((root / name).read_bytes())
+    st = (root / name).stat()
     data[len(data) // 2] ^= 0x01  # one bit in the middle of the weights
     (root / name).write_bytes(bytes(data))
+    os.utime(root / name, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, same mtime
     with pytest.raises(FlashVLError) as ei:
         Pipeline.from_bundle(root)
     assert_api_error(ei, IntegrityError, name, "sha256")
     rc, _, err = cli_in_process(capsys, "chat", root, "--prompt", "hi")
+    assert_user_error(rc, err, name)
+    rc, _, err = cli_in_process(capsys, "verify", root, "--integrity")
     assert_user_error(rc, err, name)
 
 
@@ -669,6 +730,33 @@ def test_hand_edited_manifest_with_a_section_of_the_wrong_type(capsys, tmp_path,
     assert_user_error(rc, err, section)
 
 
+_OPTIONAL_SECTIONS = known_bug("runtime/bundle.py checks the types of the required manifest sections only: "
+                               "'generation', 'iss', 'embeddings', 'chat_template' of the wrong type give "
+                               "AttributeError/ValueError/TypeError tracebacks")
+
+
+@_OPTIONAL_SECTIONS
+@pytest.mark.parametrize("section,value", [
+    ("generation", "x"), ("generation", {"max_context": "big"}), ("iss", "x"), ("embeddings", "x"),
+    ("chat_template", 5),
+], ids=["generation-a-string", "max_context-a-word", "iss-a-string", "embeddings-a-string", "template-a-number"])
+def test_hand_edited_manifest_with_an_optional_section_of_the_wrong_type(capsys, tmp_path, tiny_static_bundle,
+                                                                          section, value):
+    root = copy_bundle(tiny_static_bundle, tmp_path / "b")
+    rewrite_manifest(root, lambda m: m.update({section: value}))
+    rc, _, err = cli_in_process(capsys, "chat", root, "--prompt", "hi", "--max-new-tokens", "2")
+    assert_user_error(rc, err, section.split(".")[0] if section != "generation" or value == "x" else "max_context",
+                      action=False)
+
+
+@known_bug("runtime/images.py: image_std 0 in the manifest divides by zero and feeds inf/NaN pixels to the model")
+def test_manifest_with_a_zero_image_std(capsys, tmp_path, tiny_static_bundle, photo_path):
+    root = copy_bundle(tiny_static_bundle, tmp_path / "b")
+    rewrite_manifest(root, lambda m: m["preprocess"].update(image_std=[0.5, 0.0, 0.5]))
+    rc, _, err = cli_in_process(capsys, "chat", root, "--image", photo_path, "--prompt", "hi", "--max-new-tokens", "2")
+    assert_user_error(rc, err, "image_std", action=False)
+
+
 def _refinalize(root: Path, edit) -> None:
     """Change files and re-record them, as a careless tool would: sizes and sha256 are consistent."""
     from flashvl_edge.runtime.bundle import finalize_manifest
@@ -679,14 +767,9 @@ def _refinalize(root: Path, edit) -> None:
     finalize_manifest(root, m)
 
 
-_UNCHECKED_DIMS = known_bug("the runtime does not check graph inputs and the embedding table against the manifest "
-                            "(onnxruntime InvalidArgument / IndexError / ValueError tracebacks)")
-
-
 @pytest.mark.parametrize("what", [
-    pytest.param("vision graph of another model", marks=_UNCHECKED_DIMS), "vision graph in the llm slot",
-    pytest.param("embedding table with too few rows", marks=_UNCHECKED_DIMS),
-    pytest.param("embedding table of another width", marks=_UNCHECKED_DIMS),
+    "vision graph of another model", "vision graph in the llm slot",
+    "embedding table with too few rows", "embedding table of another width",
 ])
 def test_bundle_files_consistent_with_the_manifest_hashes_but_not_with_its_dims(capsys, tmp_path, tiny_static_bundle,
                                                                                  tiny_dynamic_bundle, photo_path, what):
@@ -720,8 +803,7 @@ def test_bundle_files_consistent_with_the_manifest_hashes_but_not_with_its_dims(
 
 
 @pytest.mark.parametrize("template", [
-    pytest.param("{% for i in range(10**9) %}x{% endfor %}", marks=known_bug(
-        "runtime/prompt.py: a chat template that overflows the jinja sandbox raises OverflowError")),
+    "{% for i in range(10**9) %}x{% endfor %}",
     "{{ ''.__class__.__mro__[1].__subclasses__() }}",
     "{% for m in messages %}{{ m.content }",
     "{{ raise_exception('no system role') }}",
@@ -757,13 +839,11 @@ def test_engine_from_another_gpu_or_tensorrt_version():
 
 
 def test_chat_with_trt_backend_without_tensorrt(capsys, tiny_static_bundle):
-    try:
-        import tensorrt  # noqa: F401
+    if importlib.util.find_spec("tensorrt") is not None:
         pytest.skip("tensorrt is installed here; this case is about machines without it")
-    except ImportError:
-        pass
     rc, _, err = cli_in_process(capsys, "chat", tiny_static_bundle, "--backend", "trt", "--prompt", "hi")
     assert_user_error(rc, err, "tensorrt")
+    assert_cli_error_class(capsys, BackendError, "chat", tiny_static_bundle, "--backend", "trt", "--prompt", "hi")
 
 
 # --- checkpoints and export -------------------------------------------------------------------
@@ -790,7 +870,6 @@ def canonical_ckpt(tmp_path):
     return d
 
 
-@pytest.mark.xfail(strict=True, reason="TEMPORARY (E, until 07:30): export/model.py: the missing-keys error names the keys but not what to do")
 def test_checkpoint_with_missing_keys(capsys, tmp_path, canonical_ckpt):
     from flashvl_edge.export.model import load_model
 
@@ -813,7 +892,6 @@ def test_checkpoint_with_missing_keys(capsys, tmp_path, canonical_ckpt):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="TEMPORARY (E, until 07:30): export/model.py: the unexpected-keys error names the keys but not what to do")
 def test_checkpoint_with_extra_keys(capsys, tmp_path, canonical_ckpt):
     import torch
     from flashvl_edge.export.model import load_model
@@ -858,7 +936,6 @@ def test_unsupported_model_type(capsys, tmp_path, canonical_ckpt, model_type):
     assert_user_error(rc, err, "model_type")
 
 
-@pytest.mark.xfail(strict=True, reason="TEMPORARY (E, until 07:30): export/model.py: 'no config.json found (is this a checkpoint directory?)' gives no action")
 def test_checkpoint_dir_without_config_or_weights(capsys, tmp_path, canonical_ckpt):
     from flashvl_edge.export.model import load_model
 
@@ -876,8 +953,7 @@ def test_checkpoint_dir_without_config_or_weights(capsys, tmp_path, canonical_ck
 
 @pytest.mark.parametrize("layout", [
     "canonical",
-    pytest.param("internvl", marks=pytest.mark.xfail(strict=True, reason="TEMPORARY (E, until 07:30): "
-                 "export/model.py lets safetensors' SafetensorError through for InternVL directories")),
+    "internvl",
 ])
 @pytest.mark.parametrize("damage", ["truncated", "zero-byte"])
 def test_checkpoint_with_unreadable_safetensors(capsys, tmp_path, layout, damage):
@@ -899,8 +975,6 @@ def test_checkpoint_with_unreadable_safetensors(capsys, tmp_path, layout, damage
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="TEMPORARY (E, until 07:30): export/model.py lets transformers' config "
-                   "validation errors (StrictDataclass...Error) through as tracebacks")
 @pytest.mark.parametrize("field,value", [("hidden_size", "abc"), ("num_hidden_layers", -1)])
 def test_checkpoint_config_with_invalid_values(capsys, tmp_path, canonical_ckpt, field, value):
     from flashvl_edge.export.model import load_model
@@ -913,8 +987,35 @@ def test_checkpoint_config_with_invalid_values(capsys, tmp_path, canonical_ckpt,
     assert_api_error(ei, CheckpointError, field, action=False)
 
 
-@pytest.mark.xfail(strict=True, reason="TEMPORARY (E, until 07:30): 'flashvl verify' against a model of other "
-                   "dims crashes in torch (RuntimeError traceback) instead of saying the bundle is not from it")
+@known_bug("export/model.py: a config asking for absurd sizes fails in torch's allocator with a RuntimeError "
+           "traceback (not a MemoryError), instead of one clear line")
+def test_checkpoint_config_too_large_to_build(capsys, tmp_path, canonical_ckpt):
+    from flashvl_edge.export.model import load_model
+
+    cfg = json.loads((canonical_ckpt / "config.json").read_text())
+    cfg["text_config"]["intermediate_size"] = 10**13  # ~10^15 parameters
+    (canonical_ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FlashVLError) as ei:
+        load_model(str(canonical_ckpt))
+    assert_api_error(ei, CheckpointError, action=False)
+
+
+@known_bug("export/model.py: integer (e.g. already quantized int8) weights are silently cast to float and "
+           "exported as a wrong model instead of being refused")
+def test_checkpoint_with_integer_weights(capsys, tmp_path, canonical_ckpt):
+    import torch
+    from flashvl_edge.export.model import load_model
+
+    def to_int8(sd, _):
+        for k in list(sd):
+            if k.endswith("q_proj.weight"):
+                sd[k] = sd[k].to(torch.int8)
+    _rewrite_safetensors(canonical_ckpt, to_int8)
+    with pytest.raises(FlashVLError) as ei:
+        load_model(str(canonical_ckpt))
+    assert_api_error(ei, CheckpointError, "int8", action=False)
+
+
 def test_verify_against_a_different_model(capsys, tiny_static_bundle):
     rc, _, err = cli_in_process(capsys, "verify", tiny_static_bundle, "--against", "tiny-dynamic-iss")
     assert_user_error(rc, err, "not exported from")
@@ -960,7 +1061,8 @@ def test_calibrate_force_never_replaces_a_directory_that_is_not_a_bundle(capsys,
 def test_export_out_is_an_existing_file(capsys, tmp_path):
     (tmp_path / "out").write_text("keep me")
     rc, _, err = cli_in_process(capsys, "export", "tiny-static", "--out", tmp_path / "out")
-    assert_user_error(rc, err, "out", action=False)
+    assert_user_error(rc, err, "out")
+    assert_cli_error_class(capsys, ExportError, "export", "tiny-static", "--out", tmp_path / "out", "--force")
     assert (tmp_path / "out").read_text() == "keep me"
 
 
@@ -1031,9 +1133,10 @@ def test_disk_full_during_export_file_size_limit(tmp_path):
 
 def test_calibrate_with_an_empty_images_folder(capsys, tmp_path, tiny_static_bundle):
     (tmp_path / "images").mkdir()
-    rc, _, err = cli_in_process(capsys, "calibrate", tiny_static_bundle, "--out", tmp_path / "q",
-                                "--images", tmp_path / "images")
+    argv = ["calibrate", tiny_static_bundle, "--out", tmp_path / "q", "--images", tmp_path / "images"]
+    rc, _, err = cli_in_process(capsys, *argv)
     assert_user_error(rc, err, "images")
+    assert_cli_error_class(capsys, CalibrationError, *argv)
     assert not (tmp_path / "q").exists()
 
 
@@ -1042,14 +1145,16 @@ def test_calibrate_with_a_folder_of_unreadable_images(capsys, tmp_path, tiny_sta
     d.mkdir()
     for name in ("zero_byte.png", "text_file.png", "truncated.jpg"):
         write(d, name, UNREADABLE[name]())
-    rc, _, err = cli_in_process(capsys, "calibrate", tiny_static_bundle, "--out", tmp_path / "q",
-                                "--images", d)
+    argv = ["calibrate", tiny_static_bundle, "--out", tmp_path / "q", "--images", d]
+    rc, _, err = cli_in_process(capsys, *argv)
     assert_user_error(rc, err)
+    assert_cli_error_class(capsys, CalibrationError, *argv)
     assert not (tmp_path / "q").exists()
 
 
 def test_calibrate_with_a_missing_images_folder(capsys, tmp_path, tiny_static_bundle):
-    rc, _, err = cli_in_process(capsys, "calibrate", tiny_static_bundle, "--out", tmp_path / "q",
-                                "--images", tmp_path / "nowhere")
+    argv = ["calibrate", tiny_static_bundle, "--out", tmp_path / "q", "--images", tmp_path / "nowhere"]
+    rc, _, err = cli_in_process(capsys, *argv)
     assert_user_error(rc, err, "nowhere")
+    assert_cli_error_class(capsys, CalibrationError, *argv)
     assert not (tmp_path / "q").exists()

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from flashvl_edge.main import main
-from flashvl_edge.runtime.errors import BundleError, CheckpointError, FlashVLError, ImageError
+from flashvl_edge.runtime.errors import CheckpointError, FlashVLError, ImageError
 
 from test_bad_inputs import (
     assert_api_error,
