@@ -456,15 +456,6 @@ def capture(bundle_path: str | os.PathLike, samples: SampleSet, report_tokens: i
     try:
         from tqdm import tqdm
 
-        def prefill_inputs(sample: Sample) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-            enc = pipe.prepare_image(sample.image)
-            pixels = enc.preprocessed.pixel_values
-            image_tokens = pipe.encode_image(enc)
-            prompts = pipe.prompts
-            text = prompts.render([prompts.user_message(sample.prompt, 1)])
-            ids, image_mask = prompts.encode_with_images(text, [enc.n_tokens])
-            return pixels, pipe.generator.embed(ids, image_tokens, image_mask=image_mask), image_tokens
-
         arrays: dict[str, np.ndarray] = {}
         all_samples = [("calib", s) for s in samples.calibration] + [("held", s) for s in samples.held_out]
         counters = {"calib": 0, "held": 0}
@@ -473,7 +464,8 @@ def capture(bundle_path: str | os.PathLike, samples: SampleSet, report_tokens: i
             i = counters[split]
             counters[split] += 1
             try:
-                pixels, embeds, _ = prefill_inputs(s)
+                inputs = pipe.prefill_inputs(s.prompt, s.image)
+                pixels, embeds = inputs.pixel_values, inputs.inputs_embeds
             except FlashVLError as e:
                 raise CalibrationError(f"calibration sample {s.name!r} cannot be used: {e}") from None
             arrays[f"{split}_pixels_{i}"] = pixels

@@ -27,9 +27,10 @@ graph are the engine's types), otherwise weakly typed with INT8 + FP16 enabled s
 what runs in INT8 and the rest runs in FP16. ``int8`` on an unquantized bundle is refused (TensorRT's
 implicit calibration is deprecated): run ``flashvl calibrate`` first.
 
-The real build writes ``BUNDLE/engines/<gpu>_sm<cc>_trt<version>/`` through a staging directory renamed at
-the end (a failed or out-of-memory build leaves nothing where the runtime looks) and records the engine set
-in the manifest via ``finalize_manifest``. The timing cache is shared across builds (per GPU + TensorRT
+The real build writes ``BUNDLE/engines/<gpu>_sm<cc>_trt<version>/<build-id>/`` through a staging directory
+renamed at the end (a failed or out-of-memory build leaves nothing where the runtime looks); only the
+manifest's atomic rewrite (``finalize_manifest``) publishes it, so a kill at any instant leaves the manifest
+naming a complete, hash-checked engine set. The previous build of the same name is removed afterwards. The timing cache is shared across builds (per GPU + TensorRT
 version, in the user cache directory unless ``--timing-cache`` is given).
 """
 
@@ -439,11 +440,11 @@ def run(args: argparse.Namespace) -> int:
     results = lint_for_plan(bundle, plan)
     if args.json:
         doc = plan.to_json()
-        doc["engine_dir"] = f"engines/{name}"
+        doc["engine_dir"] = f"engines/{name}/<build-id>"
         doc["lint"] = {g: [vars(f) for f in fs] for g, fs in results.items()}
         print(json.dumps(doc, indent=2))
         return 1 if any(f.severity == "error" for fs in results.values() for f in fs) else 0
-    print(format_plan(plan, f"{bundle.root}/engines/{name}"))
+    print(format_plan(plan, f"{bundle.root}/engines/{name}/<build-id>"))
     n_err = 0
     for g, findings in results.items():
         print(f"lint {g} (TensorRT {target_v}): " + ("ok" if not findings else f"{len(findings)} finding(s)"))

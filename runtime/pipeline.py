@@ -53,6 +53,15 @@ class ChatResult:
 
 
 @dataclass
+class PrefillInputs:
+    pixel_values: np.ndarray | None  # [num_tiles, 3, H, W] fed to the vision graph
+    token_ids: list[int]  # the prompt, image placeholders expanded
+    image_mask: list[bool]  # which positions of token_ids hold image embeddings
+    image_embeds: np.ndarray | None  # [n_image_tokens, hidden], stitched
+    inputs_embeds: np.ndarray  # [1, len(token_ids), hidden]
+
+
+@dataclass
 class _EncodedImage:
     n_tokens: int
     n_tiles: int
@@ -140,6 +149,19 @@ class Pipeline:
         turn.run(cache, ids, ids, image_embeds, n_image_tokens=len(image_embeds) if image_embeds is not None else 0,
                  image_mask=image_mask)
         return turn.result
+
+    def prefill_inputs(self, prompt: str, image=None) -> "PrefillInputs":
+        """What the LLM's first forward sees for a one-turn chat: the same steps as ``chat``, no
+        generation. For calibration capture, verification and debugging."""
+        enc = self.prepare_image(image) if image is not None else None
+        used = [enc] if enc is not None else []
+        text = self.prompts.render([self.prompts.user_message(prompt, len(used))], add_generation_prompt=True)
+        ids, mask = self.prompts.encode_with_images(text, [im.n_tokens for im in used])
+        self.generator.check_context(0, len(ids))
+        pixels = enc.preprocessed.pixel_values if enc is not None else None
+        image_embeds = self.encode_image(enc) if enc is not None else None
+        return PrefillInputs(pixel_values=pixels, token_ids=ids, image_mask=mask, image_embeds=image_embeds,
+                             inputs_embeds=self.generator.embed(ids, image_embeds, image_mask=mask))
 
     # -- images ------------------------------------------------------------------------------
     def prepare_image(self, image) -> _EncodedImage:

@@ -1,0 +1,450 @@
+#!/usr/bin/env python
+"""Side by side on this CPU, in one run, interleaved: what a user would pick instead of flashvl-edge.
+
+Contenders (same preset, same seed, same image, same prompt token ids):
+  torch        PyTorch eager: transformers' Qwen2 with a DynamicCache (+ the vision tower / adapter for
+               TTFT), ``torch.set_num_threads(<physical cores>)``, last-token logits only, greedy.
+  ours-fp32    our runtime (``Pipeline.chat``) on the fp32 bundle from ``flashvl export``.
+  ours-q       our runtime on ``flashvl calibrate --vision int8 --llm int4`` of that bundle.
+  ortgenai     ONNX Runtime GenAI's model builder int4 CPU decoder (``-p int4 -e cpu``), built offline from
+               the same Qwen2 weights saved as a Hugging Face directory; text only (decode speed is what
+               is compared, the image-token ids are just ids to it).
+And the memory-bandwidth limit: weight bytes read per decoded token / bandwidth measured here (a large
+float32 matrix-vector product, best of 5).
+
+Each repetition runs every contender once (round robin, starting contender rotated per repetition), so
+machine noise hits all of them alike; ratios are computed per repetition and the median reported.
+
+Usage (see docs/performance.md):
+  python benchmarks/compare.py prepare --work build/compare            # export, calibrate, HF dir, builder
+  python benchmarks/compare.py run --work build/compare --reps 3       # the measurement -> compare.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+PY = sys.executable
+FLASHVL = [PY, "-m", "flashvl_edge.main"]
+
+
+def log(msg: str) -> None:
+    print(f"[compare {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def sh(cmd: list[str], **kw) -> None:
+    log("$ " + " ".join(map(str, cmd)))
+    t0 = time.perf_counter()
+    subprocess.run([str(c) for c in cmd], check=True, **kw)
+    log(f"  done in {time.perf_counter() - t0:.0f} s")
+
+
+# --------------------------------------------------------------------------------------------
+# prepare: every artifact is built once and cached in the work dir
+
+
+def paths(work: Path) -> dict[str, Path]:
+    return {"fp32": work / "bundle-fp32", "q": work / "bundle-int8v-int4llm", "hf": work / "hf-qwen2",
+            "genai": work / "ortgenai-int4", "image": work / "image.png"}
+
+
+def save_hf_qwen2(preset: str, seed: int, out: Path) -> None:
+    """The preset's language model as a Hugging Face Qwen2 directory (for the ORT GenAI builder)."""
+    import shutil
+
+    from flashvl_edge.export.model import build_preset
+
+    loaded = build_preset(preset, seed=seed)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    loaded.model.language_model.save_pretrained(tmp)
+    shutil.copy(loaded.tokenizer_file, tmp / "tokenizer.json")
+    (tmp / "tokenizer_config.json").write_text(json.dumps(loaded.tokenizer_config, indent=1))
+    os.replace(tmp, out)
+
+
+def prepare(args) -> None:
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    p = paths(work)
+    if not (p["fp32"] / "manifest.json").exists():
+        sh(FLASHVL + ["export", args.preset, "--seed", str(args.seed), "--out", p["fp32"], "--force", "--quiet"])
+    if not (p["q"] / "manifest.json").exists():
+        sh(FLASHVL + ["calibrate", p["fp32"], "--out", p["q"], "--vision", "int8", "--llm", "int4",
+                      "--samples", str(args.calib_samples), "--holdout", "2", "--force", "--quiet"])
+    if not (p["hf"] / "config.json").exists():
+        # a subprocess, so the torch model's memory is returned before the builder loads it again
+        sh([PY, __file__, "_save-hf", "--preset", args.preset, "--seed", str(args.seed), "--out", p["hf"]])
+    if not (p["genai"] / "genai_config.json").exists():
+        sh([PY, "-m", "onnxruntime_genai.models.builder", "-i", p["hf"], "-o", p["genai"], "-p", "int4",
+            "-e", "cpu", "-c", work / "builder-cache"])
+    if not p["image"].exists():
+        from flashvl_edge.runtime.bench import default_image
+
+        default_image()[0].save(p["image"])
+    log(f"prepared in {work}")
+
+
+# --------------------------------------------------------------------------------------------
+# bandwidth
+
+
+def measure_bandwidth(gib: float = 1.0, repeats: int = 5) -> dict:
+    """Bytes/s of a float32 matrix-vector product over a matrix much larger than the caches."""
+    cols = 16384
+    rows = int(gib * 2**30 / 4 / cols)
+    a = np.random.default_rng(0).standard_normal((rows, cols), dtype=np.float32)
+    x = np.ones(cols, np.float32)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ x
+        times.append(time.perf_counter() - t0)
+    best = min(times)
+    out = {"bytes": a.nbytes, "best_s": best, "bytes_per_s": a.nbytes / best, "times_s": times}
+    del a
+    return out
+
+
+def genai_bytes_per_token(model_dir: Path) -> dict:
+    """The ORT GenAI decoder's initializers, the embedding table counted as one row (it is gathered)."""
+    import onnx
+
+    model = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
+    from flashvl_edge.runtime.bench import _initializer_bytes
+
+    gathered = {n.input[0] for n in model.graph.node if n.op_type in ("Gather", "GatherBlockQuantized")}
+    total, row = 0, 0
+    for t in model.graph.initializer:
+        size = _initializer_bytes(t, onnx)
+        if t.name in gathered and len(t.dims) == 2 and t.dims[0] > 10000:
+            row = size // t.dims[0]
+            continue
+        total += size
+    return {"llm_initializer_bytes": total, "embedding_row_bytes": row, "bytes_per_token": total + row}
+
+
+# --------------------------------------------------------------------------------------------
+# contenders
+
+
+class Ours:
+    def __init__(self, name: str, bundle: Path):
+        from flashvl_edge.runtime import bench
+        from flashvl_edge.runtime.bundle import Bundle
+        from flashvl_edge.runtime.pipeline import Pipeline
+
+        self.name = name
+        t0 = time.perf_counter()
+        self.pipe = Pipeline.from_bundle(bundle)
+        self.load_s = time.perf_counter() - t0
+        self.clocks = bench.attach_clocks(self.pipe)
+        self.weights = bench.llm_bytes_per_token(Bundle.load(bundle))
+        self.bench = bench
+
+    def measure(self, prompt, image, new_tokens, prompt_ids=None) -> dict:
+        return self.bench.measure_chat(self.pipe, self.clocks, prompt, image, new_tokens)
+
+    def vision_embeds(self, pixel_values: np.ndarray) -> np.ndarray:
+        return self.pipe.vision.infer({"pixel_values": pixel_values})["image_embeds"]
+
+
+class TorchEager:
+    name = "torch"
+
+    def __init__(self, preset: str, seed: int, threads: int, pipe):
+        import torch
+
+        from flashvl_edge.export.model import build_preset
+
+        torch.set_num_threads(threads)
+        t0 = time.perf_counter()
+        self.model = build_preset(preset, seed=seed).model.eval()
+        self.load_s = time.perf_counter() - t0
+        self.torch = torch
+        self.pipe = pipe  # our preprocessing, so both see the same pixels
+
+    def measure(self, prompt, image, new_tokens, prompt_ids) -> dict:
+        torch = self.torch
+        from transformers import DynamicCache
+
+        lm = self.model.language_model
+        ids = torch.tensor([prompt_ids])
+        is_img = ids == self.model.image_token_id
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            pre = self.pipe.prepare_image(image).preprocessed
+            feats = self.model.get_image_features(torch.from_numpy(pre.pixel_values))
+            feats = torch.from_numpy(np.asarray(pre.select_tokens(feats.numpy())))
+            t_vision = time.perf_counter()
+            embeds = lm.get_input_embeddings()(torch.where(is_img, 0, ids))
+            embeds[is_img] = feats.to(embeds.dtype)
+            cache = DynamicCache()
+            out = lm(inputs_embeds=embeds, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            token = out.logits[0, -1].argmax()
+            tokens = [int(token)]
+            t_first = time.perf_counter()
+            steps = []
+            for _ in range(new_tokens - 1):
+                s = time.perf_counter()
+                out = lm(input_ids=token.view(1, 1), past_key_values=out.past_key_values, use_cache=True,
+                         logits_to_keep=1)
+                token = out.logits[0, -1].argmax()
+                tokens.append(int(token))
+                steps.append(time.perf_counter() - s)
+        return {"vision_graph_s": t_vision - t0, "ttft_s": t_first - t0, "prefill_graph_s": t_first - t_vision,
+                "decode_tokens_per_s": len(steps) / sum(steps), "token_ids": tokens, "tiles": pre.num_tiles}
+
+
+class OrtGenAI:
+    name = "ortgenai"
+
+    def __init__(self, model_dir: Path):
+        import onnxruntime_genai as og
+
+        self.og = og
+        t0 = time.perf_counter()
+        self.model = og.Model(str(model_dir))
+        self.load_s = time.perf_counter() - t0
+        self.weights = genai_bytes_per_token(model_dir)
+
+    def measure(self, prompt, image, new_tokens, prompt_ids) -> dict:
+        og = self.og
+        params = og.GeneratorParams(self.model)
+        n = len(prompt_ids) + new_tokens
+        params.set_search_options(do_sample=False, max_length=n, min_length=n)
+        gen = og.Generator(self.model, params)
+        t0 = time.perf_counter()
+        gen.append_tokens(np.asarray(prompt_ids, dtype=np.int32))  # prefill
+        gen.generate_next_token()
+        tokens = [int(gen.get_next_tokens()[0])]
+        t_first = time.perf_counter()
+        stamps = [t_first]
+        while not gen.is_done() and len(tokens) < new_tokens:
+            gen.generate_next_token()
+            tokens.append(int(gen.get_next_tokens()[0]))
+            stamps.append(time.perf_counter())
+        steps = np.diff(stamps)
+        return {"ttft_s": t_first - t0, "prefill_graph_s": t_first - t0,
+                "decode_tokens_per_s": len(steps) / float(np.sum(steps)), "token_ids": tokens}
+
+
+# --------------------------------------------------------------------------------------------
+# run
+
+
+def cosine_stats(a: np.ndarray, b: np.ndarray) -> dict:
+    a = a.reshape(-1, a.shape[-1]).astype(np.float64)
+    b = b.reshape(-1, b.shape[-1]).astype(np.float64)
+    per = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    glob = float((a * b).sum() / (np.linalg.norm(a) * np.linalg.norm(b)))
+    return {"per_token_mean": float(per.mean()), "per_token_min": float(per.min()), "global": glob}
+
+
+def chat_peak_rss(bundle: Path, image: Path, new_tokens: int) -> dict:
+    """Peak RSS of a separate ``flashvl chat`` process on ``bundle`` (os.wait4's rusage of that child)."""
+    cmd = FLASHVL + ["chat", str(bundle), "--image", str(image), "--prompt", "Describe the image.",
+                     "--max-new-tokens", str(new_tokens)]
+    log("$ " + " ".join(cmd))
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read().decode(errors="replace")[-500:]
+    if proc.returncode != 0:
+        raise SystemExit(f"flashvl chat failed ({proc.returncode}): {err}")
+    from flashvl_edge.runtime import bench
+    from flashvl_edge.runtime.bundle import Bundle
+
+    weights = bench.weight_file_bytes(Bundle.load(bundle))
+    rss = usage.ru_maxrss * 1024
+    return {"command": " ".join(cmd), "peak_rss_bytes": rss, "weight_file_bytes": weights,
+            "ratio": rss / weights}
+
+
+def med(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def run(args) -> None:
+    from flashvl_edge.runtime.backends.ort import physical_cores
+    from flashvl_edge.runtime.bench import machine_info, make_prompt
+
+    work = Path(args.work)
+    p = paths(work)
+    for key in ("fp32", "q", "genai", "image"):
+        if not p[key].exists():
+            raise SystemExit(f"{p[key]} is missing; run 'python benchmarks/compare.py prepare --work {work}' first")
+    report: dict = {"preset": args.preset, "seed": args.seed, "machine": machine_info(),
+                    "settings": {"reps": args.reps, "warmup": args.warmup, "new_tokens": args.new_tokens,
+                                 "prompt_len": args.prompt_len, "threads": physical_cores()},
+                    "command": " ".join([Path(sys.executable).name] + sys.argv)}
+    if not args.skip_chat_rss:
+        # first, alone: item 4 of the issue (no double copies of the weights)
+        report["chat_peak_rss_int4"] = chat_peak_rss(p["q"], p["image"], 8)
+        log(f"flashvl chat peak RSS {report['chat_peak_rss_int4']['ratio']:.2f}x the weight files")
+    bw = [measure_bandwidth()]
+    log(f"bandwidth {bw[0]['bytes_per_s'] / 1e9:.1f} GB/s")
+
+    from PIL import Image
+
+    image = Image.open(p["image"]).convert("RGB")
+    contenders = {}
+    contenders["ours-fp32"] = Ours("ours-fp32", p["fp32"])
+    contenders["ours-q"] = Ours("ours-q", p["q"])
+    contenders["ortgenai"] = OrtGenAI(p["genai"])
+    if not args.skip_torch:
+        contenders["torch"] = TorchEager(args.preset, args.seed, physical_cores(), contenders["ours-fp32"].pipe)
+    report["load_s"] = {k: c.load_s for k, c in contenders.items()}
+    prompt = make_prompt(contenders["ours-fp32"].pipe.prompts.tokenizer, args.prompt_len)
+    first = contenders["ours-fp32"].pipe.chat(prompt, image=image, max_new_tokens=1)
+    prompt_ids = first.prompt_token_ids
+    report["prompt_tokens"] = len(prompt_ids)
+
+    # vision INT8 accuracy: the same tiles through both vision graphs
+    pv = contenders["ours-fp32"].pipe.prepare_image(image).preprocessed.pixel_values
+    report["vision_int8_cosine"] = cosine_stats(contenders["ours-fp32"].vision_embeds(pv),
+                                                contenders["ours-q"].vision_embeds(pv))
+
+    names = list(contenders)
+    results: dict[str, list[dict]] = {k: [] for k in names}
+    for rep in range(args.warmup + args.reps):
+        order = names[rep % len(names):] + names[:rep % len(names)]
+        for name in order:
+            t0 = time.perf_counter()
+            r = contenders[name].measure(prompt, image, args.new_tokens, prompt_ids)
+            r.pop("decode_step_ms", None), r.pop("decode_graph_ms", None)
+            log(f"rep {rep} {name}: ttft {r['ttft_s']:.2f} s, decode {r['decode_tokens_per_s']:.2f} tok/s "
+                f"({time.perf_counter() - t0:.0f} s)")
+            if rep >= args.warmup:
+                r["rep"] = rep - args.warmup
+                results[name].append(r)
+        gc.collect()
+    bw.append(measure_bandwidth())
+    bandwidth = max(b["bytes_per_s"] for b in bw)
+    report["bandwidth"] = {"bytes_per_s": bandwidth, "runs": bw}
+    report["results"] = results
+
+    def ratio(a, b, key, invert=False):
+        vals = []
+        for ra, rb in zip(results.get(a, []), results.get(b, [])):
+            if ra.get(key) and rb.get(key):
+                vals.append(rb[key] / ra[key] if invert else ra[key] / rb[key])
+        return med(vals)
+
+    summary: dict = {}
+    for name in names:
+        rs = results[name]
+        summary[name] = {k: med([r.get(k) for r in rs]) for k in
+                         ("vision_graph_s", "ttft_s", "prefill_graph_s", "decode_tokens_per_s",
+                          "overhead_ms_per_token")}
+        w = getattr(contenders[name], "weights", None)
+        if w:
+            limit = bandwidth / w["bytes_per_token"]
+            summary[name]["bytes_per_token"] = w["bytes_per_token"]
+            summary[name]["bandwidth_limit_tokens_per_s"] = limit
+            summary[name]["fraction_of_limit"] = summary[name]["decode_tokens_per_s"] / limit
+    if "torch" in results:
+        tw = contenders["ours-fp32"].weights  # same fp32 weights
+        summary["torch"]["fraction_of_limit"] = summary["torch"]["decode_tokens_per_s"] / (bandwidth / tw["bytes_per_token"])
+    # agreement of greedy tokens (same weights, same inputs): a sanity check that we compare like with like
+    agree = {}
+    ref = results["ours-fp32"][0]["token_ids"]
+    for name in names:
+        other = results[name][0]["token_ids"]
+        agree[name] = next((i for i, (x, y) in enumerate(zip(ref, other)) if x != y), min(len(ref), len(other)))
+    report["greedy_prefix_agreement_with_ours_fp32"] = agree
+    ratios = {
+        "decode_fp32_vs_torch": ratio("ours-fp32", "torch", "decode_tokens_per_s"),
+        "decode_fp32_fraction_of_limit": summary["ours-fp32"]["fraction_of_limit"],
+        "decode_int4_vs_ortgenai": ratio("ours-q", "ortgenai", "decode_tokens_per_s"),
+        "decode_int4_fraction_of_limit": summary["ours-q"]["fraction_of_limit"],
+        "vision_int8_speedup_vs_fp32": ratio("ours-q", "ours-fp32", "vision_graph_s", invert=True),
+        "vision_int8_cosine_per_token_mean": report["vision_int8_cosine"]["per_token_mean"],
+        "overhead_ms_per_token_fp32": summary["ours-fp32"]["overhead_ms_per_token"],
+        "overhead_ms_per_token_q": summary["ours-q"]["overhead_ms_per_token"],
+        "ttft_fp32_over_torch": ratio("ours-fp32", "torch", "ttft_s"),
+        "ttft_q_over_torch": ratio("ours-q", "torch", "ttft_s"),
+        "decode_ortgenai_vs_torch": ratio("ortgenai", "torch", "decode_tokens_per_s"),
+    }
+    targets = {
+        "decode_fp32_vs_torch": (">=", 1.3), "decode_fp32_fraction_of_limit": (">=", 0.90),
+        "decode_int4_vs_ortgenai": (">=", 1.0), "decode_int4_fraction_of_limit": (">=", 0.75),
+        "vision_int8_speedup_vs_fp32": (">=", 2.0), "vision_int8_cosine_per_token_mean": (">=", 0.99),
+        "overhead_ms_per_token_fp32": ("<=", 0.5), "overhead_ms_per_token_q": ("<=", 0.5),
+        "ttft_fp32_over_torch": ("<=", 0.5), "ttft_q_over_torch": ("<=", 0.5),
+    }
+    report["summary"] = summary
+    report["ratios"] = ratios
+    report["targets"] = {k: {"target": f"{op} {v}", "value": ratios[k],
+                             "met": None if ratios[k] is None else (ratios[k] >= v if op == ">=" else ratios[k] <= v)}
+                         for k, (op, v) in targets.items()}
+    out = Path(args.out or work / "compare.json")
+    out.write_text(json.dumps(report, indent=2) + "\n")
+
+    print(f"bandwidth: {bandwidth / 1e9:.2f} GB/s (numpy float32 matvec, best of 5, before and after)")
+    print(f"{'contender':12s} {'vision s':>9s} {'TTFT s':>8s} {'decode tok/s':>13s} {'limit tok/s':>12s} "
+          f"{'of limit':>9s} {'overhead ms':>12s}")
+    for name in names:
+        s = summary[name]
+        f = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
+        print(f"{name:12s} {f(s['vision_graph_s']):>9s} {f(s['ttft_s']):>8s} {f(s['decode_tokens_per_s']):>13s} "
+              f"{f(s.get('bandwidth_limit_tokens_per_s')):>12s} {f(s.get('fraction_of_limit')):>9s} "
+              f"{f(s['overhead_ms_per_token'], 3):>12s}")
+    print("ratios (median over repetitions) and targets:")
+    for k, t in report["targets"].items():
+        v = t["value"]
+        print(f"  {k:38s} {('-' if v is None else f'{v:.3f}'):>8s}  target {t['target']:8s} "
+              f"{'' if t['met'] is None else ('met' if t['met'] else 'MISSED')}")
+    print(f"  {'decode_ortgenai_vs_torch':38s} {ratios['decode_ortgenai_vs_torch'] or 0:>8.3f}")
+    if "chat_peak_rss_int4" in report:
+        c = report["chat_peak_rss_int4"]
+        print(f"flashvl chat peak RSS on the int4 bundle: {c['peak_rss_bytes'] / 2**20:.0f} MiB = {c['ratio']:.2f}x "
+              f"its {c['weight_file_bytes'] / 2**20:.0f} MiB of weight files (target <= 1.3x)")
+    print(f"greedy tokens equal to ours-fp32 for the first N: {agree}")
+    print(f"wrote {out}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name in ("prepare", "run", "all"):
+        s = sub.add_parser(name)
+        s.add_argument("--work", default="build/compare", help="work dir (artifacts cached there)")
+        s.add_argument("--preset", default="flashvl-2b-static")
+        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--calib-samples", type=int, default=8)
+        s.add_argument("--reps", type=int, default=3)
+        s.add_argument("--warmup", type=int, default=1)
+        s.add_argument("--new-tokens", type=int, default=32)
+        s.add_argument("--prompt-len", type=int, default=32)
+        s.add_argument("--out", default=None, help="report path (default WORK/compare.json)")
+        s.add_argument("--skip-torch", action="store_true")
+        s.add_argument("--skip-chat-rss", action="store_true")
+    s = sub.add_parser("_save-hf")
+    s.add_argument("--preset", required=True)
+    s.add_argument("--seed", type=int, required=True)
+    s.add_argument("--out", required=True)
+    args = ap.parse_args()
+    if args.cmd == "_save-hf":
+        save_hf_qwen2(args.preset, args.seed, Path(args.out))
+        return
+    if args.cmd in ("prepare", "all"):
+        prepare(args)
+    if args.cmd in ("run", "all"):
+        run(args)
+
+
+if __name__ == "__main__":
+    main()
