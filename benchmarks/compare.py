@@ -82,7 +82,7 @@ def prepare(args) -> None:
         sh(FLASHVL + ["export", args.preset, "--seed", str(args.seed), "--out", p["fp32"], "--force", "--quiet"])
     if not (p["q"] / "manifest.json").exists():
         sh(FLASHVL + ["calibrate", p["fp32"], "--out", p["q"], "--vision", "int8", "--llm", "int4",
-                      "--samples", str(args.calib_samples), "--holdout", "2", "--force", "--quiet"])
+                      "--samples", str(args.calib_samples), "--holdout", "1", "--force", "--quiet"])
     if not (p["hf"] / "config.json").exists():
         # a subprocess, so the torch model's memory is returned before the builder loads it again
         sh([PY, __file__, "_save-hf", "--preset", args.preset, "--seed", str(args.seed), "--out", p["hf"]])
@@ -331,6 +331,9 @@ def run(args) -> None:
                 r["rep"] = rep - args.warmup
                 results[name].append(r)
         gc.collect()
+    weights = {k: getattr(c, "weights", None) for k, c in contenders.items()}
+    contenders.clear()  # free the models before the second bandwidth measurement
+    gc.collect()
     bw.append(measure_bandwidth())
     bandwidth = max(b["bytes_per_s"] for b in bw)
     report["bandwidth"] = {"bytes_per_s": bandwidth, "runs": bw}
@@ -349,14 +352,14 @@ def run(args) -> None:
         summary[name] = {k: med([r.get(k) for r in rs]) for k in
                          ("vision_graph_s", "ttft_s", "prefill_graph_s", "decode_tokens_per_s",
                           "overhead_ms_per_token")}
-        w = getattr(contenders[name], "weights", None)
+        w = weights[name]
         if w:
             limit = bandwidth / w["bytes_per_token"]
             summary[name]["bytes_per_token"] = w["bytes_per_token"]
             summary[name]["bandwidth_limit_tokens_per_s"] = limit
             summary[name]["fraction_of_limit"] = summary[name]["decode_tokens_per_s"] / limit
     if "torch" in results:
-        tw = contenders["ours-fp32"].weights  # same fp32 weights
+        tw = weights["ours-fp32"]  # same fp32 weights
         summary["torch"]["fraction_of_limit"] = summary["torch"]["decode_tokens_per_s"] / (bandwidth / tw["bytes_per_token"])
     # agreement of greedy tokens (same weights, same inputs): a sanity check that we compare like with like
     agree = {}
@@ -416,15 +419,43 @@ def run(args) -> None:
     print(f"wrote {out}")
 
 
+def markdown(args) -> None:
+    """compare.json as the Markdown tables docs/performance.md shows."""
+    r = json.loads(Path(args.out or Path(args.work) / "compare.json").read_text())
+    f = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
+    m = r["machine"]
+    print(f"Machine: {m.get('cpu')} ({m.get('logical_cpus')} CPUs, {r['settings']['threads']} physical cores), "
+          f"onnxruntime {m.get('onnxruntime')}; bandwidth {r['bandwidth']['bytes_per_s'] / 1e9:.1f} GB/s; "
+          f"{r['prompt_tokens']} prompt tokens, {r['settings']['new_tokens']} new tokens, "
+          f"{r['settings']['reps']} repetitions after {r['settings']['warmup']} warm-up.\n")
+    print("| contender | vision s | TTFT s | decode tok/s | bytes/token | limit tok/s | of limit | overhead ms/token |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, s in r["summary"].items():
+        bpt = s.get("bytes_per_token")
+        print(f"| {name} | {f(s.get('vision_graph_s'))} | {f(s.get('ttft_s'))} | {f(s.get('decode_tokens_per_s'))} | "
+              f"{'-' if bpt is None else f'{bpt / 2**30:.2f} GiB'} | {f(s.get('bandwidth_limit_tokens_per_s'))} | "
+              f"{f(s.get('fraction_of_limit'))} | {f(s.get('overhead_ms_per_token'), 3)} |")
+    print("\n| target (issue 5) | value | target | met |")
+    print("|---|---|---|---|")
+    for k, t in r["targets"].items():
+        print(f"| {k} | {f(t['value'], 3)} | {t['target']} | {'-' if t['met'] is None else ('yes' if t['met'] else '**no**')} |")
+    if "chat_peak_rss_int4" in r:
+        c = r["chat_peak_rss_int4"]
+        print(f"\n`flashvl chat` on the int4 bundle: peak RSS {c['peak_rss_bytes'] / 2**20:.0f} MiB = "
+              f"{c['ratio']:.2f}x its {c['weight_file_bytes'] / 2**20:.0f} MiB of weight files (target <= 1.3x).")
+    print(f"\nGreedy tokens identical to ours-fp32 for the first N tokens: {r['greedy_prefix_agreement_with_ours_fp32']}; "
+          f"vision int8 vs fp32 cosine: {r['vision_int8_cosine']}.")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("prepare", "run", "all"):
+    for name in ("prepare", "run", "all", "markdown"):
         s = sub.add_parser(name)
         s.add_argument("--work", default="build/compare", help="work dir (artifacts cached there)")
         s.add_argument("--preset", default="flashvl-2b-static")
         s.add_argument("--seed", type=int, default=0)
-        s.add_argument("--calib-samples", type=int, default=8)
+        s.add_argument("--calib-samples", type=int, default=4)
         s.add_argument("--reps", type=int, default=3)
         s.add_argument("--warmup", type=int, default=1)
         s.add_argument("--new-tokens", type=int, default=32)
@@ -439,6 +470,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.cmd == "_save-hf":
         save_hf_qwen2(args.preset, args.seed, Path(args.out))
+        return
+    if args.cmd == "markdown":
+        markdown(args)
         return
     if args.cmd in ("prepare", "all"):
         prepare(args)

@@ -127,7 +127,11 @@ def calibrate(args) -> dict[str, Any]:
     samples = data.select_samples(args.images, prompts, args.samples, args.holdout,
                                   m["preprocess"].get("max_image_pixels"))
     t0 = time.perf_counter()
-    cap = data.capture(args.bundle, samples, args.report_tokens, args.cache_dir, progress=not args.quiet)
+    # INT4 is round-to-nearest: only INT8 (vision or LLM) needs calibration inputs; the report always
+    # needs the held-out references.
+    needs_calibration = args.vision == "int8" or args.llm == "int8"
+    cap = data.capture(args.bundle, samples, args.report_tokens, args.cache_dir, progress=not args.quiet,
+                       held_out_only=not needs_calibration)
     t_capture = time.perf_counter() - t0
     print(f"calibration inputs: {len(cap.calib_pixels)} samples + {len(cap.held_pixels)} held out "
           f"({'loaded from cache' if cap.cache_hit else f'captured in {t_capture:.1f} s'}"

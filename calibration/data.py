@@ -385,9 +385,11 @@ def bundle_fingerprint(bundle) -> str:
     return h.hexdigest()
 
 
-def _cache_key(bundle, samples: SampleSet, report_tokens: int) -> str:
+def _cache_key(bundle, samples: SampleSet, report_tokens: int, held_out_only: bool = False) -> str:
     h = hashlib.sha256()
     h.update(f"v{CAPTURE_VERSION}|{bundle_fingerprint(bundle)}|{samples.fingerprint()}|{report_tokens}".encode())
+    if held_out_only:
+        h.update(b"|held-out-only")
     return h.hexdigest()[:32]
 
 
@@ -438,13 +440,16 @@ def greedy_reference(llm, embed, prefill_embeds: np.ndarray, n_tokens: int) -> t
 
 
 def capture(bundle_path: str | os.PathLike, samples: SampleSet, report_tokens: int = DEFAULT_REPORT_TOKENS,
-            cache: str | os.PathLike | None = None, progress: bool = True) -> Captured:
-    """Inputs for both graphs (calibration split) and FP references (held-out split), cached on disk."""
+            cache: str | os.PathLike | None = None, progress: bool = True, held_out_only: bool = False) -> Captured:
+    """Inputs for both graphs (calibration split) and FP references (held-out split), cached on disk.
+
+    ``held_out_only``: capture just the held-out split, for quantizers that need no calibration data
+    (INT4 round-to-nearest): at full size that saves minutes of vision and prefill runs."""
     from flashvl_edge.runtime.bundle import Bundle
     from flashvl_edge.runtime.pipeline import Pipeline
 
     bundle = Bundle.load(bundle_path, verify="cached")
-    path = cache_dir(cache) / f"{_cache_key(bundle, samples, report_tokens)}.npz"
+    path = cache_dir(cache) / f"{_cache_key(bundle, samples, report_tokens, held_out_only)}.npz"
     if path.is_file():
         got = _load_npz(path)
         if got is not None:
@@ -457,7 +462,8 @@ def capture(bundle_path: str | os.PathLike, samples: SampleSet, report_tokens: i
         from tqdm import tqdm
 
         arrays: dict[str, np.ndarray] = {}
-        all_samples = [("calib", s) for s in samples.calibration] + [("held", s) for s in samples.held_out]
+        all_samples = ([] if held_out_only else [("calib", s) for s in samples.calibration]) \
+            + [("held", s) for s in samples.held_out]
         counters = {"calib": 0, "held": 0}
         for split, s in tqdm(all_samples, desc="capturing calibration inputs", unit="sample",
                              disable=not progress, file=sys.stderr):
@@ -477,7 +483,7 @@ def capture(bundle_path: str | os.PathLike, samples: SampleSet, report_tokens: i
                 arrays[f"held_tokens_{i}"] = toks
                 arrays[f"held_logits_{i}"] = logits
         meta = {"n_calib": counters["calib"], "n_held": counters["held"],
-                "names": {"calibration": [s.name for s in samples.calibration],
+                "names": {"calibration": [] if held_out_only else [s.name for s in samples.calibration],
                           "held_out": [s.name for s in samples.held_out]}}
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     finally:

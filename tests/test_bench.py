@@ -125,3 +125,28 @@ def test_bad_arguments_are_one_line_errors(tiny_static_bundle, tmp_path, capsys)
     assert main(["bench", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("flashvl: error:") for line in err)
+
+
+def test_bench_runs_where_torch_cannot_be_imported(tiny_static_bundle, tmp_path):
+    """flashvl bench is part of the runtime: it must work on a device image without torch."""
+    import os
+    import subprocess
+    import textwrap
+
+    (tmp_path / "sitecustomize.py").write_text(textwrap.dedent("""
+        import sys
+        class _Blocker:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("torch", "transformers") or name.startswith(
+                        ("flashvl_edge.export", "flashvl_edge.calibration")):
+                    raise ImportError(name + " is blocked")
+        sys.meta_path.insert(0, _Blocker())
+    """))
+    env = dict(os.environ, PYTHONPATH=str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    blocked = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True)
+    assert blocked.returncode != 0 and "blocked" in blocked.stderr
+    p = subprocess.run([sys.executable, "-m", "flashvl_edge.main", "bench", str(tiny_static_bundle), "--runs", "1",
+                        "--warmup", "0", "--new-tokens", "3", "--out", str(tmp_path / "out")],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads((tmp_path / "out" / "bench.json").read_text())["runs"][0]["new_tokens"] == 3

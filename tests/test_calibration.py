@@ -367,6 +367,8 @@ def test_cache_reuse_and_user_data(tiny_static_bundle, tmp_path):
     r1 = load_report(tmp_path / "q1")
     assert r1["calibration_data"]["cache_hit"] is False and r1["calibration_data"]["source"] == str(images)
     assert "vision" not in r1 and Bundle.load(tmp_path / "q1").manifest["quantization"]["vision"] is None
+    # INT4 is round-to-nearest: only the held-out references were captured, no calibration samples
+    assert (r1["calibration_data"]["samples"], r1["calibration_data"]["held_out"]) == (0, 2)
 
     assert calibrate(tiny_static_bundle, tmp_path / "q2", *args, cache=cache) == 0
     assert data.capture_count == before + 1, "second run recaptured instead of using the cache"
@@ -379,6 +381,12 @@ def test_cache_reuse_and_user_data(tiny_static_bundle, tmp_path):
     prompts.write_text("Something else entirely?\n")
     assert calibrate(tiny_static_bundle, tmp_path / "q3", *args, cache=cache) == 0
     assert data.capture_count == before + 2 and len(list(cache.glob("*.npz"))) == 2
+
+    # INT8 vision needs the calibration split: a held-out-only cache entry does not serve it
+    int8_args = args[:-4] + ("--llm", "none", "--vision", "int8")
+    assert calibrate(tiny_static_bundle, tmp_path / "q4", *int8_args, cache=cache) == 0
+    assert data.capture_count == before + 3
+    assert load_report(tmp_path / "q4")["calibration_data"]["samples"] == 3
 
 
 # -- bad input -------------------------------------------------------------------------------------
