@@ -850,7 +850,7 @@ def load_safetensors_into(model: nn.Module, files: list[Path], optional: set[str
     plan: list[tuple[Path, str, str]] = []
     found: set[str] = set()
     reported: set[str] = set()  # wrong-shape keys: reported once, not again as missing
-    unexpected, wrong_shape, duplicated = [], [], []
+    unexpected, wrong_shape, duplicated, wrong_dtype = [], [], [], []
     for path in files:
         try:
             with safe_open(str(path), framework="pt") as sf:
@@ -865,6 +865,11 @@ def load_safetensors_into(model: nn.Module, files: list[Path], optional: set[str
                     shape = list(sf.get_slice(key).get_shape())
                     if shape != list(expected[canonical].shape):
                         wrong_shape.append(f"{key} {shape} (expected {list(expected[canonical].shape)})")
+                        reported.add(canonical)
+                        continue
+                    dtype = sf.get_slice(key).get_dtype()
+                    if dtype not in ("F16", "BF16", "F32", "F64"):  # e.g. already-quantized integer weights
+                        wrong_dtype.append(f"{key} ({dtype})")
                         reported.add(canonical)
                         continue
                     found.add(canonical)
@@ -882,6 +887,8 @@ def load_safetensors_into(model: nn.Module, files: list[Path], optional: set[str
         problems.append(f"{len(unexpected)} unexpected: {_list_keys(unexpected)}")
     if wrong_shape:
         problems.append(f"{len(wrong_shape)} wrong shape: {_list_keys(wrong_shape)}")
+    if wrong_dtype:
+        problems.append(f"{len(wrong_dtype)} not floating point: {_list_keys(wrong_dtype)}")
     if duplicated:
         problems.append(f"{len(duplicated)} duplicated (after aliasing): {_list_keys(duplicated)}")
     if problems:
@@ -967,7 +974,13 @@ def _load_flashvl(ckpt_dir: Path, config: dict) -> LoadedModel:
     if image_token_id >= int(cfg.text_config.vocab_size):
         raise CheckpointError(f"{ckpt_dir}: image token id {image_token_id} is outside the LLM vocab ({cfg.text_config.vocab_size})")
     files = safetensors_files(ckpt_dir)
-    model = _new_empty(lambda: FlashVLModel(cfg, image_token_id))
+    try:
+        model = _new_empty(lambda: FlashVLModel(cfg, image_token_id))
+    except (RuntimeError, MemoryError) as err:  # torch's allocator raises RuntimeError, not MemoryError
+        if isinstance(err, RuntimeError) and "alloc" not in str(err).lower():
+            raise
+        raise CheckpointError(f"{ckpt_dir}: there is not enough memory for the model config.json describes "
+                              f"({one_line(err)[:160]}); check the sizes in config.json") from None
     optional = {"language_model.lm_head.weight"} if cfg.text_config.tie_word_embeddings else set()
     load_safetensors_into(model, files, optional=optional, where=str(ckpt_dir))
     if cfg.text_config.tie_word_embeddings:

@@ -108,6 +108,18 @@ class _VerifiedCache:
             pass
 
 
+def _check_generation_section(gen: dict, mpath: Path) -> None:
+    """The numbers the decode loop relies on: a positive max_context and integer token ids."""
+    mc = gen.get("max_context")
+    if mc is not None and (type(mc) is not int or mc < 1):
+        raise BundleError(f"{mpath}: generation.max_context must be a positive integer, got {mc!r}; "
+                          "re-export the bundle")
+    ids = gen.get("eos_token_ids")
+    if ids is not None and (not isinstance(ids, list) or any(type(i) is not int or i < 0 for i in ids)):
+        raise BundleError(f"{mpath}: generation.eos_token_ids must be a list of token ids, got {ids!r}; "
+                          "re-export the bundle")
+
+
 def _check_files_section(files: Any, mpath: Path) -> None:
     """``files`` maps relative names to {"size": int, "sha256": 64 hex chars}; anything else is refused."""
     fix = "re-export the bundle (or restore its manifest)"
@@ -160,6 +172,12 @@ class Bundle:
         for key in ("family", "variant"):
             if not isinstance(manifest.get(key), str):
                 raise BundleError(f"{mpath} lacks a valid {key!r}; re-export the bundle")
+        for key in ("generation", "iss", "embeddings", "quantization", "engines", "source", "tools"):
+            if manifest.get(key) is not None and not isinstance(manifest[key], dict):
+                raise BundleError(f"{mpath}: the {key!r} section must be a JSON object; re-export the bundle")
+        if manifest.get("chat_template") is not None and not isinstance(manifest["chat_template"], str):
+            raise BundleError(f"{mpath}: 'chat_template' must be a string; re-export the bundle")
+        _check_generation_section(manifest.get("generation") or {}, mpath)
         _check_files_section(manifest["files"], mpath)
         bundle = cls(root=root, manifest=manifest)
         for name in manifest["files"]:

@@ -40,6 +40,17 @@ class SamplingParams:
     stop: Sequence[str] = ()
     ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
 
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "SamplingParams":
+        """Checked parameters from keyword arguments; an unknown name (a typo) is a PromptError."""
+        import dataclasses
+
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(kwargs) - set(names))
+        if unknown:
+            raise PromptError(f"unknown sampling parameter(s) {', '.join(unknown)}; use {', '.join(names)}")
+        return cls(**kwargs).validate()
+
     def validate(self) -> "SamplingParams":
         def bad(msg: str):
             raise PromptError(msg)

@@ -56,7 +56,7 @@ _RESAMPLE = {
 }
 # Pillow's decoders raise a variety of exception types on corrupt or truncated data.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, TypeError,
-                  Image.DecompressionBombError, UnidentifiedImageError)
+                  NotImplementedError, Image.DecompressionBombError, UnidentifiedImageError)
 
 
 # ============================================================================================
@@ -318,7 +318,14 @@ def _int(v: Any, what: str) -> int:
 def _triple(v: Any, what: str) -> tuple[float, float, float]:
     if not isinstance(v, (list, tuple)) or len(v) != 3:
         raise BundleError(f"manifest {what} is {v!r}, expected 3 numbers; re-export the bundle")
-    return tuple(float(x) for x in v)  # type: ignore[return-value]
+    try:
+        values = tuple(float(x) for x in v)
+    except (TypeError, ValueError):
+        raise BundleError(f"manifest {what} is {v!r}, expected 3 numbers; re-export the bundle") from None
+    if not all(math.isfinite(x) for x in values) or (what.endswith("image_std") and min(values) <= 0):
+        raise BundleError(f"manifest {what} is {v!r}: expected finite numbers"
+                          f"{' > 0 (it divides the pixels)' if what.endswith('image_std') else ''}; re-export the bundle")
+    return values  # type: ignore[return-value]
 
 
 # ============================================================================================

@@ -140,7 +140,7 @@ class Pipeline:
         """Generate from raw token ids (no chat template): ``image_embeds`` [n, hidden] fill the
         positions in ``image_mask`` (default: every image-token id). For parity checks, calibration
         and benchmarks."""
-        params = SamplingParams(**sampling).validate()
+        params = SamplingParams.from_kwargs(**sampling)
         ids = [int(i) for i in prompt_token_ids]
         if not ids:
             raise PromptError("prompt_token_ids is empty")
@@ -404,7 +404,7 @@ class ChatSession:
     def _turn(self, prompt: str, image, sampling: dict, holder: list) -> Iterator[str]:
         pipe = self.pipe
         t0 = time.perf_counter()
-        params = SamplingParams(**sampling).validate()
+        params = SamplingParams.from_kwargs(**sampling)
         turn = _Turn(pipe, params, t0)
         holder.append(turn)
 
