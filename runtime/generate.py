@@ -88,6 +88,10 @@ def _is_real(x) -> bool:
 
 def sample(logits: np.ndarray, seen_ids: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
     """Pick the next token id from last-position ``logits`` [vocab]."""
+    if params.temperature == 0.0 and params.repetition_penalty == 1.0:
+        # plain greedy: no float64 copy of the vocabulary-sized row (0.2 ms a token at 152k vocab);
+        # argmax of float32 equals argmax of its exact float64 cast
+        return int(np.argmax(logits))
     logits = logits.astype(np.float64, copy=True)
     if params.repetition_penalty != 1.0 and len(seen_ids):
         # transformers' RepetitionPenaltyLogitsProcessor: shrink the logit of every token already seen
