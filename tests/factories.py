@@ -96,3 +96,21 @@ def make_internvl_checkpoint(directory, seed: int = 0, max_patches: int = 6) -> 
     }
     (directory / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2), encoding="utf-8")
     return directory
+
+
+def tiles_manifest(image_size=84, pixels_per_token=14, overlap=2, iss=True, max_tiles=4, thumbnail=True,
+                   min_tiles=1) -> dict:
+    """The manifest sections the runtime's tile preprocessing and ISS read, for synthetic geometries.
+
+    Defaults are tiny-dynamic-iss's: 84 px tiles, 14 px per token (t = 6), overlap 2."""
+    t = image_size // pixels_per_token
+    return {
+        "vision": {"image_size": image_size, "tokens_per_tile": t * t, "tokens_per_side": t},
+        "image": {"tokens_per_tile": t * t},
+        "preprocess": {"mode": "tiles", "image_size": image_size, "resize_shortest_edge": image_size,
+                       "crop_size": image_size, "do_center_crop": False, "rescale_factor": 1 / 255,
+                       "image_mean": CLIP_MEAN, "image_std": CLIP_STD, "resample": "bicubic",
+                       "max_tiles": max_tiles, "min_tiles": min_tiles, "use_thumbnail": thumbnail,
+                       "max_image_pixels": 50_000_000},
+        "iss": {"enabled": iss, "overlap_tokens": overlap if iss else 0, "pixels_per_token": pixels_per_token},
+    }

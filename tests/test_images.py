@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from skimage import data
 
+from factories import tiles_manifest
 from flashvl_edge.runtime import images
 from flashvl_edge.runtime.errors import BundleError, FlashVLError, ImageError
 
@@ -47,20 +48,6 @@ def clip_manifest(shortest=64, crop=64, image_size=None, mean=(0.5, 0.5, 0.5), s
                        "image_mean": list(mean), "image_std": list(std), "resample": "bicubic",
                        "max_tiles": 1, "min_tiles": 1, "use_thumbnail": False, "max_image_pixels": 50_000_000},
         "iss": {"enabled": False, "overlap_tokens": 0, "pixels_per_token": 16},
-    }
-
-
-def tiles_manifest(image_size=84, p=14, overlap=2, iss_on=True, max_tiles=4, thumbnail=True, min_tiles=1):
-    t = image_size // p
-    return {
-        "vision": {"image_size": image_size, "tokens_per_tile": t * t, "tokens_per_side": t},
-        "image": {"tokens_per_tile": t * t},
-        "preprocess": {"mode": "tiles", "image_size": image_size, "resize_shortest_edge": image_size,
-                       "crop_size": image_size, "do_center_crop": False, "rescale_factor": 1 / 255,
-                       "image_mean": CLIP_MEAN, "image_std": CLIP_STD, "resample": "bicubic",
-                       "max_tiles": max_tiles, "min_tiles": min_tiles, "use_thumbnail": thumbnail,
-                       "max_image_pixels": 50_000_000},
-        "iss": {"enabled": iss_on, "overlap_tokens": overlap if iss_on else 0, "pixels_per_token": p},
     }
 
 
@@ -126,7 +113,7 @@ def test_tiles_parity_with_transformers_gotocr2(max_tiles):
 
     ref = GotOcr2ImageProcessorPil(size={"height": 56, "width": 56}, crop_to_patches=True, min_patches=1,
                                    max_patches=max_tiles, image_mean=CLIP_MEAN, image_std=CLIP_STD)
-    manifest = tiles_manifest(image_size=56, iss_on=False, max_tiles=max_tiles)
+    manifest = tiles_manifest(image_size=56, iss=False, max_tiles=max_tiles)
     for name, arr in photos().items():
         img = Image.fromarray(arr)
         out = ref(img, return_tensors="np")
@@ -169,7 +156,7 @@ def test_iss_tiles_shapes_and_tokens():
 
 
 def test_full_size_flashvl_geometry():
-    manifest = tiles_manifest(image_size=448, p=28, overlap=2, max_tiles=4)
+    manifest = tiles_manifest(image_size=448, pixels_per_token=28, overlap=2, max_tiles=4)
     plan = images.image_to_tokens_plan(1920, 1080, manifest)  # 16:9 -> closest grid 1 row x 2 cols
     assert plan.grid == (1, 2) and plan.thumbnail
     assert plan.canvas_size == (2 * 448 - 56, 448)

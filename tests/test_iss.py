@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from factories import tiles_manifest
 from flashvl_edge.runtime import images, iss
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -209,7 +210,7 @@ def test_preprocess_iss_tiles_agree_with_canvas(width, height, max_tiles, o, thu
     """Through preprocess(): tiles cut with overlap hold exactly the canvas pixels, so the stitched
     per-token pixels equal the independently resized and normalized canvas."""
     t, p = 6, 4
-    manifest = iss_manifest(image_size=t * p, pixels_per_token=p, overlap=o, max_tiles=max_tiles, thumbnail=thumb)
+    manifest = tiles_manifest(image_size=t * p, pixels_per_token=p, overlap=o, max_tiles=max_tiles, thumbnail=thumb)
     rng = np.random.default_rng(width * 1000 + height)
     img = Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
     pre = images.preprocess(img, manifest)
@@ -230,26 +231,12 @@ def test_preprocess_iss_tiles_agree_with_canvas(width, height, max_tiles, o, thu
         assert n_canvas == pre.n_image_tokens
 
 
-def iss_manifest(image_size=84, pixels_per_token=14, overlap=2, max_tiles=4, thumbnail=True, enabled=True):
-    t = image_size // pixels_per_token
-    return {
-        "vision": {"image_size": image_size, "tokens_per_tile": t * t, "tokens_per_side": t},
-        "image": {"tokens_per_tile": t * t},
-        "preprocess": {"mode": "tiles", "image_size": image_size, "resize_shortest_edge": image_size,
-                       "crop_size": image_size, "do_center_crop": False, "rescale_factor": 1 / 255,
-                       "image_mean": CLIP_MEAN, "image_std": CLIP_STD, "resample": "bicubic",
-                       "max_tiles": max_tiles, "min_tiles": 1, "use_thumbnail": thumbnail,
-                       "max_image_pixels": 50_000_000},
-        "iss": {"enabled": enabled, "overlap_tokens": overlap, "pixels_per_token": pixels_per_token},
-    }
-
-
 @pytest.mark.parametrize("size", [(640, 480), (300, 900), (1, 1), (1, 10000), (10000, 1)])
 def test_iss_zero_overlap_pixels_equal_plain_tiles(size):
     rng = np.random.default_rng(3)
     img = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
-    plain = images.preprocess(img, iss_manifest(overlap=0, enabled=False))
-    zero = images.preprocess(img, iss_manifest(overlap=0))
+    plain = images.preprocess(img, tiles_manifest(overlap=0, iss=False))
+    zero = images.preprocess(img, tiles_manifest(overlap=0))
     assert plain.plan.grid == zero.plan.grid and plain.n_image_tokens == zero.n_image_tokens
     np.testing.assert_array_equal(plain.pixel_values, zero.pixel_values)
     emb = rng.standard_normal((plain.num_tiles, 36, 4)).astype(np.float32)
