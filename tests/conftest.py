@@ -57,3 +57,22 @@ def tiny_static_fp16_bundle(tmp_path_factory, tiny_static_loaded):
 
     return export_bundle(tiny_static_loaded, tmp_path_factory.mktemp("bundles") / "tiny-static-fp16", dtype="fp16",
                          progress=False)
+
+
+@pytest.fixture
+def pixel_decodes(monkeypatch):
+    """Every pixel decode Pillow starts (``ImageFile.load``), as the image sizes decoded.
+
+    "Refused before decoding" is then a fact a test can assert (the list stays empty), instead of a
+    wall-clock threshold that a loaded machine could break."""
+    from PIL import ImageFile
+
+    calls = []
+    real = ImageFile.ImageFile.load
+
+    def load(self):
+        calls.append(self.size)
+        return real(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    return calls

