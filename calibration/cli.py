@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from flashvl_edge.runtime.bundle import check_output_dir
+from flashvl_edge.runtime.bundle import check_output_dir, empty_past
 from flashvl_edge.runtime.errors import CalibrationError
 
 from . import data, report
@@ -63,16 +63,9 @@ def _check_args(args) -> None:
 
 def _prefill_feed(embeds: np.ndarray, manifest: dict) -> dict[str, np.ndarray]:
     """The LLM graph's full input for one prefill with an empty KV cache."""
-    llm = manifest["llm"]
     seq = embeds.shape[1]
-    feed = {"inputs_embeds": embeds, "attention_mask": np.ones((1, seq), np.int64),
-            "position_ids": np.arange(seq, dtype=np.int64)[None]}
-    past_dtype = embeds.dtype
-    for i in range(int(llm["num_layers"])):
-        for kind in ("key", "value"):
-            feed[f"past_key_values.{i}.{kind}"] = np.zeros((1, int(llm["num_kv_heads"]), 0, int(llm["head_dim"])),
-                                                          past_dtype)
-    return feed
+    return {"inputs_embeds": embeds, "attention_mask": np.ones((1, seq), np.int64),
+            "position_ids": np.arange(seq, dtype=np.int64)[None], **empty_past(manifest)}
 
 
 def _link_or_copy(src: Path, dst: Path, link: bool = True) -> None:

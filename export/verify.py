@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from flashvl_edge.runtime.bundle import Bundle
+from flashvl_edge.runtime.bundle import Bundle, empty_past
 from flashvl_edge.runtime.errors import BundleError
 
 if TYPE_CHECKING:
@@ -58,8 +58,7 @@ class OrtGraphs:
         return self.vision_session.run(None, {name: pixel_values.astype(self.float_dtype)})[0]
 
     def empty_past(self, batch: int = 1) -> dict[str, np.ndarray]:
-        return {t["name"]: np.zeros([batch if d == "batch" else 0 if d == "past" else d for d in t["shape"]],
-                                    dtype=self.float_dtype) for t in self.past_inputs}
+        return empty_past(self.manifest, batch)
 
     def llm(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self.output_names, self.llm_session.run(None, feed)))

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from flashvl_edge.runtime.bundle import Bundle
+from flashvl_edge.runtime.bundle import Bundle, empty_past
 from flashvl_edge.runtime.errors import BackendError
 
 # (rtol, atol) per graph output class, and the top-2 logit margin under which a greedy flip is a near tie
@@ -56,12 +56,7 @@ def _feeds(bundle: Bundle, graph: str, seed: int = 0) -> dict[str, np.ndarray]:
     ids = rng.integers(0, table.shape[0], size=seq)
     feed = {"inputs_embeds": np.asarray(table[ids], dtypes["inputs_embeds"])[None],
             "attention_mask": np.ones((1, seq), np.int64),
-            "position_ids": np.arange(seq, dtype=np.int64)[None]}
-    llm = m["llm"]
-    for i in range(int(m["graphs"]["llm"].get("num_layers", llm["num_layers"]))):
-        for kind in ("key", "value"):
-            name = f"past_key_values.{i}.{kind}"
-            feed[name] = np.zeros((1, llm["num_kv_heads"], 0, llm["head_dim"]), dtypes[name])
+            "position_ids": np.arange(seq, dtype=np.int64)[None], **empty_past(m)}
     return feed
 
 

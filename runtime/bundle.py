@@ -240,6 +240,19 @@ class Bundle:
         return self.path(self.graph(name)["file"])
 
 
+def empty_past(manifest: dict[str, Any], batch: int = 1) -> dict[str, Any]:
+    """The LLM graph's ``past_key_values.*`` inputs for a prefill (past length 0), as numpy zeros.
+
+    Derived from the graph's declared inputs (names, dtypes, shapes with named dims), so every tool
+    that feeds the graph directly (verify, calibration) builds the same feed the graph declares.
+    """
+    import numpy as np
+
+    return {t["name"]: np.zeros([batch if d == "batch" else 0 if d == "past" else int(d) for d in t["shape"]],
+                                dtype=np.dtype(t["dtype"]))
+            for t in manifest["graphs"]["llm"]["inputs"] if t["name"].startswith("past_key_values.")}
+
+
 # --------------------------------------------------------------------------------------------
 # Writing (shared by export, calibrate and build)
 
