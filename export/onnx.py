@@ -6,7 +6,9 @@ One image, from pixels to tokens, crosses two graphs:
   (vision tower + pixel shuffle + adapter, i.e. the model's own ``get_image_features``);
 * ``llm.onnx``: the Qwen2 decoder with its KV cache as plain inputs/outputs, ``inputs_embeds`` in and the
   logits of the LAST position only out (a long prefill never materialises seq x vocab logits). One graph
-  serves prefill (past = 0) and decode.
+  serves prefill (past = 0) and decode. Attention and RMSNorm are exported in a graph-friendly form
+  (:func:`decoder_export_forms`: grouped-query attention without repeated K/V, RMSNorm as a division that
+  ONNX Runtime fuses): same math, fewer nodes, and a quarter less time per int4 decode step on CPU.
 
 The token embedding table is saved next to them (``embed_tokens.npy``): the runtime gathers token
 embeddings itself and splices the image embeddings in at the image-token positions.
@@ -128,6 +130,135 @@ class VisionGraph(torch.nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.vlm.get_image_features(pixel_values)
+
+
+# The decoder's attention and RMSNorm, written for the graph rather than for PyTorch: same math as
+# transformers' eager code (verify checks ~1e-6 against the unmodified model), fewer and cheaper nodes.
+# Only while exporting (``decoder_export_forms``); the PyTorch model itself is never changed.
+EXPORT_ATTENTION = "flashvl_export_gqa"
+
+
+def grouped_query_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Attention for grouped-query heads without materializing repeated K/V.
+
+    transformers' eager/sdpa paths ``repeat_kv`` the cache to all query heads (an Expand + copy of
+    the whole past per layer and step: 12 x 28 x past x head_dim floats for Qwen2-1.5B) and the sdpa
+    decomposition adds NaN guards (IsNaN + Where over the scores). Here the query heads of one KV
+    head are folded into the rows instead: q [b, kv, group*seq, d] @ k^T [b, kv, d, past] is one
+    batched MatMul over the cache as it is, and the additive mask is broadcast over the group.
+    Head h uses KV head h // group, exactly as ``repeat_kv``.
+    """
+    b, heads, seq, d = query.shape
+    kv_heads, total = key.shape[1], key.shape[2]
+    group = heads // kv_heads
+    q = query.reshape(b, kv_heads, group * seq, d)
+    scores = torch.matmul(q, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        mask = attention_mask[:, :, :, :total]
+        if mask.dtype == torch.bool:  # sdpa-style mask: True = attend
+            mask = torch.zeros_like(mask, dtype=scores.dtype).masked_fill(~mask, torch.finfo(scores.dtype).min)
+        scores = (scores.reshape(b, kv_heads, group, seq, total) + mask[:, :, None]).reshape(b, kv_heads, group * seq, total)
+    probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+    out = torch.matmul(probs, value).reshape(b, heads, seq, d)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _rms_norm_forward(self, hidden_states):
+    # x / sqrt(mean(x^2) + eps) rather than x * rsqrt(...): the Div form is the pattern ONNX Runtime
+    # fuses into one SimplifiedLayerNormalization kernel (rsqrt exports as Sqrt + Reciprocal + Mul,
+    # six separate passes over the hidden state). TensorRT parses either as plain ops.
+    dtype = hidden_states.dtype
+    h = hidden_states.to(torch.float32)
+    h = h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+    return self.weight * h.to(dtype)
+
+
+def _fused_linear(*linears: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
+    """One weight/bias for several Linears on the same input (concatenated output features)."""
+    weight = torch.cat([lin.weight.detach() for lin in linears], dim=0)
+    biases = [lin.bias for lin in linears]
+    bias = None if all(b is None for b in biases) else torch.cat(
+        [b.detach() if b is not None else torch.zeros(lin.out_features, dtype=weight.dtype)
+         for b, lin in zip(biases, linears)])
+    return weight, bias, [lin.out_features for lin in linears]
+
+
+def _qwen2_attention_forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None,
+                             **kwargs):
+    # transformers 5.23's Qwen2Attention.forward, with q/k/v as one MatMul
+    import sys
+
+    apply_rotary_pos_emb = sys.modules[type(self).__module__].apply_rotary_pos_emb
+    b, seq = hidden_states.shape[:2]
+    q, k, v = torch.nn.functional.linear(hidden_states, self.qkv_weight, self.qkv_bias).split(self.qkv_sizes, dim=-1)
+    q, k, v = (t.view(b, seq, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
+    cos, sin = position_embeddings
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    if past_key_values is not None:
+        k, v = past_key_values.update(k, v, self.layer_idx)
+    out, _ = grouped_query_attention(self, q, k, v, attention_mask, scaling=self.scaling)
+    return self.o_proj(out.reshape(b, seq, -1).contiguous()), None
+
+
+def _qwen2_mlp_forward(self, x):
+    # down(act(gate(x)) * up(x)) with gate and up as one MatMul
+    gate, up = torch.nn.functional.linear(x, self.gate_up_weight, self.gate_up_bias).split(self.gate_up_sizes, dim=-1)
+    return self.down_proj(self.act_fn(gate) * up)
+
+
+@contextlib.contextmanager
+def decoder_export_forms(text_model: torch.nn.Module, text_config):
+    """Export the decoder with :func:`grouped_query_attention`, the Div-form RMSNorm, and (Qwen2
+    layers) q/k/v and gate/up each as one MatMul.
+
+    Why the fused projections: a decode step is ~200 matrix-vector products, each a separate kernel
+    launch with its own thread-pool round trip, and the k/v ones are small (1536 x 256). One q/k/v
+    MatMul and one gate/up MatMul per layer are 84 launches fewer per token for Qwen2-1.5B, on
+    weights concatenated along the output features: int8 per-channel and int4 per-block (blocks run
+    along the input dimension) quantize them exactly as they would the separate matrices. The
+    concatenated weights exist only during the export (about 1.9x the attention + MLP input
+    projections' bytes, transiently).
+    """
+    import types
+
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    ALL_ATTENTION_FUNCTIONS.register(EXPORT_ATTENTION, grouped_query_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(EXPORT_ATTENTION, eager_mask)  # additive float mask
+    patched: list[tuple[torch.nn.Module, str | None]] = []
+
+    def fuse(m, prefix, *linears):
+        # non-persistent buffers: the graph's initializers get names like layers.3.self_attn.qkv_weight
+        weight, bias, sizes = _fused_linear(*linears)
+        m.register_buffer(prefix + "_weight", weight, persistent=False)
+        m.register_buffer(prefix + "_bias", bias, persistent=False)
+        setattr(m, prefix + "_sizes", sizes)
+        patched.append((m, prefix))
+
+    for m in text_model.modules():
+        kind = type(m).__name__
+        if kind.endswith("RMSNorm") and hasattr(m, "variance_epsilon") and hasattr(m, "weight"):
+            m.forward = types.MethodType(_rms_norm_forward, m)
+            patched.append((m, None))
+        elif kind == "Qwen2Attention":
+            fuse(m, "qkv", m.q_proj, m.k_proj, m.v_proj)
+            m.forward = types.MethodType(_qwen2_attention_forward, m)
+        elif kind == "Qwen2MLP":
+            fuse(m, "gate_up", m.gate_proj, m.up_proj)
+            m.forward = types.MethodType(_qwen2_mlp_forward, m)
+    before = text_config._attn_implementation
+    text_config._attn_implementation = EXPORT_ATTENTION
+    try:
+        yield
+    finally:
+        text_config._attn_implementation = before
+        for m, prefix in patched:
+            if "forward" in vars(m):
+                del m.forward
+            if prefix:
+                del m._buffers[prefix + "_weight"], m._buffers[prefix + "_bias"]
+                delattr(m, prefix + "_sizes")
 
 
 class LLMGraph(torch.nn.Module):
@@ -410,7 +541,8 @@ def export_bundle(loaded: "LoadedModel", out, dtype: str = "fp32", max_tiles: in
                 module = LLMGraph(text_model, lm_head, vlm.text_config)
                 if tdtype != torch.float32:
                     module = _cast_copy(module, tdtype)
-                info = export_graph(module.eval(), l_io, tmp / LLM_FILE, "llm", llm_bytes)
+                with decoder_export_forms(module.text_model, module.text_config):
+                    info = export_graph(module.eval(), l_io, tmp / LLM_FILE, "llm", llm_bytes)
                 return {**info, "num_layers": dims["num_layers"]}
 
             def do_embeddings():

@@ -4,8 +4,8 @@ What is measured, and how:
 - The pipeline's own ``chat`` is run (warm-up runs first, then ``--runs`` measured ones), greedy and
   with EOS ignored so every run decodes exactly ``--new-tokens`` tokens.
 - The backend's graph runs are timed from the outside: :class:`GraphClock` replaces the ONNX Runtime
-  session's ``run`` / ``run_with_iobinding`` (or, for other backends, the runner's ``infer`` /
-  ``forward``) on the *instance* with a wrapper that records when each call started and ended. Nothing
+  session's ``run`` / ``run_with_ortvaluevector`` / ``run_with_iobinding`` (or, for other backends,
+  the runner's ``infer`` / ``forward``) on the *instance* with a wrapper that records when each call started and ended. Nothing
   in the decode loop changes, so what is measured is what ``flashvl chat`` does.
 - From those intervals: vision latency (the vision graph's run, divided by the tiles it was given),
   prefill (the first LLM run), decode tokens/s (one over the mean interval between the starts of
@@ -130,7 +130,8 @@ def attach_clocks(pipeline) -> tuple[GraphClock, GraphClock]:
         else:
             vclock.wrap(vision, "infer", lambda feed, *a, **k: _feed_dim(feed, "pixel_values", 0))
     session = getattr(llm, "session", None)
-    if session is not None and hasattr(session, "run_with_iobinding"):
+    run_method = "run_with_ortvaluevector" if getattr(llm, "use_vector_run", False) else "run_with_iobinding"
+    if session is not None and hasattr(session, run_method):
         # ORT: only the session run is "inside the graph"; IO binding and copies count as overhead.
         # forward() (which calls the session run once) is wrapped only to note the new-token count.
         pending: list[int] = []
@@ -142,7 +143,7 @@ def attach_clocks(pipeline) -> tuple[GraphClock, GraphClock]:
         forward_note = GraphClock("llm.forward")
         forward_note.wrap(llm, "forward", note_tokens)
         lclock._restore.append(forward_note.unwrap)
-        lclock.wrap(session, "run_with_iobinding", lambda *a, **k: pending.pop() if pending else 0)
+        lclock.wrap(session, run_method, lambda *a, **k: pending.pop() if pending else 0)
     else:
         lclock.wrap(llm, "forward", lambda embeds, *a, **k: int(np.shape(embeds)[1]))
     return vclock, lclock

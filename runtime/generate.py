@@ -86,7 +86,7 @@ def _is_real(x) -> bool:
 # Sampling
 
 
-def sample(logits: np.ndarray, seen_ids: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+def sample(logits: np.ndarray, seen_ids: Sequence[int], params: SamplingParams, rng: np.random.Generator) -> int:
     """Pick the next token id from last-position ``logits`` [vocab]."""
     if params.temperature == 0.0 and params.repetition_penalty == 1.0:
         # plain greedy: no float64 copy of the vocabulary-sized row (0.2 ms a token at 152k vocab);
@@ -95,7 +95,8 @@ def sample(logits: np.ndarray, seen_ids: np.ndarray, params: SamplingParams, rng
     logits = logits.astype(np.float64, copy=True)
     if params.repetition_penalty != 1.0 and len(seen_ids):
         # transformers' RepetitionPenaltyLogitsProcessor: shrink the logit of every token already seen
-        seen = np.unique(seen_ids[(seen_ids >= 0) & (seen_ids < logits.shape[0])])
+        ids = np.asarray(seen_ids, dtype=np.int64)  # only here: greedy decoding never pays for it
+        seen = np.unique(ids[(ids >= 0) & (ids < logits.shape[0])])
         s = logits[seen]
         logits[seen] = np.where(s > 0, s / params.repetition_penalty, s * params.repetition_penalty)
     if params.temperature == 0.0:
@@ -176,12 +177,14 @@ class Generator:
 
         logits = self.llm.forward(self.embed(new_ids, image_embeds, image_mask), cache)  # prefill
         for step in range(budget):
-            token = sample(logits, np.asarray(seen, dtype=np.int64), params, rng)
+            token = sample(logits, seen, params, rng)
             yield token
             if token in stop_ids or step == budget - 1:
                 return
             seen.append(token)
-            logits = self.llm.forward(self.embed([token]), cache)  # decode one token
+            # decode one token: its table row as [1, 1, hidden] (the general embed() is for prompts)
+            row = np.asarray(self.embed_table[token:token + 1], dtype=self.llm.embeds_dtype)
+            logits = self.llm.forward(row[None], cache)
 
 
 # --------------------------------------------------------------------------------------------

@@ -106,7 +106,9 @@ class Pipeline:
         if not emb.get("file"):
             raise BundleError("the bundle manifest has no 'embeddings' file; re-export the bundle")
         try:
-            table = np.load(bundle.path(emb["file"]), mmap_mode="r")  # rows are read only when gathered
+            # rows are read only when gathered; a plain ndarray view of the map, since slicing an
+            # np.memmap builds a memmap object per decoded token (~20 us of Python each)
+            table = np.asarray(np.load(bundle.path(emb["file"]), mmap_mode="r"))
             _warm_page_cache(bundle.path(emb["file"]))
         except (OSError, ValueError) as e:
             raise BundleError(f"cannot read the embedding table ({e}); re-export the bundle") from None

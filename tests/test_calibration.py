@@ -194,6 +194,33 @@ def test_int8_qdq_is_symmetric_per_channel(which, graph, request):
         assert not numpy_helper.to_array(inits[act_dq.input[2]]).any()
 
 
+@pytest.mark.parametrize("which,graph", [("static_q", "vision"), ("dynamic_q", "vision"), ("dynamic_q", "llm")])
+def test_int8_matmuls_fuse_to_integer_kernels(which, graph, request, tmp_path):
+    """Every quantized MatMul runs as an integer kernel in ONNX Runtime (none left in float with its
+    weight dequantized each run), and the q.k^T products of the vision graph are among them. Fails
+    when Q/DQ pairs share scale initializers: ORT then merges them and skips the fusion."""
+    b = Bundle.load(request.getfixturevalue(which))
+    model = onnx.load(str(b.graph_path(graph)))
+    producers = {o: n for n in model.graph.node for o in n.output}
+    quantized = [n for n in model.graph.node if n.op_type == "MatMul"
+                 and all(i in producers and producers[i].op_type == "DequantizeLinear" for i in n.input[:2])]
+    inits = _inits(model)
+    scores = [n for n in quantized if not any(i in inits for i in producers[n.input[1]].input[:1])]
+    assert (len(scores) > 0) == (graph == "vision")  # q.k^T only in the vision graph
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(b.graph_path(graph)), so, providers=["CPUExecutionProvider"])
+    opt = onnx.load(str(tmp_path / "opt.onnx"))
+    ops = [n.op_type for n in opt.graph.node]
+    integer = ops.count("MatMulIntegerToFloat") + ops.count("QLinearMatMul")
+    assert integer == len(quantized), (integer, len(quantized))
+    opt_producers = {o: n for n in opt.graph.node for o in n.output}
+    float_dq = [n.name for n in opt.graph.node if n.op_type in ("MatMul", "FusedMatMul")
+                and any(i in opt_producers and opt_producers[i].op_type == "DequantizeLinear" for i in n.input)]
+    assert not float_dq
+
+
 def test_int4_blocked_dq_fuses_to_matmulnbits(static_q, tmp_path):
     b = Bundle.load(static_q)
     model = onnx.load(str(b.graph_path("llm")))

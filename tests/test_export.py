@@ -106,6 +106,36 @@ def test_graphs_are_plain_onnx_without_duplicated_weights(tiny_static_bundle, ti
     assert init_bytes >= 0.95 * sum(llm_weights.values())
 
 
+def test_decoder_export_forms_are_the_same_math_and_leave_the_model_as_it_was(tiny_static_loaded):
+    """Inside ``decoder_export_forms`` the decoder (fused q/k/v and gate/up, grouped-query attention
+    without repeat_kv, Div-form RMSNorm) gives transformers' logits, causal prefill over a past and
+    decode alike; afterwards the model has no extra buffers, methods or attention setting."""
+    vlm = tiny_static_loaded.model
+    graph = fx.LLMGraph(vlm.text_model, vlm.lm_head, vlm.text_config).eval()
+    cfg = vlm.text_config
+    g = torch.Generator().manual_seed(0)
+    kv, hd = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    past = [torch.randn(1, kv, 4, hd, generator=g) for _ in range(2 * cfg.num_hidden_layers)]
+    embeds = torch.randn(1, 5, cfg.hidden_size, generator=g)
+    args = (embeds, torch.ones(1, 9, dtype=torch.int64), torch.arange(4, 9)[None], *past)
+    state = {k: v.clone() for k, v in vlm.state_dict().items()}
+    impl = cfg._attn_implementation
+    with torch.no_grad():
+        ref = graph(*args)
+        with fx.decoder_export_forms(graph.text_model, cfg):
+            assert cfg._attn_implementation == fx.EXPORT_ATTENTION
+            got = graph(*args)
+            step = graph(embeds[:, :1], torch.ones(1, 5, dtype=torch.int64), torch.tensor([[4]]), *past)
+        ref_step = graph(embeds[:, :1], torch.ones(1, 5, dtype=torch.int64), torch.tensor([[4]]), *past)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(step[0], ref_step[0], rtol=1e-5, atol=1e-5)
+    assert cfg._attn_implementation == impl
+    assert vlm.state_dict().keys() == state.keys()
+    assert all(torch.equal(vlm.state_dict()[k], v) for k, v in state.items())
+    assert not [m for m in vlm.modules() if "forward" in vars(m) or "qkv_sizes" in vars(m)]
+
+
 # --------------------------------------------------------------------------------------------
 # Parity against PyTorch (logits, past = 0, batch 2)
 

@@ -273,3 +273,24 @@ def test_chat_result_fields(pipes):
         assert key in d
     assert len(d["token_ids"]) == 5 and d["vision_s"] > 0 and d["ttft_s"] >= d["vision_s"]
     assert d["decode_tokens_per_s"] > 0
+
+
+def test_iobinding_fallback_decodes_the_same_tokens(pipes, loaded, monkeypatch):
+    """Older ONNX Runtime has no ``run_with_ortvaluevector``: the IO-binding path must decode the
+    same tokens as the default path and as the torch reference, including a cache carried over turns."""
+    pipe, model = pipes["static"], loaded["static"].model
+    assert pipe.llm.use_vector_run  # this ORT has it, so the default below is the vector path
+    photo = skimage.data.astronaut()
+    fast = pipe.chat("Describe the image.", image=photo, max_new_tokens=N_TOKENS, ignore_eos=True)
+    monkeypatch.setattr(pipe.llm, "use_vector_run", False)
+    slow = pipe.chat("Describe the image.", image=photo, max_new_tokens=N_TOKENS, ignore_eos=True)
+    assert slow.token_ids == fast.token_ids
+    assert slow.token_ids == reference(model, slow.prompt_token_ids, torch_image_tokens(model, pipe.manifest, photo))
+    # a cache written by one path is read by the other (same OrtKVCache contract)
+    session = pipe.session()
+    session.ask("Describe the image.", image=photo, max_new_tokens=4, ignore_eos=True)
+    monkeypatch.setattr(pipe.llm, "use_vector_run", True)
+    mixed = session.ask("And the colours?", max_new_tokens=8, ignore_eos=True)
+    one_shot = pipe.session()
+    one_shot.ask("Describe the image.", image=photo, max_new_tokens=4, ignore_eos=True)
+    assert mixed.token_ids == one_shot.ask("And the colours?", max_new_tokens=8, ignore_eos=True).token_ids
