@@ -216,8 +216,8 @@ def decoder_export_forms(text_model: torch.nn.Module, text_config):
     MatMul and one gate/up MatMul per layer are 84 launches fewer per token for Qwen2-1.5B, on
     weights concatenated along the output features: int8 per-channel and int4 per-block (blocks run
     along the input dimension) quantize them exactly as they would the separate matrices. The
-    concatenated weights exist only during the export (about 1.9x the attention + MLP input
-    projections' bytes, transiently).
+    model keeps its values and parameter names; its q/k/v and gate/up weights are left as views into
+    the concatenations, which take their place in memory.
     """
     import types
 
@@ -231,6 +231,14 @@ def decoder_export_forms(text_model: torch.nn.Module, text_config):
     def fuse(m, prefix, *linears):
         # non-persistent buffers: the graph's initializers get names like layers.3.self_attn.qkv_weight
         weight, bias, sizes = _fused_linear(*linears)
+        # The Linears' own tensors become views of the concatenation (same values, the old storage is
+        # freed), so the export does not hold two copies (11.8 GB peak for the 2B model otherwise).
+        start = 0
+        for lin, n in zip(linears, sizes):
+            lin.weight.data = weight[start:start + n]
+            if lin.bias is not None:
+                lin.bias.data = bias[start:start + n]
+            start += n
         m.register_buffer(prefix + "_weight", weight, persistent=False)
         m.register_buffer(prefix + "_bias", bias, persistent=False)
         setattr(m, prefix + "_sizes", sizes)
