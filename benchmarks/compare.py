@@ -382,7 +382,8 @@ def run(args) -> None:
             r["local_bandwidth_bytes_per_s"] = max(last_probe["bytes_per_s"], after["bytes_per_s"])
             last_probe = after
             log(f"rep {rep} {name}: ttft {r['ttft_s']:.2f} s, decode {r['decode_tokens_per_s']:.2f} tok/s "
-                f"({time.perf_counter() - t0:.0f} s; local bandwidth {r['local_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s)")
+                f"({time.perf_counter() - t0:.0f} s; local bandwidth "
+                f"{r['local_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s)")
             if rep >= args.warmup:
                 r["rep"] = rep - args.warmup
                 results[name].append(r)
@@ -424,7 +425,8 @@ def run(args) -> None:
         w = weights.get(name)
         if w:
             summary[name]["bytes_per_token"] = w["bytes_per_token"]
-            summary[name]["bandwidth_limit_tokens_per_s"] = summary[name]["local_bandwidth_bytes_per_s"] / w["bytes_per_token"]
+            local = summary[name]["local_bandwidth_bytes_per_s"]
+            summary[name]["bandwidth_limit_tokens_per_s"] = local / w["bytes_per_token"]
     # agreement of greedy tokens (same weights, same inputs): a sanity check that we compare like with like
     agree = {}
     ref = results["ours-fp32"][0]["token_ids"]

@@ -157,7 +157,8 @@ def grouped_query_attention(module, query, key, value, attention_mask, scaling, 
         mask = attention_mask[:, :, :, :total]
         if mask.dtype == torch.bool:  # sdpa-style mask: True = attend
             mask = torch.zeros_like(mask, dtype=scores.dtype).masked_fill(~mask, torch.finfo(scores.dtype).min)
-        scores = (scores.reshape(b, kv_heads, group, seq, total) + mask[:, :, None]).reshape(b, kv_heads, group * seq, total)
+        scores = scores.reshape(b, kv_heads, group, seq, total) + mask[:, :, None]  # same mask for the group
+        scores = scores.reshape(b, kv_heads, group * seq, total)
     probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
     out = torch.matmul(probs, value).reshape(b, heads, seq, d)
     return out.transpose(1, 2).contiguous(), None

@@ -5,8 +5,9 @@ What is measured, and how:
   with EOS ignored so every run decodes exactly ``--new-tokens`` tokens.
 - The backend's graph runs are timed from the outside: :class:`GraphClock` replaces the ONNX Runtime
   session's ``run`` / ``run_with_ortvaluevector`` / ``run_with_iobinding`` (or, for other backends,
-  the runner's ``infer`` / ``forward``) on the *instance* with a wrapper that records when each call started and ended. Nothing
-  in the decode loop changes, so what is measured is what ``flashvl chat`` does.
+  the runner's ``infer`` / ``forward``) on the *instance* with a wrapper that records when each call
+  started and ended. Nothing in the decode loop changes, so what is measured is what ``flashvl chat``
+  does.
 - From those intervals: vision latency (the vision graph's run, divided by the tiles it was given),
   prefill (the first LLM run), decode tokens/s (one over the mean interval between the starts of
   consecutive decode runs: the whole per-token cost, graph and host), and the **runtime overhead per
