@@ -114,13 +114,18 @@ class BandwidthProbe:
         self.x = np.ones(cols, np.float32)
 
     def __call__(self, repeats: int = 5) -> dict:
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            self.a @ self.x
-            times.append(time.perf_counter() - t0)
-        best = min(times)
-        return {"bytes": self.a.nbytes, "best_s": best, "bytes_per_s": self.a.nbytes / best, "times_s": times}
+        return _timed_read(lambda: self.a @ self.x, self.a.nbytes, repeats)
+
+
+def _timed_read(read, nbytes: int, repeats: int) -> dict:
+    """Best of ``repeats`` calls of ``read``, which reads ``nbytes`` once."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        read()
+        times.append(time.perf_counter() - t0)
+    best = min(times)
+    return {"bytes": nbytes, "best_s": best, "bytes_per_s": nbytes / best, "times_s": times}
 
 
 def measure_bandwidth(gib: float = 1.0, repeats: int = 5) -> dict:
@@ -155,13 +160,7 @@ def measure_bandwidth_ort(gib: float = 1.0, repeats: int = 5, threads: int | Non
     del model, graph
     x = np.ones((1, cols), np.float32)
     session.run(None, {"x": x})
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        session.run(None, {"x": x})
-        times.append(time.perf_counter() - t0)
-    best = min(times)
-    return {"bytes": nbytes, "best_s": best, "bytes_per_s": nbytes / best, "times_s": times,
+    return {**_timed_read(lambda: session.run(None, {"x": x}), nbytes, repeats),
             "probe": "onnxruntime MatMul [1, 16384] x [16384, 16384] float32"}
 
 

@@ -140,6 +140,15 @@ def fold_weight_transposes(model: onnx.ModelProto) -> int:
     return folded
 
 
+def _consumers(graph: onnx.GraphProto) -> dict[str, list]:
+    """Tensor name -> the nodes that read it."""
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    return consumers
+
+
 def unshare_activation_qparams(model: onnx.ModelProto) -> int:
     """Give every activation ``QuantizeLinear`` (and the ``DequantizeLinear`` it feeds) its own copy of
     the scale and zero-point initializers. Returns how many Q nodes got copies.
@@ -158,10 +167,7 @@ def unshare_activation_qparams(model: onnx.ModelProto) -> int:
         if node.op_type == "QuantizeLinear":
             for name in node.input[1:3]:
                 users[name] = users.get(name, 0) + 1
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for i in node.input:
-            consumers.setdefault(i, []).append(node)
+    consumers = _consumers(graph)
     changed = 0
     for index, node in enumerate(graph.node):
         if node.op_type != "QuantizeLinear" or len(node.input) < 3:
@@ -250,10 +256,7 @@ def attention_score_nodes(model: onnx.ModelProto, candidates: Iterable[str]) -> 
     """The activation x activation MatMuls among ``candidates`` whose output goes into a Softmax
     (directly, or through one scale/mask Mul/Div/Add): the q.k^T products of attention."""
     graph = model.graph
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for i in node.input:
-            consumers.setdefault(i, []).append(node)
+    consumers = _consumers(graph)
 
     def feeds_softmax(tensor: str, hops: int) -> bool:
         for c in consumers.get(tensor, []):

@@ -236,9 +236,8 @@ class OrtDecoder(OrtRunner, DecoderRunner):
             feeds.reserve(len(self.feed_names))
             for array in (embeds, mask, positions):
                 feeds.push_back(C.OrtValue.ortvalue_from_numpy(array, self._cpu_device))
-            values, offset = cache.values, cache.offset
-            for i in range(offset, len(values)):
-                feeds.push_back(values[i])
+            for value in cache.tensors():
+                feeds.push_back(value)
             fetches = C.OrtValueVector()
             self.session.run_with_ortvaluevector(self._run_options, self.feed_names, feeds, self.fetch_names,
                                                  fetches, self._fetch_devices)
