@@ -39,7 +39,7 @@ demo: setup
 clean:
 	rm -rf build .pytest_cache
 
-# ---- engines (C2): export -> (calibrate, for int8) -> TensorRT build, with real file dependencies.
+# ---- engines: export -> (calibrate, for int8) -> TensorRT build, with real file dependencies.
 # make engines MODEL=<checkpoint dir|preset> PRECISION=fp16|int8 OUT=<dir>
 # Each stage's manifest.json is the target (written last by that stage), so re-running redoes only what
 # changed: a newer checkpoint file re-exports; a newer FP bundle re-calibrates; engines are rebuilt when

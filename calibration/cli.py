@@ -9,19 +9,21 @@ Any failure leaves ``--out`` as it was.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from flashvl_edge.runtime.bundle import check_output_dir, empty_past
+from flashvl_edge.runtime.bundle import check_output_dir
+from flashvl_edge.runtime.generate import Generator
 from flashvl_edge.runtime.errors import CalibrationError
+from flashvl_edge.runtime.weights import graph_initializer_bytes
 
 from . import data, report
 from .quantize import INT4_BLOCK_SIZE, METHODS
@@ -50,22 +52,32 @@ def add_arguments(p) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _check_args(args) -> None:
-    if args.vision == "none" and args.llm == "none":
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """What ``flashvl calibrate`` was asked (the library entry point takes this, not argparse's namespace)."""
+
+    vision: str = "int8"  # "int8" | "none"
+    llm: str = "int4"  # "int8" | "int4" | "none"
+    method: str = "entropy"
+    images: str | None = None
+    prompts: str | None = None
+    samples: int | None = None
+    holdout: int = data.DEFAULT_HOLDOUT
+    report_tokens: int = data.DEFAULT_REPORT_TOKENS
+    cache_dir: str | None = None
+    force: bool = False
+    progress: bool = True
+
+
+def _check_options(bundle_path: str | os.PathLike, out: str | os.PathLike, opts: CalibrationOptions) -> None:
+    if opts.vision == "none" and opts.llm == "none":
         raise CalibrationError("--vision none and --llm none leave nothing to quantize; pick int8 or int4")
-    if args.report_tokens < 1:
-        raise CalibrationError(f"--report-tokens must be at least 1, got {args.report_tokens}")
-    src, out = Path(args.bundle).resolve(), Path(args.out).resolve()
-    if src == out or src in out.parents:
+    if opts.report_tokens < 1:
+        raise CalibrationError(f"--report-tokens must be at least 1, got {opts.report_tokens}")
+    src, dst = Path(bundle_path).resolve(), Path(out).resolve()
+    if src == dst or src in dst.parents:
         raise CalibrationError("--out must be a new directory outside the input bundle")
-    check_output_dir(out, args.force, error=CalibrationError)
-
-
-def _prefill_feed(embeds: np.ndarray, manifest: dict) -> dict[str, np.ndarray]:
-    """The LLM graph's full input for one prefill with an empty KV cache."""
-    seq = embeds.shape[1]
-    return {"inputs_embeds": embeds, "attention_mask": np.ones((1, seq), np.int64),
-            "position_ids": np.arange(seq, dtype=np.int64)[None], **empty_past(manifest)}
+    check_output_dir(dst, opts.force, error=CalibrationError)
 
 
 def _link_or_copy(src: Path, dst: Path, link: bool = True) -> None:
@@ -79,80 +91,56 @@ def _link_or_copy(src: Path, dst: Path, link: bool = True) -> None:
     shutil.copyfile(src, dst)
 
 
-def initializer_bytes(model_path: Path) -> int:
-    """Bytes of a graph's weights as stored (int4 packed two per byte), external data included."""
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load(str(model_path), load_external_data=False)
-    total = 0
-    for t in model.graph.initializer:
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            total += int(next((e.value for e in t.external_data if e.key == "length"), 0))
-        elif t.raw_data:
-            total += len(t.raw_data)
-        else:
-            total += numpy_helper.to_array(t).nbytes
-    return total
-
-
-def calibrate(args) -> dict[str, Any]:
-    """Do the work of ``flashvl calibrate``; returns the report."""
+def calibrate(bundle_path: str | os.PathLike, out: str | os.PathLike,
+              opts: CalibrationOptions = CalibrationOptions()) -> dict[str, Any]:
+    """Quantize the FP32 bundle at ``bundle_path`` into a new bundle ``out``; returns the report."""
     import onnxruntime
 
     from flashvl_edge.runtime.backends.ort import OrtDecoder, OrtRunner
     from flashvl_edge.runtime.bundle import Bundle, finalize_manifest, staging_dir, tool_versions
+    from flashvl_edge.runtime.contract import QuantizationSpec
 
     from .quantize import quantize_llm_int4, quantize_llm_int8, quantize_vision_int8
 
-    _check_args(args)
-    bundle = Bundle.load(args.bundle)
+    _check_options(bundle_path, out, opts)
+    bundle = Bundle.load(bundle_path)
     m = bundle.manifest
-    q = m.get("quantization")
-    if q:
+    if m.quantization is not None:
         raise CalibrationError(
-            f"bundle {args.bundle!r} is already quantized (vision {q.get('vision')}, llm {q.get('llm')}); "
-            "calibrate the FP32 bundle it was made from")
-    if m.get("dtype", "fp32") != "fp32":
-        raise CalibrationError(f"bundle {args.bundle!r} is {m.get('dtype')}; calibrate an fp32 export "
+            f"bundle {str(bundle_path)!r} is already quantized (vision {m.quantization.vision}, llm "
+            f"{m.quantization.llm}); calibrate the FP32 bundle it was made from")
+    if m.dtype != "fp32":
+        raise CalibrationError(f"bundle {str(bundle_path)!r} is {m.dtype}; calibrate an fp32 export "
                                "('flashvl export ... --dtype fp32'), TensorRT picks fp16 for the float parts itself")
-    prompts = data.load_prompts(args.prompts, m["image"].get("placeholder") or "<image>")
-    samples = data.select_samples(args.images, prompts, args.samples, args.holdout,
-                                  m["preprocess"].get("max_image_pixels"))
+    prompts = data.load_prompts(opts.prompts, m.image.placeholder)
+    samples = data.select_samples(opts.images, prompts, opts.samples, opts.holdout, m.preprocess.max_image_pixels)
     t0 = time.perf_counter()
     # INT4 is round-to-nearest: only INT8 (vision or LLM) needs calibration inputs; the report always
     # needs the held-out references.
-    needs_calibration = args.vision == "int8" or args.llm == "int8"
-    cap = data.capture(args.bundle, samples, args.report_tokens, args.cache_dir, progress=not args.quiet,
+    needs_calibration = opts.vision == "int8" or opts.llm == "int8"
+    cap = data.capture(bundle_path, samples, opts.report_tokens, opts.cache_dir, progress=opts.progress,
                        held_out_only=not needs_calibration)
     t_capture = time.perf_counter() - t0
     print(f"calibration inputs: {len(cap.calib_pixels)} samples + {len(cap.held_pixels)} held out "
           f"({'loaded from cache' if cap.cache_hit else f'captured in {t_capture:.1f} s'}"
           f"{', ' + str(cap.cache_path) if cap.cache_path else ''})", file=sys.stderr)
 
-    graphs = m["graphs"]
+    schemes_asked = {"vision": opts.vision, "llm": opts.llm}
     # Files rewritten in the new bundle. Never link these: writing the new graph through a hard link
     # would overwrite the FP bundle's file.
-    replaced = set()
-    for name, scheme in (("vision", args.vision), ("llm", args.llm)):
-        if scheme != "none":
-            replaced.add(graphs[name]["file"])
-            if graphs[name].get("external_data"):
-                replaced.add(graphs[name]["external_data"])
+    replaced = {f for name, scheme in schemes_asked.items() if scheme != "none" for f in m.graph(name).files}
 
-    with staging_dir(args.out, force=args.force) as tmp:
+    with staging_dir(out, force=opts.force) as tmp:
         # ONNX files are always copied: onnx refuses to load external data from a file with more than
         # one hard link ("potential hardlink attack"), which would break both bundles for onnx tools.
-        graph_files = {g.get(k) for g in graphs.values() for k in ("file", "external_data")} - {None}
-        for name in m["files"]:
+        graph_files = {f for g in m.graphs.values() for f in g.files}
+        for name in m.files:
             if name in replaced or name.startswith("engines/") or name == report.REPORT_FILE:
                 continue  # engines were built from the FP graphs: they do not belong to this bundle
             _link_or_copy(bundle.path(name), tmp / name, link=name not in graph_files)
 
-        new = copy.deepcopy(m)
-        new.pop("files", None)
-        new.pop("engines", None)
-        rep: dict[str, Any] = {"bundle": str(Path(args.bundle).resolve()), "sizes": {},
+        new = m.replace(files={}, engines={})
+        rep: dict[str, Any] = {"bundle": str(Path(bundle_path).resolve()), "sizes": {},
                                "calibration_data": {"source": samples.source, "samples": len(cap.calib_pixels),
                                                     "held_out": len(cap.held_pixels), "cache_hit": cap.cache_hit,
                                                     "cache_file": str(cap.cache_path) if cap.cache_path else None},
@@ -160,68 +148,70 @@ def calibrate(args) -> dict[str, Any]:
                                "held_out": cap.names.get("held_out", [])}
         schemes: dict[str, Any] = {}
 
-        if args.vision != "none":
-            g = graphs["vision"]
-            dst = tmp / g["file"]
-            print(f"quantizing the vision graph: int8, {args.method} calibration", file=sys.stderr)
-            res = quantize_vision_int8(bundle.path(g["file"]), dst, [{"pixel_values": p} for p in cap.calib_pixels],
-                                       args.method, g.get("external_data"))
+        if opts.vision != "none":
+            g = m.graph("vision")
+            dst = tmp / g.file
+            print(f"quantizing the vision graph: int8, {opts.method} calibration", file=sys.stderr)
+            res = quantize_vision_int8(bundle.path(g.file), dst, [{"pixel_values": p} for p in cap.calib_pixels],
+                                       opts.method, g.external_data)
             with OrtRunner(dst, "vision-int8", device="cpu") as runner:
                 metrics = report.vision_metrics(lambda px: runner.infer({"pixel_values": px})["image_embeds"],
                                                 cap.held_pixels, cap.held_image_embeds)
             rep["vision"] = {"scheme": "int8", "method": res.method, **metrics, **res.details,
                              "quantized_nodes": len(res.quantized_nodes), "float_nodes": len(res.kept_float_nodes)}
             schemes["vision"] = res
-            new["graphs"]["vision"]["weight_bytes"] = initializer_bytes(dst)
+            new = new.with_graph("vision", weight_bytes=graph_initializer_bytes(dst))
 
-        if args.llm != "none":
-            g = graphs["llm"]
-            dst = tmp / g["file"]
-            print(f"quantizing the LLM graph: {args.llm}" + (f", {args.method} calibration" if args.llm == "int8"
+        if opts.llm != "none":
+            g = m.graph("llm")
+            dst = tmp / g.file
+            print(f"quantizing the LLM graph: {opts.llm}" + (f", {opts.method} calibration" if opts.llm == "int8"
                                                               else f" weight-only, block {INT4_BLOCK_SIZE}, RTN"),
                   file=sys.stderr)
-            if args.llm == "int4":
-                res = quantize_llm_int4(bundle.path(g["file"]), dst, INT4_BLOCK_SIZE, g.get("external_data"))
+            if opts.llm == "int4":
+                res = quantize_llm_int4(bundle.path(g.file), dst, INT4_BLOCK_SIZE, g.external_data)
             else:
-                feeds = [_prefill_feed(e, m) for e in cap.calib_embeds]
-                res = quantize_llm_int8(bundle.path(g["file"]), dst, feeds, args.method, g.get("external_data"))
-            table = np.load(bundle.path(m["embeddings"]["file"]), mmap_mode="r")
+                feeds = [m.llm_feed(e) for e in cap.calib_embeds]
+                res = quantize_llm_int8(bundle.path(g.file), dst, feeds, opts.method, g.external_data)
+            table = np.load(bundle.path(m.embeddings.file), mmap_mode="r")
 
-            with OrtDecoder(dst, "llm-" + args.llm, device="cpu") as decoder:
-                def embed(ids: list[int]) -> np.ndarray:
-                    return np.asarray(table[np.asarray(ids)], decoder.embeds_dtype)[None]
-                metrics = report.llm_metrics(decoder, embed, cap.held_embeds, cap.held_tokens, cap.held_logits)
-            rep["llm"] = {"scheme": args.llm, "method": res.method, **metrics, **res.details,
+            with OrtDecoder(dst, "llm-" + opts.llm, device="cpu") as decoder:
+                metrics = report.llm_metrics(Generator(decoder, table, m.image.image_token_id),
+                                             cap.held_embeds, cap.held_tokens, cap.held_logits)
+            rep["llm"] = {"scheme": opts.llm, "method": res.method, **metrics, **res.details,
                           "quantized_nodes": len(res.quantized_nodes), "float_nodes": len(res.kept_float_nodes)}
             schemes["llm"] = res
-            new["graphs"]["llm"]["weight_bytes"] = initializer_bytes(dst)
-            if "opset" in res.details:
-                new["graphs"]["llm"]["opset"] = res.details["opset"]
+            new = new.with_graph("llm", weight_bytes=graph_initializer_bytes(dst),
+                                 opset=int(res.details.get("opset", g.opset)))
 
         for name in ("vision", "llm"):
-            g = graphs[name]
+            g = m.graph(name)
             if name in schemes:
-                rep["sizes"][name] = {"before": report.graph_bytes(bundle.path(g["file"]), g.get("external_data")),
-                                      "after": report.graph_bytes(tmp / g["file"], g.get("external_data"))}
+                rep["sizes"][name] = {"before": report.graph_bytes(bundle.path(g.file), g.external_data),
+                                      "after": report.graph_bytes(tmp / g.file, g.external_data)}
 
-        new["quantization"] = {
-            "vision": "int8" if "vision" in schemes else None,
-            "llm": args.llm if "llm" in schemes else None,
-            "method": {k: v.method for k, v in schemes.items()},
-            "tool": "onnxruntime.quantization",
-            "tool_version": onnxruntime.__version__,
-            "report": report.REPORT_FILE,
-            "calibrated_from": {"path": str(Path(args.bundle).resolve()), "fingerprint": data.bundle_fingerprint(bundle)},
-        }
-        new["tools"] = {**m.get("tools", {}), **tool_versions("onnxruntime", "onnx")}
-        rep["quantization"] = new["quantization"]
+        quantization = QuantizationSpec(
+            vision="int8" if "vision" in schemes else None,
+            llm=opts.llm if "llm" in schemes else None,
+            method={k: v.method for k, v in schemes.items()},
+            tool="onnxruntime.quantization",
+            tool_version=onnxruntime.__version__,
+            report=report.REPORT_FILE,
+            calibrated_from={"path": str(Path(bundle_path).resolve()), "fingerprint": data.bundle_fingerprint(bundle)},
+        )
+        new = new.replace(quantization=quantization, tools={**m.tools, **tool_versions("onnxruntime", "onnx")})
+        rep["quantization"] = quantization.to_json()
         (tmp / report.REPORT_FILE).write_text(json.dumps(rep, indent=2) + "\n", encoding="utf-8")
         finalize_manifest(tmp, new)
     return rep
 
 
 def run(args) -> int:
-    rep = calibrate(args)
+    opts = CalibrationOptions(vision=args.vision, llm=args.llm, method=args.method, images=args.images,
+                              prompts=args.prompts, samples=args.samples, holdout=args.holdout,
+                              report_tokens=args.report_tokens, cache_dir=args.cache_dir, force=args.force,
+                              progress=not args.quiet)
+    rep = calibrate(args.bundle, args.out, opts)
     print(report.format_table(rep))
     print(f"quantized bundle written to {args.out}")
     return 0

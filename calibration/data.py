@@ -105,17 +105,9 @@ def load_prompts(path: str | os.PathLike | None, placeholder: str = "<image>") -
 
 def _photo(name: str) -> Callable[[], Image.Image]:
     def make() -> Image.Image:
-        import skimage.data
+        from flashvl_edge.runtime.samples import test_photo
 
-        a = getattr(skimage.data, name)()
-        if a.dtype == bool:
-            a = a.astype(np.uint8) * 255
-        im = Image.fromarray(a)
-        if im.mode == "RGBA":  # skimage's logo: composite on white like the runtime does
-            bg = Image.new("RGB", im.size, "white")
-            bg.paste(im, mask=im.getchannel("A"))
-            im = bg
-        return im.convert("RGB")
+        return test_photo(name)
     return make
 
 
@@ -374,14 +366,14 @@ def cache_dir(explicit: str | os.PathLike | None = None) -> Path:
 def bundle_fingerprint(bundle) -> str:
     """Hash of what capture depends on: graph/embedding/tokenizer file hashes and the input sections."""
     m = bundle.manifest
-    files = m["files"]
     h = hashlib.sha256()
-    for name in sorted(files):
+    for name in sorted(m.files):
         if name.startswith("engines/"):
             continue
-        h.update(f"{name}={files[name]['sha256']};".encode())
+        h.update(f"{name}={m.files[name].sha256};".encode())
+    sections = m.to_json()  # hashed as written, so the key is stable across reader changes
     for key in ("image", "preprocess", "iss", "chat_template", "generation", "embeddings"):
-        h.update(json.dumps(m.get(key), sort_keys=True).encode())
+        h.update(json.dumps(sections[key], sort_keys=True).encode())
     return h.hexdigest()
 
 
@@ -426,17 +418,12 @@ def _load_npz(path: Path) -> Captured | None:
         return None  # missing or damaged: capture again
 
 
-def greedy_reference(llm, embed, prefill_embeds: np.ndarray, n_tokens: int) -> tuple[np.ndarray, np.ndarray]:
-    """Greedy continuation of ``n_tokens`` from a prefill, and the logits that chose each token."""
-    cache = llm.new_cache()
-    logits = llm.forward(prefill_embeds, cache)
-    tokens, all_logits = [], []
-    for step in range(n_tokens):
-        all_logits.append(np.asarray(logits, np.float32))
-        tokens.append(int(np.argmax(logits)))
-        if step + 1 < n_tokens:
-            logits = llm.forward(embed([tokens[-1]]), cache)
-    return np.asarray(tokens, np.int64), np.stack(all_logits)
+def greedy_reference(generator, prefill_embeds: np.ndarray, n_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy continuation of ``n_tokens`` (no stopping) from a prefill, and the logits that chose each
+    token, through the runtime's ``Generator`` (the decode loop ``flashvl chat`` runs)."""
+    tokens, logits = generator.greedy(generator.llm.new_cache(), inputs_embeds=prefill_embeds,
+                                      n_tokens=n_tokens, stop=False)
+    return np.asarray(tokens, np.int64), logits
 
 
 def capture(bundle_path: str | os.PathLike, samples: SampleSet, report_tokens: int = DEFAULT_REPORT_TOKENS,
@@ -479,7 +466,7 @@ def capture(bundle_path: str | os.PathLike, samples: SampleSet, report_tokens: i
             if split == "held":
                 out = pipe.vision.infer({"pixel_values": pixels})
                 arrays[f"held_image_embeds_{i}"] = np.asarray(out["image_embeds"], np.float32)
-                toks, logits = greedy_reference(pipe.llm, pipe.generator.embed, embeds, report_tokens)
+                toks, logits = greedy_reference(pipe.generator, embeds, report_tokens)
                 arrays[f"held_tokens_{i}"] = toks
                 arrays[f"held_logits_{i}"] = logits
         meta = {"n_calib": counters["calib"], "n_held": counters["held"],

@@ -14,9 +14,12 @@ The report is written as ``calibration_report.json`` in the quantized bundle and
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from flashvl_edge.runtime.generate import Generator
 
 REPORT_FILE = "calibration_report.json"
 
@@ -54,19 +57,17 @@ def vision_metrics(run_quantized: Callable[[np.ndarray], np.ndarray], pixels: Se
             "cosine_min": float(c.min()), "max_abs_error": max_abs, "fp_max_abs": ref_max}
 
 
-def llm_metrics(decoder, embed: Callable[[list[int]], np.ndarray], prefills: Sequence[np.ndarray],
-                tokens: Sequence[np.ndarray], fp_logits: Sequence[np.ndarray]) -> dict[str, Any]:
-    """Teacher-forced comparison: ``decoder`` (quantized) follows the FP continuation ``tokens``."""
+def llm_metrics(gen: "Generator", prefills: Sequence[np.ndarray], tokens: Sequence[np.ndarray],
+                fp_logits: Sequence[np.ndarray]) -> dict[str, Any]:
+    """Teacher-forced comparison: the quantized LLM follows the FP continuation ``tokens``.
+
+    ``gen`` is the runtime ``Generator`` over the quantized decoder and the bundle's embedding table,
+    so the quantized graph is fed exactly as ``flashvl chat`` feeds it."""
     agree, kls = [], []
     for prefill, toks, ref in zip(prefills, tokens, fp_logits):
-        cache = decoder.new_cache()
-        logits = decoder.forward(prefill, cache)
-        q = []
-        for step in range(len(toks)):
-            q.append(np.asarray(logits, np.float32))
-            if step + 1 < len(toks):
-                logits = decoder.forward(embed([int(toks[step])]), cache)
-        q = np.stack(q)
+        # row i follows toks[:i]; the last FP token is never fed (nothing compares what follows it)
+        q = gen.teacher_forced(gen.llm.new_cache(), inputs_embeds=prefill,
+                               forced_tokens=[int(t) for t in toks[:-1]])
         agree.append(q.argmax(-1) == ref.argmax(-1))
         kls.append(kl_divergence(ref, q))
     a, k = np.concatenate(agree), np.concatenate(kls)

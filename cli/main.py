@@ -23,6 +23,20 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("flashvl_edge.runtime.doctor", "report what this machine can run and what to install"),
 }
 
+# subcommand -> the pyproject.toml extra that gives it everything beyond the runtime's dependencies
+# (None: the runtime is enough). A missing optional package is reported as this extra when the extra
+# carries it, else as the extra that does (runtime/errors.py EXTRA_MODULES): one line, exit code 2.
+# verify needs 'export' for --against only; bench runs without its extra (no plot, a drawn image).
+SUBCOMMAND_EXTRAS: dict[str, str | None] = {
+    "export": "export",
+    "verify": "export",
+    "chat": None,
+    "calibrate": "calibration",
+    "build": "tensorrt",
+    "bench": "bench",
+    "doctor": None,
+}
+
 
 def _peek_subcommand(argv: list[str]) -> str | None:
     for a in argv:
@@ -41,7 +55,12 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
         if name == chosen:  # only the chosen subcommand's module is imported
-            module = importlib.import_module(module_name)
+            try:
+                module = importlib.import_module(module_name)
+            except ModuleNotFoundError as err:  # a module-level import of a missing extra
+                from flashvl_edge.runtime.errors import report_missing_module
+
+                return report_missing_module(err, name, SUBCOMMAND_EXTRAS.get(name), debug="--debug" in argv)
             module.add_arguments(p)
             p.set_defaults(_module=module)
     args = parser.parse_args(argv)
@@ -50,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from flashvl_edge.runtime.errors import run_cli
 
-    return run_cli(args._module.run, args)
+    return run_cli(args._module.run, args, extra=SUBCOMMAND_EXTRAS.get(args.command))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_tiles is not None and args.max_tiles < 1:
         raise ExportError(f"--max-tiles must be at least 1, got {args.max_tiles}")
 
-    from flashvl_edge.export.model import load_model
+    from flashvl_edge.export.families import load_model
     from flashvl_edge.export.onnx import export_bundle
 
     loaded = load_model(args.model, seed=args.seed, trust_remote_code=args.trust_remote_code)

@@ -28,11 +28,11 @@ def run(args: argparse.Namespace) -> int:
     ok = True
     if args.integrity:
         bundle = Bundle.load(args.bundle, verify="full")  # raises IntegrityError on any mismatch
-        print(f"PASS  integrity {len(bundle.manifest['files'])} files match their sha256")
+        print(f"PASS  integrity {len(bundle.manifest.files)} files match their sha256")
     else:
         Bundle.load(args.bundle)  # a clear error for a missing or unfinished bundle before loading torch
     if args.against:
-        from flashvl_edge.export.model import load_model
+        from flashvl_edge.export.families import load_model
         from flashvl_edge.export.verify import verify_against
 
         loaded = load_model(args.against, seed=args.seed, trust_remote_code=args.trust_remote_code)
@@ -41,10 +41,10 @@ def run(args: argparse.Namespace) -> int:
             print(line)
         ok = ok and report.ok
     if args.backends:
-        from flashvl_edge.export import verify_backends  # C2's module, imported only when asked for
+        from flashvl_edge.export import verify_backends  # imports TensorRT tooling: only when asked for
 
         backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-        rc = verify_backends.run(args.bundle, backends, args)
+        rc = verify_backends.run(args.bundle, backends)
         ok = ok and not rc
     print("verify: OK" if ok else "verify: FAILED")
     return 0 if ok else 1

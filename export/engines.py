@@ -45,9 +45,11 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
+from flashvl_edge.runtime.backends.trt import parse_version
 from flashvl_edge.runtime.bundle import Bundle, finalize_manifest, staging_dir
+from flashvl_edge.runtime.contract import EngineEntry, EngineGraph, EngineLimits, Manifest, TensorSpec
 from flashvl_edge.runtime.errors import BackendError, BundleError, ExportError
 
 PRECISIONS = ("fp16", "int8", "best")
@@ -61,79 +63,74 @@ TYPICAL_TEXT_TOKENS = 64
 # Profiles (pure; from the manifest)
 
 
-@dataclass(frozen=True)
-class Limits:
-    max_batch: int
-    max_input_len: int
-    max_context: int
-    max_tiles: int
-
-
-def default_limits(manifest: dict[str, Any], max_batch: int | None = None, max_input_len: int | None = None,
-                   max_context: int | None = None, max_tiles: int | None = None) -> Limits:
-    """Limits from the manifest unless overridden; checked for consistency (one clear line each)."""
-    pre = manifest["preprocess"]
-    tiles_cfg = int(pre.get("max_tiles") or 1)
-    thumb = 1 if pre.get("use_thumbnail") and tiles_cfg > 1 else 0
-    tiles = int(max_tiles or tiles_cfg + thumb)
-    ctx = int(max_context or manifest.get("generation", {}).get("max_context")
-              or manifest["llm"]["max_position_embeddings"])
-    tpt = int(manifest["vision"]["tokens_per_tile"])
-    inp = int(max_input_len or min(ctx, tiles * tpt + 256))
+def default_limits(manifest: Manifest, max_batch: int | None = None, max_input_len: int | None = None,
+                   max_context: int | None = None, max_tiles: int | None = None) -> EngineLimits:
+    """Limits from the manifest unless overridden; checked for consistency (one clear line each).
+    ``max_tiles`` counts crop tiles, as the manifest's preprocess.max_tiles does; the vision profile adds
+    the thumbnail that preprocessing adds to a multi-tile grid."""
+    pre = manifest.preprocess
+    tiles = int(pre.max_tiles if max_tiles is None else max_tiles)
+    ctx = int(max_context or manifest.max_context)
     batch = int(max_batch or 1)
     if tiles < 1 or batch < 1:
         raise ExportError("--max-tiles and --max-batch must be at least 1")
+    if tiles > pre.max_tiles:
+        raise ExportError(f"--max-tiles {tiles} exceeds the bundle's tile budget ({pre.max_tiles}): preprocessing "
+                          "never makes more; re-export with a larger --max-tiles")
+    if tiles < pre.min_tiles:
+        raise ExportError(f"--max-tiles {tiles} is below the bundle's min_tiles {pre.min_tiles}")
+    inp = int(max_input_len or min(ctx, pre.vision_batch(tiles) * manifest.image.tokens_per_tile + 256))
     if ctx < 2:
         raise ExportError("--max-context must be at least 2 (one prompt token and one generated token)")
-    if ctx > int(manifest["llm"]["max_position_embeddings"]):
+    if ctx > manifest.llm.max_position_embeddings:
         raise ExportError(f"--max-context {ctx} exceeds the model's max_position_embeddings "
-                          f"{manifest['llm']['max_position_embeddings']}")
+                          f"{manifest.llm.max_position_embeddings}")
     if not 1 <= inp <= ctx:
         raise ExportError(f"--max-input-len {inp} must be between 1 and --max-context {ctx}")
-    return Limits(batch, inp, ctx, tiles)
+    return EngineLimits(batch, inp, ctx, tiles)
 
 
-def _dim_ranges(limits: Limits, manifest: dict[str, Any]) -> dict[str, dict[str, tuple[int, int, int]]]:
+def _dim_ranges(limits: EngineLimits, manifest: Manifest) -> dict[str, dict[str, tuple[int, int, int]]]:
     """(min, opt, max) of every named dimension, per profile."""
     from flashvl_edge.runtime.images import image_to_tokens_plan
 
-    typical = image_to_tokens_plan(*TYPICAL_IMAGE_SIZE, manifest)
-    opt_tiles = min(limits.max_tiles, typical.num_tiles)
+    typical = image_to_tokens_plan(*TYPICAL_IMAGE_SIZE, manifest, max_tiles=limits.max_tiles)
+    vision_batch = manifest.preprocess.vision_batch(limits.max_tiles)
+    opt_tiles = min(vision_batch, typical.num_tiles)
     opt_seq = min(limits.max_input_len, typical.n_image_tokens + TYPICAL_TEXT_TOKENS)
     c = limits.max_context
     opt_past = max(1, min(c - 1, opt_seq + 128))
     batch = (1, 1, limits.max_batch)
     return {
-        "vision": {"num_tiles": (1, opt_tiles, limits.max_tiles)},
+        "vision": {"num_tiles": (1, opt_tiles, vision_batch)},
         "prefill": {"batch": batch, "seq": (1, opt_seq, limits.max_input_len), "past": (0, 0, 0),
                     "total": (1, opt_seq, limits.max_input_len)},
         "decode": {"batch": batch, "seq": (1, 1, 1), "past": (1, opt_past, c - 1), "total": (2, opt_past + 1, c)},
     }
 
 
-def _profile(name: str, inputs: list[dict[str, Any]], ranges: dict[str, tuple[int, int, int]]) -> dict[str, Any]:
+def _profile(name: str, inputs: Sequence[TensorSpec], ranges: dict[str, tuple[int, int, int]]) -> dict[str, Any]:
     shapes = {}
     for inp in inputs:
         mn, opt, mx = [], [], []
-        for d in inp["shape"]:
+        for d in inp.shape:
             if isinstance(d, int):
                 lo = hi = o = d
             elif d in ranges:
                 lo, o, hi = ranges[d]
             else:
-                raise BundleError(f"input {inp['name']!r} has dimension {d!r}, which the engine builder does not "
+                raise BundleError(f"input {inp.name!r} has dimension {d!r}, which the engine builder does not "
                                   f"know (known: {', '.join(sorted(ranges))}); re-export the bundle")
             mn.append(lo), opt.append(o), mx.append(hi)
-        shapes[inp["name"]] = (tuple(mn), tuple(opt), tuple(mx))
+        shapes[inp.name] = (tuple(mn), tuple(opt), tuple(mx))
     return {"name": name, "shapes": shapes}
 
 
-def graph_profiles(manifest: dict[str, Any], limits: Limits) -> dict[str, list[dict[str, Any]]]:
+def graph_profiles(manifest: Manifest, limits: EngineLimits) -> dict[str, list[dict[str, Any]]]:
     """``{"vision": [profile], "llm": [prefill, decode]}``; each profile ``{"name", "shapes": {input: (min, opt, max)}}``."""
     ranges = _dim_ranges(limits, manifest)
-    graphs = manifest["graphs"]
-    out = {"vision": [_profile("vision", graphs["vision"]["inputs"], ranges["vision"])]}
-    out["llm"] = [_profile(role, graphs["llm"]["inputs"], ranges[role]) for role in ("prefill", "decode")]
+    out = {"vision": [_profile("vision", manifest.graph("vision").inputs, ranges["vision"])]}
+    out["llm"] = [_profile(role, manifest.graph("llm").inputs, ranges[role]) for role in ("prefill", "decode")]
     return out
 
 
@@ -158,7 +155,7 @@ class BuildPlan:
     version_compatible: bool
     workspace_bytes: int
     timing_cache: str
-    limits: Limits
+    limits: EngineLimits
     profiles: dict[str, list[dict[str, Any]]]
     graphs: dict[str, str] = field(default_factory=dict)   # graph -> onnx file (relative to bundle)
     notes: list[str] = field(default_factory=list)
@@ -194,25 +191,21 @@ class BuildPlan:
         return " ".join(shlex.quote(c) for c in cmd)
 
 
-def _vkey(v: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in str(v).split(".")[:2] if p.isdigit())
-
-
 def default_timing_cache(name: str) -> Path:
     base = os.environ.get("FLASHVL_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "flashvl-edge")
     return Path(base) / "trt-timing" / f"{name}.cache"
 
 
-def plan_build(bundle: Bundle, precision: str, trt_target: str, limits: Limits, opt_level: int | None = None,
+def plan_build(bundle: Bundle, precision: str, trt_target: str, limits: EngineLimits, opt_level: int | None = None,
                hardware_compat: str | None = None, version_compatible: bool = False,
                workspace_gb: float = DEFAULT_WORKSPACE_GB, timing_cache: str | None = None,
                cache_name: str = "default") -> BuildPlan:
     m = bundle.manifest
     if precision not in PRECISIONS:
         raise ExportError(f"--precision must be one of {', '.join(PRECISIONS)}")
-    quant = m.get("quantization") or None
-    quantized = bool(quant and (quant.get("vision") or quant.get("llm")))
+    quant = m.quantization
+    quantized = bool(quant and (quant.vision or quant.llm))
     if precision == "int8" and not quantized:
         raise ExportError("--precision int8 needs a calibrated (QDQ) bundle: run 'flashvl calibrate BUNDLE --out "
                           "BUNDLE_Q' first (TensorRT's implicit INT8 calibration is deprecated)")
@@ -225,18 +218,19 @@ def plan_build(bundle: Bundle, precision: str, trt_target: str, limits: Limits, 
         raise ExportError("--hardware-compat accepts only 'ampere+'")
     if workspace_gb <= 0:
         raise ExportError("--workspace-gb must be positive")
-    trt10 = _vkey(trt_target) >= (10, 0)
-    if (hardware_compat or version_compatible) and _vkey(trt_target) < (8, 6):
+    target = parse_version(trt_target)[:2]
+    trt10 = target >= (10, 0)
+    if (hardware_compat or version_compatible) and target < (8, 6):
         raise ExportError("--hardware-compat and --version-compatible need TensorRT 8.6 or newer")
     # INT4 weight-only Q/DQ is built strongly typed (TensorRT 10's path for INT4); an fp16 QDQ graph too, since
     # its types are then exactly the engine's. An fp32 QDQ graph builds weakly typed with INT8+FP16 flags.
-    int4 = bool(quant and quant.get("llm") == "int4")
+    int4 = bool(quant and quant.llm == "int4")
     if int4 and not trt10:
         raise ExportError("the bundle's LLM is INT4 (block-quantized DequantizeLinear), which needs TensorRT 10 "
                           f"(target {trt_target}); use JetPack 6.1+ or calibrate with --llm int8")
-    strongly = quantized and trt10 and (m.get("dtype") == "fp16" or int4)
+    strongly = quantized and trt10 and (m.dtype == "fp16" or int4)
     notes = []
-    if strongly and m.get("dtype") != "fp16":
+    if strongly and m.dtype != "fp16":
         notes.append("strongly typed on an fp32 graph: layers without Q/DQ run in FP32; export with --dtype fp16 "
                      "before calibrating for faster engines")
     return BuildPlan(
@@ -245,16 +239,14 @@ def plan_build(bundle: Bundle, precision: str, trt_target: str, limits: Limits, 
         tf32=not strongly, builder_optimization_level=opt_level, hardware_compatibility=hardware_compat,
         version_compatible=version_compatible, workspace_bytes=int(workspace_gb * (1 << 30)),
         timing_cache=str(timing_cache or default_timing_cache(cache_name)), limits=limits,
-        profiles=graph_profiles(m, limits), graphs={g: e["file"] for g, e in m["graphs"].items()}, notes=notes)
+        profiles=graph_profiles(m, limits), graphs={g: e.file for g, e in m.graphs.items()}, notes=notes)
 
 
 def lint_for_plan(bundle: Bundle, plan: BuildPlan) -> dict[str, list]:
-    try:
-        from .trt_support import lint
-    except ImportError:  # a runtime-only install (Jetson) may lack the onnx package; TensorRT's parser does not need it
-        print("note: the 'onnx' package is not installed, skipping the TensorRT ONNX lint")
-        return {}
+    # needs the onnx package, which the 'tensorrt' extra installs; without it the command says so in one line
+    from .trt_support import lint
 
+    # lint() takes the graph's manifest entry as JSON (it also lints entries outside a loaded bundle)
     return {g: lint(bundle.graph_path(g), plan.trt_target, bundle.graph(g), plan.profiles.get(g))
             for g in plan.graphs}
 
@@ -332,20 +324,44 @@ def _build_one(plan: BuildPlan, graph: str, onnx_path: Path, engine_path: Path) 
         raise ExportError(f"TensorRT could not build the {graph} engine: {' '.join(str(e).split())[:400]}") from None
 
 
-def build(bundle_path: str, args: argparse.Namespace) -> Path:
-    from flashvl_edge.runtime.backends.trt import engine_dir_name, gpu_info, require_tensorrt
+@dataclass(frozen=True)
+class BuildOptions:
+    """What ``flashvl build`` was asked: the limits to build for (None: the manifest's) and builder settings."""
+
+    precision: str = "fp16"
+    max_batch: int | None = None
+    max_input_len: int | None = None
+    max_context: int | None = None
+    max_tiles: int | None = None  # crop tiles, as preprocess.max_tiles
+    opt_level: int | None = None
+    hardware_compat: str | None = None
+    version_compatible: bool = False
+    workspace_gb: float = DEFAULT_WORKSPACE_GB
+    timing_cache: str | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "BuildOptions":
+        return cls(**{f: getattr(args, f) for f in cls.__dataclass_fields__})
+
+    def plan(self, bundle: Bundle, trt_target: str, cache_name: str) -> BuildPlan:
+        limits = default_limits(bundle.manifest, self.max_batch, self.max_input_len, self.max_context, self.max_tiles)
+        return plan_build(bundle, self.precision, trt_target, limits, self.opt_level, self.hardware_compat,
+                          self.version_compatible, self.workspace_gb, self.timing_cache, cache_name=cache_name)
+
+
+def build(bundle_path: str, opts: BuildOptions = BuildOptions()) -> Path:
+    from flashvl_edge.runtime.backends.trt import engine_dir_name, gpu_info, require_tensorrt, trt_version
 
     bundle = Bundle.load(bundle_path)
-    trt = require_tensorrt()
+    require_tensorrt()  # the one-line install hint when TensorRT is missing
     gpu = gpu_info()
     if gpu is None:
         raise BackendError("no NVIDIA GPU is visible (the CUDA driver library libcuda could not enumerate a device); "
                            "TensorRT engines must be built on the GPU that will run them")
-    ver = trt.__version__
+    ver = trt_version()
     name = engine_dir_name(gpu.name, gpu.compute_capability, ver)
-    limits = default_limits(bundle.manifest, args.max_batch, args.max_input_len, args.max_context, args.max_tiles)
-    plan = plan_build(bundle, args.precision, ver, limits, args.opt_level, args.hardware_compat,
-                      args.version_compatible, args.workspace_gb, args.timing_cache, cache_name=name)
+    plan = opts.plan(bundle, ver, name)
+    limits = plan.limits
     _fail_on_lint(lint_for_plan(bundle, plan))
     Path(plan.timing_cache).parent.mkdir(parents=True, exist_ok=True)
 
@@ -361,22 +377,21 @@ def build(bundle_path: str, args: argparse.Namespace) -> Path:
             print(f"building {graph} engine ({rel}) ...", flush=True)
             _build_one(plan, graph, bundle.graph_path(graph), tmp / f"{graph}.engine")
             print(f"  {graph}.engine built in {time.perf_counter() - t0:.1f} s", flush=True)
-            graphs_entry[graph] = {"file": f"{rel_dir}/{graph}.engine", "built_from": rel,
-                                   "sha256": bundle.manifest["files"][rel]["sha256"],
-                                   "profiles": [p["name"] for p in plan.profiles[graph]]}
-    manifest = dict(bundle.manifest)
-    engines = dict(manifest.get("engines") or {})
-    engines[name] = {
-        "dir": rel_dir, "gpu": gpu.name, "compute_capability": gpu.compute_capability, "trt_version": ver,
-        "precision": plan.precision, "strongly_typed": plan.strongly_typed,
-        "hardware_compatibility": plan.hardware_compatibility, "version_compatible": plan.version_compatible,
-        "limits": asdict(limits), "profiles": plan.to_json()["profiles"], "graphs": graphs_entry,
-        "builder": {k: v for k, v in plan.to_json().items() if k in (
+            graphs_entry[graph] = EngineGraph(file=f"{rel_dir}/{graph}.engine", built_from=rel,
+                                              sha256=bundle.manifest.files[rel].sha256,
+                                              profiles=tuple(p["name"] for p in plan.profiles[graph]))
+    engines = dict(bundle.manifest.engines)
+    engines[name] = EngineEntry(
+        dir=rel_dir, gpu=gpu.name, compute_capability=gpu.compute_capability, trt_version=ver,
+        precision=plan.precision, strongly_typed=plan.strongly_typed,
+        hardware_compatibility=plan.hardware_compatibility, version_compatible=plan.version_compatible,
+        limits=limits, profiles=plan.to_json()["profiles"], graphs=graphs_entry,
+        builder={k: v for k, v in plan.to_json().items() if k in (
             "fp16", "int8", "tf32", "builder_optimization_level", "workspace_bytes")},
-        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    manifest["engines"] = engines
-    live = {e["dir"] for e in engines.values() if isinstance(e, dict) and "dir" in e}
+        built_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
+    manifest = bundle.manifest.replace(engines=engines)
+    live = {e.dir for e in engines.values()}
     stale = [d.relative_to(bundle.root).as_posix() for d in (bundle.root / "engines").glob("*/*")
              if d.is_dir() and d.relative_to(bundle.root).as_posix() not in live]
     finalize_manifest(bundle.root, manifest, exclude=tuple(stale))
@@ -423,20 +438,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    opts = BuildOptions.from_args(args)
     if not args.dry_run:
-        build(args.bundle, args)
+        build(args.bundle, opts)
         return 0
-    from flashvl_edge.runtime.backends.trt import engine_dir_name, gpu_info
+    from flashvl_edge.runtime.backends.trt import engine_dir_name, gpu_info, trt_version
     from .trt_support import resolve_trt_version
 
     bundle = Bundle.load(args.bundle)
-    target = args.trt_version or _installed_trt_version_without_import() or "10.3"
+    target = args.trt_version or trt_version(import_module=False) or "10.3"
     target_v = resolve_trt_version(target)
-    limits = default_limits(bundle.manifest, args.max_batch, args.max_input_len, args.max_context, args.max_tiles)
     gpu = gpu_info()
     name = engine_dir_name(gpu.name, gpu.compute_capability, target) if gpu else f"<gpu>_sm<cc>_trt{target}"
-    plan = plan_build(bundle, args.precision, target_v, limits, args.opt_level, args.hardware_compat,
-                      args.version_compatible, args.workspace_gb, args.timing_cache, cache_name=name)
+    plan = opts.plan(bundle, target_v, name)
     results = lint_for_plan(bundle, plan)
     if args.json:
         doc = plan.to_json()
@@ -453,16 +467,3 @@ def run(args: argparse.Namespace) -> int:
             n_err += f.severity == "error"
     return 1 if n_err else 0
 
-
-def _installed_trt_version_without_import() -> str | None:
-    """The installed TensorRT's version from package metadata (dry-run must not import tensorrt)."""
-    from importlib import metadata
-
-    for dist in ("tensorrt", "tensorrt-cu12", "tensorrt_cu12", "tensorrt-libs", "tensorrt-cu13"):
-        try:
-            v = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-        if v and v[0].isdigit() and int(v.split(".")[0]) >= 8:
-            return ".".join(v.split(".")[:3])
-    return None

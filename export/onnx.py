@@ -27,7 +27,6 @@ import shutil
 import sys
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -35,10 +34,11 @@ import numpy as np
 import torch
 
 from flashvl_edge.runtime.bundle import finalize_manifest, staging_dir, tool_versions
+from flashvl_edge.runtime.contract import SCHEMA_VERSION, GraphIO, Manifest, llm_io, vision_io
 from flashvl_edge.runtime.errors import ExportError
 
-if TYPE_CHECKING:  # A1's module; imported lazily so this file stays importable on its own
-    from flashvl_edge.export.model import LoadedModel
+if TYPE_CHECKING:  # the model side imports transformers; only its type is needed here
+    from flashvl_edge.export.families import LoadedModel
 
 OPSET = 18  # plain ONNX ops only (opset 18 has no fused Attention op); TensorRT 10 parses it
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -57,64 +57,8 @@ EXAMPLE_SIZES = {"num_tiles": 2, "batch": 2, "seq": 3, "past": 5, "total": 8}
 # Graph I/O, declared once
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    """One graph input or output. ``shape`` holds ints (fixed) and dim names (dynamic)."""
-
-    name: str
-    dtype: str  # numpy dtype name: "float32", "float16", "int64"
-    shape: tuple[int | str, ...]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
-
-
-@dataclass(frozen=True)
-class GraphIO:
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-
-    def input_names(self) -> list[str]:
-        return [t.name for t in self.inputs]
-
-    def output_names(self) -> list[str]:
-        return [t.name for t in self.outputs]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"inputs": [t.to_json() for t in self.inputs], "outputs": [t.to_json() for t in self.outputs]}
-
-
-def past_names(num_layers: int) -> list[str]:
-    return [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-
-
-def present_names(num_layers: int) -> list[str]:
-    return [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-
-
-def vision_io(image_size: int, tokens_per_tile: int, hidden: int, float_dtype: str = "float32") -> GraphIO:
-    return GraphIO(
-        inputs=(TensorSpec("pixel_values", float_dtype, ("num_tiles", 3, image_size, image_size)),),
-        outputs=(TensorSpec("image_embeds", float_dtype, ("num_tiles", tokens_per_tile, hidden)),),
-    )
-
-
-def llm_io(num_layers: int, hidden: int, kv_heads: int, head_dim: int, vocab: int,
-           float_dtype: str = "float32") -> GraphIO:
-    kv_past = ("batch", kv_heads, "past", head_dim)
-    kv_total = ("batch", kv_heads, "total", head_dim)
-    return GraphIO(
-        inputs=(
-            TensorSpec("inputs_embeds", float_dtype, ("batch", "seq", hidden)),
-            TensorSpec("attention_mask", "int64", ("batch", "total")),
-            TensorSpec("position_ids", "int64", ("batch", "seq")),
-            *(TensorSpec(n, float_dtype, kv_past) for n in past_names(num_layers)),
-        ),
-        outputs=(
-            TensorSpec("logits", float_dtype, ("batch", 1, vocab)),
-            *(TensorSpec(n, float_dtype, kv_total) for n in present_names(num_layers)),
-        ),
-    )
+# TensorSpec, GraphIO and the two graphs' interfaces live in the runtime's contract, which both
+# sides read: the exporter declares exactly what the runtime will check.
 
 
 # --------------------------------------------------------------------------------------------
@@ -513,6 +457,9 @@ def export_bundle(loaded: "LoadedModel", out, dtype: str = "fp32", max_tiles: in
     sections = copy.deepcopy(loaded.manifest_sections)
     preprocess = sections.setdefault("preprocess", {})
     if max_tiles is not None:
+        if preprocess.get("mode") != "tiles":
+            raise ExportError(f"--max-tiles applies to tiled models; this {sections.get('variant')} model takes "
+                              "one image at a fixed size: drop --max-tiles")
         min_tiles = int(preprocess.get("min_tiles") or 1)
         if int(max_tiles) < max(1, min_tiles):
             raise ExportError(f"--max-tiles {max_tiles} is below the model's min_tiles {min_tiles}; use a larger value")
@@ -573,8 +520,8 @@ def export_bundle(loaded: "LoadedModel", out, dtype: str = "fp32", max_tiles: in
             vision_section = sections.setdefault("vision", {})
             vision_section.setdefault("tokens_per_tile", tokens_per_tile)
             sections.setdefault("image", {}).setdefault("tokens_per_tile", tokens_per_tile)
-            manifest = {
-                "schema_version": 1,
+            manifest = Manifest.from_json({
+                "schema_version": SCHEMA_VERSION,
                 **sections,
                 "dtype": dtype,
                 "quantization": None,
@@ -582,7 +529,9 @@ def export_bundle(loaded: "LoadedModel", out, dtype: str = "fp32", max_tiles: in
                 "embeddings": embeddings,
                 "tokenizer": tokenizer,
                 "tools": tool_versions("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "tokenizers"),
-            }
+                "engines": {},
+                "files": {},
+            }, where="the exported manifest", require_files=False)
             steps.run("manifest", lambda: finalize_manifest(tmp, manifest))
     finally:
         steps.close()

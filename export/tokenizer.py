@@ -18,6 +18,9 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+# One ChatML template for export and runtime; it lives in the runtime, which must not import export/.
+from flashvl_edge.runtime.prompt import CHATML_TEMPLATE  # noqa: F401  (re-exported)
+
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -25,26 +28,6 @@ CHATML_SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)
 FLASHVL_IMAGE_TOKENS = ("<image>",)
 # InternVL: the user writes <image>; the runtime expands it to <img> + <IMG_CONTEXT> x N + </img>.
 INTERNVL_IMAGE_TOKENS = ("<img>", "</img>", "<IMG_CONTEXT>", "<image>")
-
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
-
-# ChatML as Qwen2 writes it. Strings are built with expressions (not literal newlines between tags)
-# so Jinja whitespace control cannot eat the newlines that are part of the format.
-CHATML_TEMPLATE = (
-    "{%- if messages and messages[0]['role'] == 'system' -%}"
-    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' -}}"
-    "{%- set rest = messages[1:] -%}"
-    "{%- else -%}"
-    "{{- '<|im_start|>system\\n" + DEFAULT_SYSTEM_PROMPT + "<|im_end|>\\n' -}}"
-    "{%- set rest = messages -%}"
-    "{%- endif -%}"
-    "{%- for message in rest -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}"
-    "{{- '<|im_start|>assistant\\n' -}}"
-    "{%- endif -%}"
-)
 
 # Training text: plain English about pictures, so the merges cover words a test prompt uses.
 TRAINING_TEXT = """

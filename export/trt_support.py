@@ -30,6 +30,8 @@ from typing import Any, Iterable
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from flashvl_edge.runtime.backends.trt import parse_version
+from flashvl_edge.runtime.contract import GraphSpec
 from flashvl_edge.runtime.errors import FlashVLError
 
 DATA_FILE = Path(__file__).parent / "data" / "trt_onnx_ops.json"
@@ -70,8 +72,9 @@ def support_table() -> dict[str, Any]:
 
 
 def _vkey(version: str) -> tuple[int, ...]:
+    """``parse_version`` for a target a user typed: a LintError (one line) when it is not a version."""
     try:
-        return tuple(int(p) for p in str(version).split("."))
+        return parse_version(version, strict=True)
     except ValueError:
         raise LintError(f"TensorRT version {version!r} is not a version number like 10.3 or 8.6") from None
 
@@ -372,12 +375,12 @@ def _onnx_input_dims(model: onnx.ModelProto) -> dict[str, list[int | str | None]
     return dims
 
 
-def _check_inputs(model: onnx.ModelProto, graph_entry: dict[str, Any] | None,
+def _check_inputs(model: onnx.ModelProto, graph_entry: GraphSpec | None,
                   profiles: list[dict[str, Any]] | None, version: str, out: list[Finding]) -> None:
     onnx_dims = _onnx_input_dims(model)
     elem = {vi.name: vi.type.tensor_type.elem_type for vi in model.graph.input}
     if graph_entry is not None:
-        declared = {i["name"]: i for i in graph_entry.get("inputs", [])}
+        declared = {i.name: i for i in graph_entry.inputs}
         for name in sorted(set(declared) - set(onnx_dims)):
             out.append(Finding(ERROR, "manifest-inputs", f"manifest declares input {name!r}, the graph has none"))
         for name in sorted(set(onnx_dims) - set(declared)):
@@ -386,7 +389,7 @@ def _check_inputs(model: onnx.ModelProto, graph_entry: dict[str, Any] | None,
             got = onnx_dims.get(name)
             if got is None:
                 continue
-            want = decl["shape"]
+            want = decl.shape
             if len(want) != len(got):
                 out.append(Finding(ERROR, "dynamic-axis", f"{name}: rank {len(got)} in the graph, {len(want)} in the manifest"))
                 continue
@@ -419,7 +422,7 @@ def _check_inputs(model: onnx.ModelProto, graph_entry: dict[str, Any] | None,
 # Entry points
 
 
-def lint(onnx_path: str | Path, trt: str = "10", graph_entry: dict[str, Any] | None = None,
+def lint(onnx_path: str | Path, trt: str = "10", graph_entry: GraphSpec | None = None,
          profiles: list[dict[str, Any]] | None = None) -> list[Finding]:
     """Findings for one ONNX graph against TensorRT ``trt`` ("10" = 10.3, "8.6", or a full version).
 
@@ -453,6 +456,6 @@ def lint_bundle(bundle, trt: str = "10", profiles: dict[str, list[dict[str, Any]
                 ) -> dict[str, list[Finding]]:
     """Lint every graph of a loaded :class:`~flashvl_edge.runtime.bundle.Bundle`: ``{graph name: findings}``."""
     result = {}
-    for name, entry in bundle.manifest["graphs"].items():
+    for name, entry in bundle.manifest.graphs.items():
         result[name] = lint(bundle.graph_path(name), trt, entry, (profiles or {}).get(name))
     return result

@@ -15,13 +15,12 @@ Without ``tensorrt`` (or without engines for this GPU) this stops first with a o
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from flashvl_edge.runtime.bundle import Bundle, empty_past
+from flashvl_edge.runtime.bundle import Bundle
 from flashvl_edge.runtime.errors import BackendError
 
 # (rtol, atol) per graph output class, and the top-2 logit margin under which a greedy flip is a near tie
@@ -47,25 +46,21 @@ def _feeds(bundle: Bundle, graph: str, seed: int = 0) -> dict[str, np.ndarray]:
 
     m = bundle.manifest
     rng = np.random.default_rng(seed)
-    dtypes = {i["name"]: np.dtype(i["dtype"]) for i in m["graphs"][graph]["inputs"]}
+    dtypes = {i.name: np.dtype(i.dtype) for i in m.graph(graph).inputs}
     if graph == "vision":
         pre = images.preprocess(_test_image(), m)
         return {"pixel_values": pre.pixel_values.astype(dtypes["pixel_values"])}
-    table = np.load(bundle.path(m["embeddings"]["file"]), mmap_mode="r")
-    seq = 12
-    ids = rng.integers(0, table.shape[0], size=seq)
-    feed = {"inputs_embeds": np.asarray(table[ids], dtypes["inputs_embeds"])[None],
-            "attention_mask": np.ones((1, seq), np.int64),
-            "position_ids": np.arange(seq, dtype=np.int64)[None], **empty_past(m)}
-    return feed
+    table = np.load(bundle.path(m.embeddings.file), mmap_mode="r")
+    ids = rng.integers(0, table.shape[0], size=12)
+    return m.llm_feed(np.asarray(table[ids], dtypes["inputs_embeds"])[None])
 
 
 def _test_image():
     """A real, deterministic photo-like image without extra dependencies (scikit-image if present)."""
-    try:
-        from skimage import data
+    from flashvl_edge.runtime.samples import test_photo
 
-        return data.astronaut()
+    try:
+        return test_photo("astronaut")
     except ImportError:
         y, x = np.mgrid[0:384, 0:512]
         return np.stack([(x % 256), (y % 256), ((x + y) // 3 % 256)], -1).astype(np.uint8)
@@ -121,30 +116,24 @@ def compare_graph(bundle: Bundle, graph: str, engine_file: str, precision: str,
     return GraphParity(graph, ok, max_abs)
 
 
-def greedy_tokens(bundle_path: str, backend: str) -> tuple[list[int], list[int]]:
-    from flashvl_edge.runtime.pipeline import Pipeline
-
-    with Pipeline.from_bundle(bundle_path, backend=backend) as pipe:
-        res = pipe.chat(E2E_PROMPT, _test_image(), max_new_tokens=E2E_TOKENS, temperature=0.0, ignore_eos=True)
-    return res.prompt_token_ids, res.token_ids
+def greedy_tokens(pipe) -> list[int]:
+    """The end-to-end turn through one backend's Pipeline: chat's own greedy generation."""
+    res = pipe.chat(E2E_PROMPT, _test_image(), max_new_tokens=E2E_TOKENS, temperature=0.0, ignore_eos=True)
+    return res.token_ids
 
 
-def ort_margin_at(bundle_path: str, prompt_ids: list[int], tokens: list[int], step: int) -> float:
-    """ONNX Runtime's top-1 minus top-2 logit at generation step ``step`` (teacher-forced)."""
-    from flashvl_edge.runtime.pipeline import Pipeline
-
-    with Pipeline.from_bundle(bundle_path, backend="ort") as pipe:
-        enc = pipe.prepare_image(_test_image())
-        embeds = pipe.encode_image(enc)
-        cache = pipe.llm.new_cache()
-        logits = pipe.llm.forward(pipe.generator.embed(prompt_ids, embeds), cache)
-        for t in tokens[:step]:
-            logits = pipe.llm.forward(pipe.generator.embed([t]), cache)
+def margin_at(pipe, tokens: list[int], step: int) -> float:
+    """The backend's top-1 minus top-2 logit at generation step ``step`` of the same turn, teacher-forced
+    along ``tokens`` through its Generator (the prompt built as chat builds it)."""
+    inputs = pipe.prefill_inputs(E2E_PROMPT, _test_image())
+    gen = pipe.generator
+    logits = gen.teacher_forced(gen.llm.new_cache(), inputs.token_ids, inputs.image_embeds, inputs.image_mask,
+                                tokens[:step])[-1]
     top2 = np.sort(np.asarray(logits, np.float64))[-2:]
     return float(top2[1] - top2[0])
 
 
-def run(bundle_path: str, backends: list[str], args: argparse.Namespace | None = None) -> int:
+def run(bundle_path: str, backends: list[str]) -> int:
     backends = [b.strip() for b in backends if b.strip()]
     if sorted(set(backends)) != ["ort", "trt"]:
         raise BackendError(f"--backends compares ort with trt (got {','.join(backends) or 'nothing'}); use --backends ort,trt")
@@ -153,22 +142,27 @@ def run(bundle_path: str, backends: list[str], args: argparse.Namespace | None =
     require_tensorrt()
     bundle = Bundle.load(bundle_path)
     name, entry = select_engine(bundle.manifest, gpu_info(), trt_version())
-    precision = entry.get("precision", "fp16")
+    precision = entry.precision
     ok = True
     print(f"verify {bundle_path}: ONNX Runtime (CPU) vs TensorRT engines {name} ({precision})")
-    for graph, g in entry["graphs"].items():
-        res = compare_graph(bundle, graph, g["file"], precision, bool(entry.get("version_compatible")))
+    for graph, g in entry.graphs.items():
+        res = compare_graph(bundle, graph, g.file, precision, entry.version_compatible)
         ok &= res.passed
         worst = ", ".join(f"{k} max|d|={v:.3g}" for k, v in res.max_abs.items() if not k.startswith("present."))
         print(f"  {graph:6s} {'PASS' if res.passed else 'FAIL'} (rtol/atol {TOLERANCES[precision][graph]}): {worst}")
-    prompt_ids, ort_tokens = greedy_tokens(bundle_path, "ort")
-    _, trt_tokens = greedy_tokens(bundle_path, "trt")
-    div = next((i for i, (a, b) in enumerate(zip(ort_tokens, trt_tokens)) if a != b), None)
-    if div is None and len(ort_tokens) == len(trt_tokens):
+    from flashvl_edge.runtime.pipeline import Pipeline
+
+    with Pipeline.from_bundle(bundle_path, backend="trt") as trt_pipe:
+        trt_tokens = greedy_tokens(trt_pipe)
+    with Pipeline.from_bundle(bundle_path, backend="ort") as ort_pipe:
+        ort_tokens = greedy_tokens(ort_pipe)
+        div = next((i for i, (a, b) in enumerate(zip(ort_tokens, trt_tokens)) if a != b), None)
+        step = div if div is not None else min(len(ort_tokens), len(trt_tokens))
+        same = div is None and len(ort_tokens) == len(trt_tokens)
+        margin = None if same else margin_at(ort_pipe, ort_tokens, step)
+    if same:
         print(f"  greedy PASS: {len(ort_tokens)} identical tokens")
     else:
-        step = div if div is not None else min(len(ort_tokens), len(trt_tokens))
-        margin = ort_margin_at(bundle_path, prompt_ids, ort_tokens, step)
         tie = margin < TOLERANCES[precision]["tie_margin"]
         ok &= tie
         print(f"  greedy {'PASS' if tie else 'FAIL'}: tokens diverge at step {step}; ONNX Runtime's top-2 margin "

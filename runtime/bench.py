@@ -3,11 +3,10 @@
 What is measured, and how:
 - The pipeline's own ``chat`` is run (warm-up runs first, then ``--runs`` measured ones), greedy and
   with EOS ignored so every run decodes exactly ``--new-tokens`` tokens.
-- The backend's graph runs are timed from the outside: :class:`GraphClock` replaces the ONNX Runtime
-  session's ``run`` / ``run_with_ortvaluevector`` / ``run_with_iobinding`` (or, for other backends,
-  the runner's ``infer`` / ``forward``) on the *instance* with a wrapper that records when each call
-  started and ended. Nothing in the decode loop changes, so what is measured is what ``flashvl chat``
-  does.
+- The graph runs are timed by the runners themselves (``runtime/backends/base.py``): every backend call
+  (the ONNX Runtime session's ``run`` / ``run_with_ortvaluevector`` / ``run_with_iobinding``, the
+  TensorRT execution up to its synchronize) is noted with its start, end and size while the runner's
+  timeline is on. Nothing is patched and the decode loop is the one ``flashvl chat`` runs.
 - From those intervals: vision latency (the vision graph's run, divided by the tiles it was given),
   prefill (the first LLM run), decode tokens/s (one over the mean interval between the starts of
   consecutive decode runs: the whole per-token cost, graph and host), and the **runtime overhead per
@@ -34,9 +33,8 @@ import resource
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
@@ -47,110 +45,6 @@ FILLER = ("Describe this picture in detail: the people and objects in it, their 
 
 
 # --------------------------------------------------------------------------------------------
-# Timing the graph runs from the outside
-
-
-@dataclass
-class GraphClock:
-    """Start/end times (perf_counter) of every run of one graph, plus a note of each call's size."""
-
-    name: str
-    starts: list[float] = field(default_factory=list)
-    ends: list[float] = field(default_factory=list)
-    sizes: list[int] = field(default_factory=list)  # tiles (vision) or new tokens (LLM) per call
-    _restore: list[Callable[[], None]] = field(default_factory=list, repr=False)
-
-    def reset(self) -> None:
-        self.starts.clear()
-        self.ends.clear()
-        self.sizes.clear()
-
-    def wrap(self, obj: Any, method: str, size_of: Callable[..., int]) -> None:
-        """Replace ``obj.method`` (on the instance) by a timed call to the original."""
-        original = getattr(obj, method)
-        clock = self
-
-        def timed(*args, **kwargs):
-            try:
-                clock.sizes.append(int(size_of(*args, **kwargs)))
-            except Exception:  # sizing is a note, never a reason to fail a run
-                clock.sizes.append(0)
-            t0 = time.perf_counter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                clock.starts.append(t0)
-                clock.ends.append(time.perf_counter())
-
-        setattr(obj, method, timed)
-        self._restore.append(lambda: delattr(obj, method) if method in vars(obj) else None)
-
-    def unwrap(self) -> None:
-        for restore in reversed(self._restore):
-            restore()
-        self._restore.clear()
-
-
-def _feed_dim(feed: Any, name: str, axis: int) -> int:
-    value = feed.get(name) if hasattr(feed, "get") else None
-    return int(np.shape(value)[axis]) if value is not None else 0
-
-
-def _find_runners(pipeline) -> tuple[Any, Any]:
-    """The pipeline's vision runner and LLM decoder runner, found by type (attribute names are B2's)."""
-    from .backends.base import DecoderRunner, Runner
-
-    seen: set[int] = set()
-    vision = llm = None
-    todo = [pipeline]
-    while todo:
-        obj = todo.pop()
-        if id(obj) in seen:
-            continue
-        seen.add(id(obj))
-        for value in list(vars(obj).values()) if hasattr(obj, "__dict__") else []:
-            if isinstance(value, DecoderRunner):
-                llm = llm or value
-            elif isinstance(value, Runner):
-                vision = vision or value
-            elif hasattr(value, "__dict__") and type(value).__module__.startswith("flashvl_edge."):
-                todo.append(value)
-    if llm is None:
-        raise FlashVLError("this pipeline exposes no LLM runner to time; cannot benchmark it")
-    return vision, llm
-
-
-def attach_clocks(pipeline) -> tuple[GraphClock, GraphClock]:
-    """Time the pipeline's vision and LLM graph runs (see the module docstring)."""
-    vision, llm = _find_runners(pipeline)
-    vclock, lclock = GraphClock("vision"), GraphClock("llm")
-    if vision is not None:
-        session = getattr(vision, "session", None)
-        if session is not None and hasattr(session, "run"):
-            vclock.wrap(session, "run", lambda names, feed, *a, **k: _feed_dim(feed, "pixel_values", 0))
-        else:
-            vclock.wrap(vision, "infer", lambda feed, *a, **k: _feed_dim(feed, "pixel_values", 0))
-    session = getattr(llm, "session", None)
-    run_method = "run_with_ortvaluevector" if getattr(llm, "use_vector_run", False) else "run_with_iobinding"
-    if session is not None and hasattr(session, run_method):
-        # ORT: only the session run is "inside the graph"; IO binding and copies count as overhead.
-        # forward() (which calls the session run once) is wrapped only to note the new-token count.
-        pending: list[int] = []
-
-        def note_tokens(embeds, *a, **k):
-            pending.append(int(np.shape(embeds)[1]))
-            return 0
-
-        forward_note = GraphClock("llm.forward")
-        forward_note.wrap(llm, "forward", note_tokens)
-        lclock._restore.append(forward_note.unwrap)
-        lclock.wrap(session, run_method, lambda *a, **k: pending.pop() if pending else 0)
-    else:
-        lclock.wrap(llm, "forward", lambda embeds, *a, **k: int(np.shape(embeds)[1]))
-    return vclock, lclock
-
-
-# --------------------------------------------------------------------------------------------
 # Inputs
 
 
@@ -158,10 +52,10 @@ def default_image():
     """A real photo (scikit-image's astronaut) when scikit-image is there, else a drawn scene."""
     from PIL import Image, ImageDraw
 
-    try:
-        from skimage import data
+    from .samples import test_photo
 
-        return Image.fromarray(data.astronaut()).convert("RGB"), "skimage.data.astronaut() 512x512"
+    try:
+        return test_photo("astronaut"), "skimage.data.astronaut() 512x512"
     except ImportError:
         pass
     # Not a photo, but with the structure vision models care about: gradients, edges, shapes, text.
@@ -193,49 +87,30 @@ def make_prompt(tokenizer, n_tokens: int) -> str:
 
 def _weight_files(bundle) -> list[str]:
     """Bundle files the ONNX Runtime path loads: graphs, their external data, the embedding table."""
-    names = []
-    for graph in bundle.manifest.get("graphs", {}).values():
-        names += [graph.get("file"), graph.get("external_data")]
-    names.append(bundle.manifest.get("embeddings", {}).get("file"))
-    return [n for n in dict.fromkeys(names) if n]
+    m = bundle.manifest
+    names = [f for graph in m.graphs.values() for f in graph.files] + [m.embeddings.file]
+    return list(dict.fromkeys(names))
 
 
 def weight_file_bytes(bundle) -> int:
     return sum(bundle.path(n).stat().st_size for n in _weight_files(bundle))
 
 
-def _initializer_bytes(tensor, onnx) -> int:
-    if tensor.data_location == onnx.TensorProto.EXTERNAL:
-        info = {e.key: e.value for e in tensor.external_data}
-        if "length" in info:
-            return int(info["length"])
-    if tensor.raw_data:
-        return len(tensor.raw_data)
-    numel = int(np.prod(tensor.dims)) if len(tensor.dims) else 1
-    if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
-        return (numel + 1) // 2
-    return numel * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-
-
 def llm_bytes_per_token(bundle) -> dict:
     """Weight bytes one decode step reads: the LLM graph's initializers + one embedding row."""
-    m = bundle.manifest
-    emb = m.get("embeddings") or {}
-    row = 0
-    if emb.get("shape"):
-        row = int(emb["shape"][-1]) * np.dtype(emb.get("dtype", "float32")).itemsize
+    emb = bundle.manifest.embeddings
+    row = int(emb.shape[-1]) * np.dtype(emb.dtype).itemsize
     graph = bundle.graph("llm")
     try:
-        import onnx  # a dev dependency: exact per-initializer sizes when present
+        from .weights import graph_initializer_bytes  # exact per-initializer sizes when onnx is there
 
-        model = onnx.load(str(bundle.graph_path("llm")), load_external_data=False)
-        init = sum(_initializer_bytes(t, onnx) for t in model.graph.initializer)
+        init = graph_initializer_bytes(bundle.graph_path("llm"))
         method = "sum of the LLM graph's initializers (onnx)"
     except ImportError:
         # without onnx: the files, which are the initializers plus a small graph description
         init = bundle.graph_path("llm").stat().st_size
-        if graph.get("external_data"):
-            init += bundle.path(graph["external_data"]).stat().st_size
+        if graph.external_data:
+            init += bundle.path(graph.external_data).stat().st_size
         method = "LLM graph file + external data sizes (onnx not installed)"
     return {"llm_initializer_bytes": int(init), "embedding_row_bytes": row,
             "bytes_per_token": int(init + row), "method": method}
@@ -275,19 +150,22 @@ def machine_info() -> dict:
 # One measured run
 
 
-def measure_chat(pipeline, clocks: tuple[GraphClock, GraphClock], prompt: str, image,
-                 new_tokens: int) -> dict:
-    """Run ``pipeline.chat`` once (greedy, exactly ``new_tokens`` tokens) and derive its timings."""
-    vclock, lclock = clocks
-    vclock.reset()
-    lclock.reset()
-    t0 = time.perf_counter()
-    result = pipeline.chat(prompt, image=image, max_new_tokens=new_tokens, temperature=0.0,
-                           ignore_eos=True)
-    total_s = time.perf_counter() - t0
+def measure_chat(pipeline, prompt: str, image, new_tokens: int) -> dict:
+    """Run ``pipeline.chat`` once (greedy, exactly ``new_tokens`` tokens) and derive its timings from
+    the runners' own timelines of their graph runs."""
+    vision_calls = pipeline.vision.start_timeline()
+    llm_calls = pipeline.llm.start_timeline()
+    try:
+        t0 = time.perf_counter()
+        result = pipeline.chat(prompt, image=image, max_new_tokens=new_tokens, temperature=0.0,
+                               ignore_eos=True)
+        total_s = time.perf_counter() - t0
+    finally:
+        pipeline.vision.stop_timeline()
+        pipeline.llm.stop_timeline()
 
-    v_s, v_e, v_n = vclock.starts, vclock.ends, vclock.sizes
-    l_s, l_e = lclock.starts, lclock.ends
+    v_s, v_e, v_n = [c.start for c in vision_calls], [c.end for c in vision_calls], [c.size for c in vision_calls]
+    l_s, l_e = [c.start for c in llm_calls], [c.end for c in llm_calls]
     if not l_s:
         raise FlashVLError("the LLM graph did not run; nothing to measure")
     tiles = sum(v_n)
@@ -343,7 +221,7 @@ def write_plot(report: dict, path: Path) -> str | None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return "matplotlib is not installed; no plot (pip install matplotlib)"
+        return "matplotlib is not installed; no plot (pip install 'flashvl-edge[bench]')"
     runs = report["runs"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for i, r in enumerate(runs):
@@ -434,22 +312,20 @@ def benchmark(bundle_path: str, image=None, prompt_len: int = 32, new_tokens: in
     t0 = time.perf_counter()
     pipeline = Pipeline.from_bundle(bundle_path, backend=backend)
     load_s = time.perf_counter() - t0
-    clocks = attach_clocks(pipeline)
     from tokenizers import Tokenizer
 
-    tokenizer = Tokenizer.from_file(str(bundle.path(bundle.manifest["tokenizer"]["file"])))
+    tokenizer = Tokenizer.from_file(str(bundle.path(bundle.manifest.tokenizer.file)))
     prompt = make_prompt(tokenizer, prompt_len)
     try:
         for i in range(warmup):
             log(f"warm-up {i + 1}/{warmup}")
-            measure_chat(pipeline, clocks, prompt, image, new_tokens)
+            measure_chat(pipeline, prompt, image, new_tokens)
         measured = []
         for i in range(runs):
             log(f"run {i + 1}/{runs}")
-            measured.append(measure_chat(pipeline, clocks, prompt, image, new_tokens))
+            measured.append(measure_chat(pipeline, prompt, image, new_tokens))
     finally:
-        for c in clocks:
-            c.unwrap()
+        pipeline.close()
     weights = llm_bytes_per_token(bundle)
     wbytes = weight_file_bytes(bundle)
     rss = peak_rss_bytes()
@@ -459,8 +335,8 @@ def benchmark(bundle_path: str, image=None, prompt_len: int = 32, new_tokens: in
         "backend": backend,
         "family": bundle.family,
         "variant": bundle.variant,
-        "dtype": bundle.manifest.get("dtype"),
-        "quantization": bundle.manifest.get("quantization"),
+        "dtype": bundle.manifest.dtype,
+        "quantization": None if bundle.manifest.quantization is None else bundle.manifest.quantization.to_json(),
         "machine": machine_info(),
         "settings": {"prompt_len": prompt_len, "new_tokens": new_tokens, "runs": runs, "warmup": warmup,
                      "image": image_desc},

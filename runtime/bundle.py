@@ -2,7 +2,8 @@
 
 Export writes it, calibration reads and rewrites it, the engine builder adds engines to it, and the
 runtime runs it. Everything the runtime needs is in the manifest; nothing is re-derived from file
-or model names. The schema (version :data:`SCHEMA_VERSION`) is documented in docs/architecture.md.
+or model names. The manifest's typed form and its validation are :mod:`.contract`; this module
+loads a bundle (path safety, file sizes and hashes) and writes one.
 
 This module also holds the two write-side helpers every stage shares, so they exist once:
 :func:`staging_dir` (write into a temporary sibling, rename at the end) and :func:`finalize_manifest`
@@ -24,11 +25,11 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
+from .contract import FileEntry, GraphSpec, Manifest
 from .errors import BundleError, ExportError, IntegrityError
 
-SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 # Staging and trash directories start with this, so no tool mistakes them for a bundle.
 STAGING_PREFIX = ".flashvl-tmp-"
@@ -108,34 +109,12 @@ class _VerifiedCache:
             pass
 
 
-def _check_generation_section(gen: dict, mpath: Path) -> None:
-    """The numbers the decode loop relies on: a positive max_context and integer token ids."""
-    mc = gen.get("max_context")
-    if mc is not None and (type(mc) is not int or mc < 1):
-        raise BundleError(f"{mpath}: generation.max_context must be a positive integer, got {mc!r}; "
-                          "re-export the bundle")
-    ids = gen.get("eos_token_ids")
-    if ids is not None and (not isinstance(ids, list) or any(type(i) is not int or i < 0 for i in ids)):
-        raise BundleError(f"{mpath}: generation.eos_token_ids must be a list of token ids, got {ids!r}; "
-                          "re-export the bundle")
-
-
-def _check_files_section(files: Any, mpath: Path) -> None:
-    """``files`` maps relative names to {"size": int, "sha256": 64 hex chars}; anything else is refused."""
-    fix = "re-export the bundle (or restore its manifest)"
-    for name, entry in files.items():
-        if not (isinstance(entry, dict) and isinstance(entry.get("size"), int) and not isinstance(entry["size"], bool)
-                and entry["size"] >= 0 and isinstance(entry.get("sha256"), str) and len(entry["sha256"]) == 64):
-            raise BundleError(f"{mpath}: the 'files' entry for {name!r} is malformed (needs an integer size and a "
-                              f"sha256); {fix}")
-
-
 @dataclass
 class Bundle:
     """A loaded bundle: its directory and its parsed manifest."""
 
     root: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     _verified: set[str] = field(default_factory=set, repr=False)
 
     @classmethod
@@ -154,33 +133,12 @@ class Bundle:
                 f"{str(root)!r} has no {MANIFEST}: it is not a flashvl bundle (or its export was interrupted); "
                 "pass a bundle directory written by 'flashvl export', or re-export it")
         try:
-            manifest = json.loads(mpath.read_text(encoding="utf-8"))
+            data = json.loads(mpath.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as e:
             raise BundleError(f"{mpath} is not valid JSON ({e}); re-export the bundle") from None
-        if not isinstance(manifest, dict):
-            raise BundleError(f"{mpath} is not a JSON object; re-export the bundle")
-        version = manifest.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise BundleError(
-                f"bundle schema version {version!r} is not supported by this flashvl-edge "
-                f"(supports {SCHEMA_VERSION}); re-export the bundle with this version")
-        for key in ("graphs", "files", "llm", "vision", "image", "preprocess", "tokenizer"):
-            if key not in manifest:
-                raise BundleError(f"{mpath} lacks the {key!r} section; re-export the bundle")
-            if not isinstance(manifest[key], dict):
-                raise BundleError(f"{mpath}: the {key!r} section must be a JSON object; re-export the bundle")
-        for key in ("family", "variant"):
-            if not isinstance(manifest.get(key), str):
-                raise BundleError(f"{mpath} lacks a valid {key!r}; re-export the bundle")
-        for key in ("generation", "iss", "embeddings", "quantization", "engines", "source", "tools"):
-            if manifest.get(key) is not None and not isinstance(manifest[key], dict):
-                raise BundleError(f"{mpath}: the {key!r} section must be a JSON object; re-export the bundle")
-        if manifest.get("chat_template") is not None and not isinstance(manifest["chat_template"], str):
-            raise BundleError(f"{mpath}: 'chat_template' must be a string; re-export the bundle")
-        _check_generation_section(manifest.get("generation") or {}, mpath)
-        _check_files_section(manifest["files"], mpath)
+        manifest = Manifest.from_json(data, where=str(mpath))
         bundle = cls(root=root, manifest=manifest)
-        for name in manifest["files"]:
+        for name in manifest.files:
             safe_member(root, name)
         if verify != "none":
             bundle.verify_files(full=(verify == "full"))
@@ -193,7 +151,7 @@ class Bundle:
 
     def verify_files(self, names: list[str] | None = None, full: bool = False) -> None:
         """Check each file's size and sha256 against the manifest (hash cache unless ``full``)."""
-        files = self.manifest["files"]
+        files = self.manifest.files
         cache = _VerifiedCache()
         for name in names or list(files):
             entry = files.get(name)
@@ -206,15 +164,15 @@ class Bundle:
                 raise IntegrityError(f"bundle file {name!r} is missing from {self.root}; re-export the bundle") from None
             if not stat.S_ISREG(st.st_mode):
                 raise IntegrityError(f"bundle file {name!r} is not a regular file")
-            if st.st_size != entry["size"]:
+            if st.st_size != entry.size:
                 raise IntegrityError(
-                    f"bundle file {name!r} has {st.st_size} bytes, the manifest says {entry['size']}: "
+                    f"bundle file {name!r} has {st.st_size} bytes, the manifest says {entry.size}: "
                     "it is truncated or was modified; re-export the bundle")
             digest = None if full else cache.get(p, st)
             if digest is None:
                 digest = sha256_file(p)
                 cache.put(p, st, digest)
-            if digest != entry["sha256"]:
+            if digest != entry.sha256:
                 raise IntegrityError(
                     f"bundle file {name!r} does not match its sha256 in the manifest: it was modified "
                     "or corrupted; re-export the bundle")
@@ -224,33 +182,17 @@ class Bundle:
     # -- convenient views ---------------------------------------------------------------------
     @property
     def family(self) -> str:
-        return self.manifest["family"]
+        return self.manifest.family
 
     @property
     def variant(self) -> str:
-        return self.manifest["variant"]
+        return self.manifest.variant
 
-    def graph(self, name: str) -> dict[str, Any]:
-        try:
-            return self.manifest["graphs"][name]
-        except KeyError:
-            raise BundleError(f"bundle has no {name!r} graph") from None
+    def graph(self, name: str) -> GraphSpec:
+        return self.manifest.graph(name)
 
     def graph_path(self, name: str) -> Path:
-        return self.path(self.graph(name)["file"])
-
-
-def empty_past(manifest: dict[str, Any], batch: int = 1) -> dict[str, Any]:
-    """The LLM graph's ``past_key_values.*`` inputs for a prefill (past length 0), as numpy zeros.
-
-    Derived from the graph's declared inputs (names, dtypes, shapes with named dims), so every tool
-    that feeds the graph directly (verify, calibration) builds the same feed the graph declares.
-    """
-    import numpy as np
-
-    return {t["name"]: np.zeros([batch if d == "batch" else 0 if d == "past" else int(d) for d in t["shape"]],
-                                dtype=np.dtype(t["dtype"]))
-            for t in manifest["graphs"]["llm"]["inputs"] if t["name"].startswith("past_key_values.")}
+        return self.path(self.graph(name).file)
 
 
 # --------------------------------------------------------------------------------------------
@@ -371,17 +313,17 @@ def staging_dir(out: str | os.PathLike, force: bool = False, min_free_bytes: int
         raise
 
 
-def finalize_manifest(root: str | os.PathLike, manifest: dict[str, Any],
-                      exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+def finalize_manifest(root: str | os.PathLike, manifest: Manifest, exclude: tuple[str, ...] = ()) -> Manifest:
     """Record every file under ``root`` (size, sha256) in ``manifest`` and write ``manifest.json``.
 
     Called last, so a bundle without a manifest is by construction an unfinished one; the manifest is
     replaced atomically. Staging debris (``.flashvl-tmp-*``) and the relative paths in ``exclude`` (and
     everything below them) are not recorded. Files the verified cache already knows are not re-hashed.
+    The result is checked as a reader will check it (every named file recorded) before it is written.
     """
     root = Path(root)
     cache = _VerifiedCache()
-    files: dict[str, dict[str, Any]] = {}
+    files: dict[str, FileEntry] = {}
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root).as_posix()
         if any(part.startswith(STAGING_PREFIX) for part in p.relative_to(root).parts) \
@@ -395,13 +337,12 @@ def finalize_manifest(root: str | os.PathLike, manifest: dict[str, Any],
             if digest is None:
                 digest = sha256_file(p)
                 cache.put(p, st, digest)  # known good: the first load needs no re-hash
-            files[rel] = {"size": st.st_size, "sha256": digest}
-    manifest = dict(manifest)
-    manifest["schema_version"] = SCHEMA_VERSION
-    manifest["files"] = files
+            files[rel] = FileEntry(st.st_size, digest)
+    data = manifest.replace(files=files).to_json()
+    manifest = Manifest.from_json(data, where=f"the manifest being written to {root}")
     tmp = root / f".{MANIFEST}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=2, sort_keys=False)
+        json.dump(data, f, indent=2, sort_keys=False)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())

@@ -21,6 +21,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from .contract import LLMSpec, Manifest
+
 GiB = 1 << 30
 # name, memory in bytes (shared CPU/GPU on Jetson), note
 JETSON_DEVICES = [
@@ -48,15 +50,6 @@ def _version(dist: str) -> str | None:
     try:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
-        return None
-
-
-def _tensorrt_version() -> str | None:
-    try:
-        import tensorrt  # noqa: PLC0415 - optional
-
-        return tensorrt.__version__
-    except Exception:
         return None
 
 
@@ -104,13 +97,13 @@ def _meminfo() -> dict[str, int]:
 
 
 def collect() -> dict[str, Any]:
-    from .backends.trt import gpu_info
+    from .backends.trt import gpu_info, trt_version
 
     info: dict[str, Any] = {
         "python": sys.version.split()[0], "platform": platform.platform(), "machine": platform.machine(),
         "jetson": _jetson_model(), "memory": _meminfo(),
         "packages": {p: _version(p) for p in PACKAGES},
-        "tensorrt": _tensorrt_version(),
+        "tensorrt": trt_version(),
     }
     gpus = _nvidia_smi()
     if not gpus:
@@ -148,7 +141,7 @@ def backends_status(info: dict[str, Any]) -> dict[str, tuple[bool, str]]:
         hint = ("sudo apt install nvidia-tensorrt (JetPack; gives python3-libnvinfer)" if on_jetson
                 else "pip install tensorrt (NVIDIA's index: --extra-index-url https://pypi.nvidia.com)")
     else:
-        hint = "pip install polygraphy"
+        hint = "pip install 'flashvl-edge[tensorrt]' (Polygraphy and onnx for the engine builder)"
     out["trt"] = (have_trt and have_pg and have_gpu, hint)
     return out
 
@@ -173,9 +166,9 @@ class WeightInventory:
         self.bytes_on_disk += nbytes
 
 
-# weight element types (ONNX TensorProto ids) and their sizes: float, float16, bfloat16, double, int8,
-# uint8, float8e4m3fn, int4, uint4. int32/int64 initializers are shapes and indices, not weights.
-_ONNX_ITEMSIZE = {1: 4, 10: 2, 16: 2, 11: 8, 3: 1, 2: 1, 17: 1, 22: 0.5, 21: 0.5}
+# weight element types (ONNX TensorProto ids): float, float16, bfloat16, double, int8, uint8, float8e4m3fn,
+# int4, uint4. int32/int64 initializers are shapes and indices, not weights.
+_WEIGHT_TYPES = frozenset({1, 10, 16, 11, 3, 2, 17, 22, 21})
 
 
 def graph_inventory(path: Path) -> WeightInventory:
@@ -187,14 +180,16 @@ def graph_inventory(path: Path) -> WeightInventory:
         size = path.stat().st_size
         inv.add(size // 4, 2, size)  # assume fp32 matrices: an approximation, said in the report
         return inv
+    from .weights import initializer_nbytes
+
     model = onnx.load(str(path), load_external_data=False)
     for t in model.graph.initializer:
-        if t.data_type not in _ONNX_ITEMSIZE:
+        if t.data_type not in _WEIGHT_TYPES:
             continue
         numel = 1
         for d in t.dims:
             numel *= int(d)
-        inv.add(numel, len(t.dims), int(numel * _ONNX_ITEMSIZE.get(t.data_type, 4)))
+        inv.add(numel, len(t.dims), initializer_nbytes(t))
     return inv
 
 
@@ -211,36 +206,35 @@ def weight_bytes(inv: WeightInventory, scheme: str) -> int:
     raise ValueError(scheme)
 
 
-def kv_cache_bytes(llm: dict[str, Any], context: int, copies: int = 2) -> int:
+def kv_cache_bytes(llm: LLMSpec, context: int, copies: int = 2) -> int:
     """fp16 K and V for every layer at ``context`` tokens; ``copies`` = 2: the TensorRT backend's ping-pong."""
-    return 2 * int(llm["num_layers"]) * int(llm["num_kv_heads"]) * int(llm["head_dim"]) * context * 2 * copies
+    return 2 * llm.num_layers * llm.num_kv_heads * llm.head_dim * context * 2 * copies
 
 
-def activation_bytes(m: dict[str, Any], max_tiles: int, max_input_len: int) -> int:
+def activation_bytes(m: Manifest, vision_batch: int, max_input_len: int) -> int:
     """Rough peak activations (fp16) of the larger of the two engines; TensorRT reuses memory across layers,
-    so one layer's live tensors count: ~16 hidden-sized tensors per token plus one layer's attention scores."""
-    v = m["vision"]
-    patches = (int(v["image_size"]) // int(v["patch_size"])) ** 2
-    vh = int(v["hidden_size"])
-    v_heads = max(1, vh // 72)
-    vision = max_tiles * (patches * vh * 16 + v_heads * patches * patches) * 2
-    l = m["llm"]
-    llm = (max_input_len * int(l["hidden_size"]) * 16 + int(l["num_attention_heads"]) * max_input_len ** 2) * 2
-    return max(vision, llm) + int(l["vocab_size"]) * 4
+    so one layer's live tensors count: ~16 hidden-sized tensors per token plus one layer's attention scores.
+    ``vision_batch``: images per vision run (crop tiles plus the thumbnail)."""
+    v, l = m.vision, m.llm
+    patches = (v.image_size // v.patch_size) ** 2
+    v_heads = max(1, v.hidden_size // 72)
+    vision = vision_batch * (patches * v.hidden_size * 16 + v_heads * patches * patches) * 2
+    llm = (max_input_len * l.hidden_size * 16 + l.num_attention_heads * max_input_len ** 2) * 2
+    return max(vision, llm) + l.vocab_size * 4
 
 
-def budget(manifest: dict[str, Any], inventories: dict[str, WeightInventory], context: int | None = None,
+def budget(manifest: Manifest, inventories: dict[str, WeightInventory], context: int | None = None,
            max_tiles: int | None = None, max_input_len: int | None = None) -> dict[str, dict[str, int]]:
-    """Per precision: weights (vision + llm), kv, activations, runtime reserve, total bytes."""
-    pre = manifest["preprocess"]
-    tiles = max_tiles or int(pre.get("max_tiles") or 1) + (1 if pre.get("use_thumbnail") and int(pre.get("max_tiles") or 1) > 1 else 0)
-    ctx = context or int((manifest.get("generation") or {}).get("max_context") or manifest["llm"]["max_position_embeddings"])
-    inp = max_input_len or min(ctx, tiles * int(manifest["vision"]["tokens_per_tile"]) + 256)
+    """Per precision: weights (vision + llm), kv, activations, runtime reserve, total bytes.
+    ``max_tiles``: crop tiles (default the bundle's budget); the thumbnail is added as preprocessing adds it."""
+    tiles = manifest.preprocess.vision_batch(max_tiles)
+    ctx = context or manifest.max_context
+    inp = max_input_len or min(ctx, tiles * manifest.image.tokens_per_tile + 256)
     out = {}
     for p in PRECISIONS:
         vision_scheme = "fp16" if p == "fp16" else "int8"   # INT4 is for the LLM's weights only
         w = weight_bytes(inventories["vision"], vision_scheme) + weight_bytes(inventories["llm"], p)
-        kv = kv_cache_bytes(manifest["llm"], ctx)
+        kv = kv_cache_bytes(manifest.llm, ctx)
         act = activation_bytes(manifest, tiles, inp)
         out[p] = {"weights": w, "kv_cache": kv, "activations": act, "cuda_reserve": CUDA_RESERVE,
                   "total": w + kv + act + CUDA_RESERVE}
@@ -250,7 +244,7 @@ def budget(manifest: dict[str, Any], inventories: dict[str, WeightInventory], co
 def bundle_budget(bundle, context: int | None = None) -> tuple[dict[str, dict[str, int]], dict[str, WeightInventory]]:
     inv = {g: graph_inventory(bundle.graph_path(g)) for g in ("vision", "llm")}
     for g in ("vision", "llm"):
-        ext = bundle.graph(g).get("external_data")
+        ext = bundle.graph(g).external_data
         if ext and bundle.path(ext).exists() and inv[g].bytes_on_disk == 0:
             inv[g].bytes_on_disk = bundle.path(ext).stat().st_size
     return budget(bundle.manifest, inv, context), inv
@@ -275,6 +269,15 @@ def format_budget(b: dict[str, dict[str, int]], context: int) -> str:
 # CLI
 
 
+def model_line(source) -> str:
+    """What the bundle was exported from; a preset names the published checkpoints it copies the shapes of."""
+    if not source.preset:
+        return source.model
+    ref = source.reference
+    shapes = f": shapes of {ref['vision']} + {ref['llm']}" if ref.get("vision") and ref.get("llm") else ""
+    return f"preset {source.preset} (random weights{', seed ' + str(source.seed) if source.seed is not None else ''}{shapes})"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", nargs="?", help="a bundle: also report its memory budget per Jetson device")
     parser.add_argument("--context", type=int, default=None, help="context length for the KV cache (default: the bundle's)")
@@ -288,8 +291,7 @@ def run(args: argparse.Namespace) -> int:
         from .bundle import Bundle
 
         bundle = Bundle.load(args.bundle, verify="none")
-        ctx = args.context or int((bundle.manifest.get("generation") or {}).get("max_context")
-                                  or bundle.manifest["llm"]["max_position_embeddings"])
+        ctx = args.context or bundle.manifest.max_context
         b, inv = bundle_budget(bundle, ctx)
         report["budget"] = {"context": ctx, "per_precision": b,
                             "inventory": {g: vars(i) for g, i in inv.items()}}
@@ -317,5 +319,6 @@ def run(args: argparse.Namespace) -> int:
         inv = report["budget"]["inventory"]
         print(f"bundle       {args.bundle}: vision {inv['vision']['matrix_params'] + inv['vision']['other_params']:,} params, "
               f"llm {inv['llm']['matrix_params'] + inv['llm']['other_params']:,} params")
+        print(f"model        {model_line(bundle.manifest.source)}")
         print(format_budget(report["budget"]["per_precision"], report["budget"]["context"]))
     return 0

@@ -55,16 +55,81 @@ class CalibrationError(FlashVLError):
     """Calibration data is missing or unusable, or the bundle is already quantized."""
 
 
+# The optional packages each extra of pyproject.toml installs, by import name, lightest extra first
+# (the first extra that carries a module is the one named when no command prefers another). A missing
+# one of these is a missing extra, reported in one line; a missing base dependency (numpy, pillow,
+# tokenizers, onnxruntime, jinja2, tqdm) is a broken installation and keeps its traceback.
+EXTRA_MODULES: dict[str, tuple[str, ...]] = {
+    "calibration": ("onnx", "skimage"),
+    "tensorrt": ("polygraphy", "onnx"),
+    "bench": ("matplotlib", "psutil", "skimage", "onnx"),
+    "export": ("torch", "transformers", "onnx", "onnxscript", "onnx_ir", "safetensors", "skimage"),
+    "compare": ("onnxruntime_genai",),
+}
+# TensorRT itself is in no extra: JetPack installs it on a Jetson, NVIDIA's index elsewhere.
+TENSORRT_HINT = ("TensorRT comes with JetPack on a Jetson (sudo apt install nvidia-tensorrt); elsewhere "
+                 "pip install tensorrt (NVIDIA's index, https://pypi.nvidia.com)")
+
+
+def extra_for(module: str | None, prefer: str | None = None) -> str | None:
+    """The extra that installs ``module`` (any submodule counts as its package): ``prefer`` when it
+    carries the module, else the lightest extra that does; None for a module no extra installs."""
+    top = (module or "").split(".")[0]
+    if prefer and top in EXTRA_MODULES.get(prefer, ()):
+        return prefer
+    return next((extra for extra, mods in EXTRA_MODULES.items() if top in mods), None)
+
+
+def missing_extra_line(module: str, extra: str | None, who: str = "flashvl") -> str:
+    """``flashvl export: needs the 'export' extra: pip install 'flashvl-edge[export]' (missing module: torch)``."""
+    if module.split(".")[0] == "tensorrt":
+        return f"{who}: needs TensorRT (missing module: tensorrt): {TENSORRT_HINT}"
+    return f"{who}: needs the {extra!r} extra: pip install 'flashvl-edge[{extra}]' (missing module: {module})"
+
+
+class MissingExtraError(FlashVLError, ModuleNotFoundError):
+    """An optional package is not installed. A FlashVLError (one line, exit 2) and also the
+    ModuleNotFoundError a plain import would raise, so ``except ImportError`` fallbacks still apply."""
+
+    def __init__(self, module: str, what: str, extra: str | None = None) -> None:
+        self.extra = extra or extra_for(module)
+        super().__init__(missing_extra_line(module, self.extra, what), name=module)
+
+    def __str__(self) -> str:
+        return str(self.msg)
+
+
 def one_line(message: str) -> str:
     return " ".join(str(message).split())
 
 
-def run_cli(func: Callable[[object], int | None], args) -> int:
-    """Run a subcommand; user errors print one line to stderr and return their exit code."""
+def report_missing_module(err: ModuleNotFoundError, command: str | None = None, extra: str | None = None,
+                          debug: bool = False) -> int:
+    """One line naming the extra to install for a missing optional package, exit code 2; a module
+    that no extra installs (a base dependency, one of ours) is a bug and is re-raised."""
+    module = err.name or ""
+    # a MissingExtraError knows its extra even for a module no extra lists (a dependency of one that does)
+    chosen = extra_for(module, extra) or getattr(err, "extra", None)
+    if module.split(".")[0] != "tensorrt" and chosen is None:
+        raise err
+    if debug:
+        traceback.print_exception(err)
+    who = f"flashvl {command}" if command else "flashvl"
+    print(missing_extra_line(module, chosen, who), file=sys.stderr)
+    return 2
+
+
+def run_cli(func: Callable[[object], int | None], args, extra: str | None = None) -> int:
+    """Run a subcommand; user errors print one line to stderr and return their exit code.
+
+    ``extra`` is the subcommand's extra (cli/main.py): a missing optional package it carries is
+    reported as that extra, one it does not as the extra that installs it."""
     debug = getattr(args, "debug", False)
     try:
         rc = func(args)
         return 0 if rc is None else int(rc)
+    except ModuleNotFoundError as err:  # before FlashVLError: MissingExtraError is both
+        return report_missing_module(err, getattr(args, "command", None), extra, debug)
     except FlashVLError as err:
         if debug:
             traceback.print_exc()

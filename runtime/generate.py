@@ -3,8 +3,10 @@
 1. ``Generator.embed``: token embeddings are gathered from the bundle's memory-mapped
    ``embed_tokens.npy`` (only the rows used are read) and the image embeddings are written over the
    image-token positions, in order.
-2. ``Generator.generate``: one ``forward`` over all new tokens (prefill) fills the KV cache and gives the
-   first token's logits; then each sampled token is fed back alone (decode), the cache growing by one.
+2. ``Generator.generate``: ``prefill`` (one ``forward`` over all new tokens) fills the KV cache and gives
+   the first token's logits; then ``step`` feeds each sampled token back alone (decode), the cache
+   growing by one. ``greedy`` and ``teacher_forced`` run the same ``prefill`` / ``step`` and also return
+   the logits, for ``flashvl verify``, calibration reports and benchmarks: one LLM path for every tool.
 3. ``sample``: repetition penalty, then greedy (temperature 0) or temperature / top-k / top-p sampling
    with a seeded numpy Generator (same order as transformers' logits processors and warpers).
 4. ``TextAssembler``: generated ids -> text pieces as they become printable (``StreamingDetokenizer``
@@ -161,6 +163,23 @@ class Generator:
                 f"context is {self.max_context}; shorten the prompt, use a smaller image or fewer tiles, "
                 "or start a new session")
 
+    # -- the LLM path: chat, verification, calibration and benchmarks all run these -------------
+    def prefill(self, cache: KVCache, ids: Sequence[int] = (), image_embeds: np.ndarray | None = None,
+                image_mask: Sequence[bool] | None = None, inputs_embeds: np.ndarray | None = None) -> np.ndarray:
+        """Run new prompt tokens on top of ``cache``; returns the last position's logits [vocab].
+
+        The tokens are ``ids`` with ``image_embeds`` spliced in (as :meth:`embed`), or ``inputs_embeds``
+        [1, seq, hidden] when the prompt is already embedded (``Pipeline.prefill_inputs``, a capture)."""
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(ids, image_embeds, image_mask)
+        return self.llm.forward(inputs_embeds, cache)
+
+    def step(self, cache: KVCache, token: int) -> np.ndarray:
+        """Decode one token: feed it, cache grows by one, returns the next logits [vocab]."""
+        # its table row as [1, 1, hidden]; the general embed() is for prompts
+        row = np.asarray(self.embed_table[token:token + 1], dtype=self.llm.embeds_dtype)
+        return self.llm.forward(row[None], cache)
+
     def generate(self, cache: KVCache, new_ids: Sequence[int], image_embeds: np.ndarray | None,
                  params: SamplingParams, seen_ids: Sequence[int] = (),
                  image_mask: Sequence[bool] | None = None) -> Iterator[int]:
@@ -175,16 +194,53 @@ class Generator:
         seen = list(seen_ids) + list(new_ids)
         budget = min(params.max_new_tokens, self.max_context - cache.length - len(new_ids))
 
-        logits = self.llm.forward(self.embed(new_ids, image_embeds, image_mask), cache)  # prefill
-        for step in range(budget):
+        step = self.step
+        logits = self.prefill(cache, new_ids, image_embeds, image_mask)
+        for i in range(budget):
             token = sample(logits, seen, params, rng)
             yield token
-            if token in stop_ids or step == budget - 1:
+            if token in stop_ids or i == budget - 1:
                 return
             seen.append(token)
-            # decode one token: its table row as [1, 1, hidden] (the general embed() is for prompts)
-            row = np.asarray(self.embed_table[token:token + 1], dtype=self.llm.embeds_dtype)
-            logits = self.llm.forward(row[None], cache)
+            logits = step(cache, token)
+
+    def greedy(self, cache: KVCache, ids: Sequence[int] = (), image_embeds: np.ndarray | None = None,
+               image_mask: Sequence[bool] | None = None, n_tokens: int = 32, stop: bool = True,
+               inputs_embeds: np.ndarray | None = None) -> tuple[list[int], np.ndarray]:
+        """:meth:`generate` at temperature 0, also returning the logits that chose each token.
+
+        ``stop``: end at the first stop token (included, as generate yields it); else exactly
+        ``n_tokens`` (context permitting). Returns (tokens, logits [len(tokens), vocab] float32)."""
+        params = SamplingParams(max_new_tokens=n_tokens, ignore_eos=not stop).validate()
+        n_new = len(ids) if inputs_embeds is None else inputs_embeds.shape[1]
+        self.check_context(cache.length, n_new)
+        stop_ids = self.stop_token_ids if stop else frozenset()
+        budget = min(n_tokens, self.max_context - cache.length - n_new)
+        tokens: list[int] = []
+        rows: list[np.ndarray] = []
+        logits = self.prefill(cache, ids, image_embeds, image_mask, inputs_embeds)
+        for i in range(budget):
+            token = sample(logits, (), params, None)  # greedy: no rng, no repetition penalty
+            tokens.append(token)
+            rows.append(np.asarray(logits, np.float32))
+            if token in stop_ids or i == budget - 1:
+                break
+            logits = self.step(cache, token)
+        return tokens, np.stack(rows)
+
+    def teacher_forced(self, cache: KVCache, ids: Sequence[int] = (), image_embeds: np.ndarray | None = None,
+                       image_mask: Sequence[bool] | None = None, forced_tokens: Sequence[int] = (),
+                       inputs_embeds: np.ndarray | None = None) -> np.ndarray:
+        """Prefill, then feed ``forced_tokens`` one decode step each, whatever the model would pick.
+
+        Returns the logits after the prefill and after each forced token: [len(forced_tokens) + 1, vocab]
+        (row i predicts the token after ``forced_tokens[:i]``). For parity and accuracy reports."""
+        n_new = len(ids) if inputs_embeds is None else inputs_embeds.shape[1]
+        self.check_context(cache.length, n_new + len(forced_tokens))
+        rows = [np.asarray(self.prefill(cache, ids, image_embeds, image_mask, inputs_embeds), np.float32)]
+        for token in forced_tokens:
+            rows.append(np.asarray(self.step(cache, int(token)), np.float32))
+        return np.stack(rows)
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,18 +22,18 @@ Decoding rules (documented here because they change pixel values):
 from __future__ import annotations
 
 import io
-import math
 import os
 import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import iss
+from .contract import Manifest
 from .errors import BundleError, ImageError
 
 # Used when no limit is given (the exporter writes the same default into preprocess.max_image_pixels):
@@ -243,89 +243,18 @@ class PreprocessConfig:
     pixels_per_token: int
 
     @classmethod
-    def from_manifest(cls, manifest: dict[str, Any]) -> "PreprocessConfig":
-        pre = _section(manifest, "preprocess")
-        vision = manifest.get("vision") or {}
-        image = manifest.get("image") or {}
-        iss_cfg = manifest.get("iss") or {}
-        mode = pre.get("mode")
-        if mode not in ("clip", "tiles"):
-            raise BundleError(f"manifest preprocess.mode is {mode!r}, expected 'clip' or 'tiles'; re-export the bundle")
-        size = _int(pre.get("image_size") or vision.get("image_size"), "preprocess.image_size")
-        tpt = _int(image.get("tokens_per_tile") or vision.get("tokens_per_tile"), "image.tokens_per_tile")
-        tps = vision.get("tokens_per_side")
-        tps = _int(tps, "vision.tokens_per_side") if tps is not None else math.isqrt(tpt)
-        if tps * tps != tpt:
-            raise BundleError(f"manifest tokens_per_tile {tpt} is not tokens_per_side {tps} squared; re-export the bundle")
-        crop = pre.get("crop_size")
-        if crop is None:
-            crop_hw = (size, size)
-        elif isinstance(crop, dict):
-            crop_hw = (_int(crop.get("height"), "preprocess.crop_size.height"),
-                       _int(crop.get("width"), "preprocess.crop_size.width"))
-        elif isinstance(crop, (list, tuple)) and len(crop) == 2:
-            crop_hw = (_int(crop[0], "preprocess.crop_size"), _int(crop[1], "preprocess.crop_size"))
-        else:
-            crop_hw = (_int(crop, "preprocess.crop_size"),) * 2
-        resample = pre.get("resample", "bicubic")
-        if isinstance(resample, str):
-            if resample.lower() not in _RESAMPLE:
-                raise BundleError(f"manifest preprocess.resample {resample!r} is unknown; use one of {sorted(_RESAMPLE)}")
-            resample = _RESAMPLE[resample.lower()]
-        shortest = pre.get("resize_shortest_edge")
-        enabled = bool(iss_cfg.get("enabled", False))
-        cfg = cls(
-            mode=mode, image_size=size, tokens_per_tile=tpt, tokens_per_side=tps,
-            resize_shortest_edge=None if shortest is None else _int(shortest, "preprocess.resize_shortest_edge"),
-            crop_size=crop_hw, do_center_crop=bool(pre.get("do_center_crop", True)),
-            rescale_factor=float(pre.get("rescale_factor", 1 / 255)),
-            image_mean=_triple(pre.get("image_mean"), "preprocess.image_mean"),
-            image_std=_triple(pre.get("image_std"), "preprocess.image_std"),
-            resample=int(resample),
-            min_tiles=_int(pre.get("min_tiles", 1), "preprocess.min_tiles"),
-            max_tiles=_int(pre.get("max_tiles", 1), "preprocess.max_tiles"),
-            use_thumbnail=bool(pre.get("use_thumbnail", False)),
-            max_image_pixels=_int(pre.get("max_image_pixels") or DEFAULT_MAX_PIXELS, "preprocess.max_image_pixels"),
-            iss_enabled=enabled and mode == "tiles",
-            overlap_tokens=int(iss_cfg.get("overlap_tokens", 0)) if enabled else 0,
-            pixels_per_token=int(iss_cfg.get("pixels_per_token", 0) or 0),
-        )
-        if mode == "tiles" and not 1 <= cfg.min_tiles <= cfg.max_tiles:
-            raise BundleError(f"manifest min_tiles {cfg.min_tiles} / max_tiles {cfg.max_tiles} are invalid; re-export the bundle")
-        if cfg.iss_enabled:
-            if cfg.pixels_per_token * tps != size:
-                raise BundleError(
-                    f"manifest iss.pixels_per_token {cfg.pixels_per_token} x tokens_per_side {tps} != tile size "
-                    f"{size}; re-export the bundle")
-            if not 0 <= cfg.overlap_tokens < tps:
-                raise BundleError(f"manifest iss.overlap_tokens {cfg.overlap_tokens} must be in [0, {tps}); re-export the bundle")
-        return cfg
-
-
-def _section(manifest: dict[str, Any], key: str) -> dict[str, Any]:
-    sec = manifest.get(key)
-    if not isinstance(sec, dict):
-        raise BundleError(f"manifest lacks the {key!r} section; re-export the bundle")
-    return sec
-
-
-def _int(v: Any, what: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v or v < 1:
-        raise BundleError(f"manifest {what} is {v!r}, expected a positive integer; re-export the bundle")
-    return int(v)
-
-
-def _triple(v: Any, what: str) -> tuple[float, float, float]:
-    if not isinstance(v, (list, tuple)) or len(v) != 3:
-        raise BundleError(f"manifest {what} is {v!r}, expected 3 numbers; re-export the bundle")
-    try:
-        values = tuple(float(x) for x in v)
-    except (TypeError, ValueError):
-        raise BundleError(f"manifest {what} is {v!r}, expected 3 numbers; re-export the bundle") from None
-    if not all(math.isfinite(x) for x in values) or (what.endswith("image_std") and min(values) <= 0):
-        raise BundleError(f"manifest {what} is {v!r}: expected finite numbers"
-                          f"{' > 0 (it divides the pixels)' if what.endswith('image_std') else ''}; re-export the bundle")
-    return values  # type: ignore[return-value]
+    def from_manifest(cls, manifest: Manifest) -> "PreprocessConfig":
+        """The manifest's sections, already validated by :class:`~.contract.Manifest`, flattened."""
+        pre, iss = manifest.preprocess, manifest.iss
+        return cls(
+            mode=pre.mode, image_size=pre.image_size, tokens_per_tile=manifest.image.tokens_per_tile,
+            tokens_per_side=manifest.vision.tokens_per_side, resize_shortest_edge=pre.resize_shortest_edge,
+            crop_size=(pre.crop_size, pre.crop_size), do_center_crop=pre.do_center_crop,
+            rescale_factor=pre.rescale_factor, image_mean=pre.image_mean, image_std=pre.image_std,
+            resample=_RESAMPLE[pre.resample], min_tiles=pre.min_tiles, max_tiles=pre.max_tiles,
+            use_thumbnail=pre.use_thumbnail, max_image_pixels=pre.max_image_pixels,
+            iss_enabled=iss.enabled and pre.mode == "tiles",
+            overlap_tokens=iss.overlap_tokens if iss.enabled else 0, pixels_per_token=iss.pixels_per_token)
 
 
 # ============================================================================================
@@ -382,7 +311,7 @@ class TokenPlan:
         return emb.reshape(-1, emb.shape[2])
 
 
-def image_to_tokens_plan(width: int, height: int, manifest_or_config: dict | PreprocessConfig,
+def image_to_tokens_plan(width: int, height: int, manifest_or_config: Manifest | PreprocessConfig,
                          max_tiles: int | None = None) -> TokenPlan:
     """The token plan of a ``width x height`` image: lets a caller count image tokens (and check the
     context) before running the vision graph. ``max_tiles`` may lower the bundle's tile budget."""
@@ -409,7 +338,7 @@ def image_to_tokens_plan(width: int, height: int, manifest_or_config: dict | Pre
                      iss.canvas_size(rows, cols, s, overlap_px), iss.tile_boxes(rows, cols, s, overlap_px), plan)
 
 
-def _config(m: dict | PreprocessConfig) -> PreprocessConfig:
+def _config(m: Manifest | PreprocessConfig) -> PreprocessConfig:
     return m if isinstance(m, PreprocessConfig) else PreprocessConfig.from_manifest(m)
 
 
@@ -438,7 +367,7 @@ class PreprocessedImage:
         return self.plan.select_tokens(image_embeds)
 
 
-def preprocess(image: ImageSource, manifest_or_config: dict | PreprocessConfig,
+def preprocess(image: ImageSource, manifest_or_config: Manifest | PreprocessConfig,
                max_tiles: int | None = None) -> PreprocessedImage:
     """Image (anything :func:`load_image` takes) -> :class:`PreprocessedImage`, per the manifest."""
     cfg = _config(manifest_or_config)

@@ -9,8 +9,8 @@
     chat.ask("What is in the picture?", image="photo.jpg")
     chat.ask("What colour is it?")         # prefills only this turn's tokens; no second vision run
 
-One turn, in order: check the sampling parameters -> decode and preprocess the image (B1's
-``images.preprocess``: tiles, and how many image tokens they become) -> render the chat template and
+One turn, in order: check the sampling parameters -> decode and preprocess the image
+(``images.preprocess``: tiles, and how many image tokens they become) -> render the chat template and
 expand the placeholder -> check the context length -> only then run the vision graph -> prefill and
 decode (``generate.Generator``) -> text (``generate.TextAssembler``). Every user-fixable problem raises
 a :class:`~flashvl_edge.runtime.errors.FlashVLError` before anything expensive runs.
@@ -25,6 +25,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from .bundle import Bundle
+from .contract import Manifest
 from .errors import BundleError, ImageError, PromptError
 from .generate import Generator, SamplingParams, TextAssembler
 from .prompt import PromptBuilder, check_text
@@ -73,22 +74,27 @@ class Pipeline:
     """A bundle loaded for chat: tokenizer, embedding table, vision and LLM runners (created once)."""
 
     def __init__(self, bundle: Bundle, vision, llm, prompts: PromptBuilder, embed_table: np.ndarray,
-                 max_image_pixels: int | None = None, backend: str = "ort", max_tiles: int | None = None) -> None:
+                 max_image_pixels: int | None = None, max_tiles: int | None = None) -> None:
         self.bundle = bundle
         self.manifest = bundle.manifest
         self.vision = vision
         self.llm = llm
         self.prompts = prompts
-        self.backend = backend
         self.preprocess_config = _preprocess_config(self.manifest, max_image_pixels)
+        # An engine built for fewer tiles or a shorter context than the bundle allows lowers the
+        # budget here, so a large photo gets fewer tiles and a long chat a clear refusal up front
+        # instead of a shape error inside TensorRT.
+        engine_tiles = vision.limits.max_tiles if vision.limits is not None else None
+        if engine_tiles is not None and (max_tiles is None or max_tiles > engine_tiles):
+            max_tiles = min(engine_tiles, self.preprocess_config.max_tiles)
         self.max_tiles = max_tiles
-        gen = self.manifest.get("generation") or {}
-        stop_ids = set(int(i) for i in gen.get("eos_token_ids") or [])
-        for text in list(gen.get("stop_tokens") or []) + ["<|im_end|>"]:
+        gen = self.manifest.generation
+        stop_ids = set(gen.eos_token_ids)
+        for text in list(gen.stop_tokens) + ["<|im_end|>"]:
             tid = prompts.token_id(text)
             if tid is not None:
                 stop_ids.add(tid)
-        max_context = int(gen.get("max_context") or self.manifest["llm"]["max_position_embeddings"])
+        max_context = gen.max_context if llm.limits is None else min(gen.max_context, llm.limits.max_context)
         self.generator = Generator(llm, embed_table, prompts.image_token_id, frozenset(stop_ids), max_context)
 
     @classmethod
@@ -102,14 +108,12 @@ class Pipeline:
 
         bundle = Bundle.load(path, verify=verify)
         prompts = PromptBuilder.from_bundle(bundle)
-        emb = bundle.manifest.get("embeddings") or {}
-        if not emb.get("file"):
-            raise BundleError("the bundle manifest has no 'embeddings' file; re-export the bundle")
+        emb = bundle.manifest.embeddings
         try:
             # rows are read only when gathered; a plain ndarray view of the map, since slicing an
             # np.memmap builds a memmap object per decoded token (~20 us of Python each)
-            table = np.asarray(np.load(bundle.path(emb["file"]), mmap_mode="r"))
-            _warm_page_cache(bundle.path(emb["file"]))
+            table = np.asarray(np.load(bundle.path(emb.file), mmap_mode="r"))
+            _warm_page_cache(bundle.path(emb.file))
         except (OSError, ValueError) as e:
             raise BundleError(f"cannot read the embedding table ({e}); re-export the bundle") from None
         check_embedding_table(bundle.manifest, table)
@@ -124,7 +128,7 @@ class Pipeline:
             for runner in (vision, llm):
                 runner.deactivate()
             raise
-        return cls(bundle, vision, llm, prompts, table, max_image_pixels, backend, max_tiles)
+        return cls(bundle, vision, llm, prompts, table, max_image_pixels, max_tiles)
 
     # -- one-shot API ----------------------------------------------------------------------------
     def session(self, system: str | None = None) -> "ChatSession":
@@ -213,26 +217,18 @@ def _shape_str(shape) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
-def check_graph_interface(manifest: dict, graph: str, runner) -> None:
+def check_graph_interface(manifest: Manifest, graph: str, runner) -> None:
     """The graph the backend opened has the inputs/outputs the manifest declares (names, ranks and
     every fixed dimension); raises one BundleError listing the differences."""
-    section = (manifest.get("graphs") or {}).get(graph)
-    if not isinstance(section, dict):
-        return
-    where = f"the {graph} graph {section.get('file', '')!s}".rstrip()
+    spec = manifest.graph(graph)
+    where = f"the {graph} graph {spec.file}"
     problems = []
-    for kind, actual in (("input", runner.get_input_metadata()), ("output", runner.get_output_metadata())):
-        declared = section.get(kind + "s")
-        if not isinstance(declared, list):
-            continue
+    for kind, actual, declared in (("input", runner.get_input_metadata(), spec.inputs),
+                                   ("output", runner.get_output_metadata(), spec.outputs)):
         for t in declared:
-            if not isinstance(t, dict) or not isinstance(t.get("name"), str):
-                raise BundleError(f"manifest.json: graphs.{graph}.{kind}s has a malformed entry {t!r}; re-export the bundle")
-            name, want = t["name"], t.get("shape")
+            name, want = t.name, t.shape
             if name not in actual:
                 problems.append(f"no {kind} {name!r}")
-                continue
-            if not isinstance(want, list):
                 continue
             got = tuple(actual[name].shape)
             if len(got) != len(want) or any(
@@ -244,27 +240,18 @@ def check_graph_interface(manifest: dict, graph: str, runner) -> None:
         raise BundleError(f"{where} does not match manifest.json: {shown}; {_REEXPORT}")
 
 
-def check_embedding_table(manifest: dict, table: np.ndarray) -> None:
-    """The embedding table has the shape the manifest declares (and the LLM's hidden size)."""
-    name = (manifest.get("embeddings") or {}).get("file", "the embedding table")
-    if table.ndim != 2:
-        raise BundleError(f"the embedding table {name} has shape {_shape_str(table.shape)}, not [vocab, hidden]; "
-                          f"{_REEXPORT}")
-    declared = (manifest.get("embeddings") or {}).get("shape")
-    if isinstance(declared, list) and len(declared) == 2 and list(table.shape) != [_static(d) for d in declared]:
+def check_embedding_table(manifest: Manifest, table: np.ndarray) -> None:
+    """The table file has the shape the manifest declares ([vocab_size, hidden_size]: the contract
+    checked that the declaration agrees with the LLM section)."""
+    name = manifest.embeddings.file
+    if table.ndim != 2 or tuple(table.shape) != tuple(manifest.embeddings.shape):
         raise BundleError(f"the embedding table {name} has shape {_shape_str(table.shape)}, manifest.json "
-                          f"declares {_shape_str(declared)}; {_REEXPORT}")
-    llm = manifest.get("llm") or {}
-    for axis, key in ((0, "vocab_size"), (1, "hidden_size")):
-        want = _static(llm.get(key))
-        if want is not None and table.shape[axis] != want:
-            raise BundleError(f"the embedding table {name} has shape {_shape_str(table.shape)}, but the LLM's "
-                              f"{key} is {want}; {_REEXPORT}")
+                          f"declares {_shape_str(manifest.embeddings.shape)}; {_REEXPORT}")
 
 
-def check_table_fits_llm(manifest: dict, table: np.ndarray, llm) -> None:
+def check_table_fits_llm(manifest: Manifest, table: np.ndarray, llm) -> None:
     """Every id the LLM can produce has a row, and rows are as wide as the LLM's inputs_embeds."""
-    name = (manifest.get("embeddings") or {}).get("file", "the embedding table")
+    name = manifest.embeddings.file
     inputs, outputs = llm.get_input_metadata(), llm.get_output_metadata()
     width = _static(inputs["inputs_embeds"].shape[-1]) if "inputs_embeds" in inputs else None
     if width is not None and table.shape[1] != width:
@@ -299,7 +286,7 @@ def _warm_page_cache(path) -> None:
     threading.Thread(target=read_through, name="flashvl-embed-warmup", daemon=True).start()
 
 
-def _preprocess_config(manifest: dict, max_image_pixels: int | None):
+def _preprocess_config(manifest: Manifest, max_image_pixels: int | None):
     import dataclasses
 
     from .images import PreprocessConfig

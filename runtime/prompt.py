@@ -17,14 +17,29 @@ import json
 from functools import lru_cache
 from typing import Any
 
+from .contract import ImageSpec
 from .errors import BundleError, PromptError
 
-# ChatML, as Qwen2 uses it; what the runtime falls back to when a bundle has no template.
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+
+# ChatML exactly as Qwen2's template renders it (a default system turn when the conversation has none):
+# what the exporter writes into bundles and checkpoints, and what the runtime falls back to when a bundle
+# has no template. Strings are built with expressions (not literal newlines between tags) so Jinja
+# whitespace control (trim_blocks, lstrip_blocks, "-") cannot eat the newlines that are part of the format.
 CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' -}}"
+    "{%- set rest = messages[1:] -%}"
+    "{%- else -%}"
+    "{{- '<|im_start|>system\\n" + DEFAULT_SYSTEM_PROMPT + "<|im_end|>\\n' -}}"
+    "{%- set rest = messages -%}"
+    "{%- endif -%}"
+    "{%- for message in rest -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- endif -%}"
 )
 DEFAULT_PLACEHOLDER = "<image>"
 
@@ -70,35 +85,35 @@ def _compile_template(source: str):
 class PromptBuilder:
     """Turns chat messages into token ids for the LLM (and generated ids back into text)."""
 
-    def __init__(self, tokenizer, tokenizer_config: dict, chat_template: str | None, image: dict) -> None:
+    def __init__(self, tokenizer, tokenizer_config: dict, chat_template: str | None, image: ImageSpec) -> None:
         self.tokenizer = tokenizer
         self.template_source = chat_template or CHATML_TEMPLATE
         self.template = _compile_template(self.template_source)
         self.special_tokens = {k: _token_text(tokenizer_config.get(k))
                                for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
-        self.placeholder = image.get("placeholder") or DEFAULT_PLACEHOLDER
-        self.image_token_id = int(image["image_token_id"])
-        self.start_ids = self.encode_plain(image["start_token"]) if image.get("start_token") else []
-        self.end_ids = self.encode_plain(image["end_token"]) if image.get("end_token") else []
+        self.placeholder = image.placeholder
+        self.image_token_id = image.image_token_id
+        self.start_ids = self.encode_plain(image.start_token) if image.start_token else []
+        self.end_ids = self.encode_plain(image.end_token) if image.end_token else []
 
     @classmethod
     def from_bundle(cls, bundle) -> "PromptBuilder":
         from tokenizers import Tokenizer
 
         m = bundle.manifest
-        files = m["tokenizer"]
+        files = m.tokenizer
         try:
-            tokenizer = Tokenizer.from_file(str(bundle.path(files["file"])))
+            tokenizer = Tokenizer.from_file(str(bundle.path(files.file)))
         except Exception as e:  # tokenizers raises a bare Exception on a bad file
             raise BundleError(f"cannot load the bundle's tokenizer ({' '.join(str(e).split())}); "
                               "re-export the bundle") from None
-        config = {}
-        if files.get("config_file"):
-            try:
-                config = json.loads(bundle.path(files["config_file"]).read_text(encoding="utf-8"))
-            except (OSError, ValueError) as e:
-                raise BundleError(f"cannot read the bundle's tokenizer config ({e}); re-export the bundle") from None
-        return cls(tokenizer, config, m.get("chat_template") or config.get("chat_template"), m["image"])
+        try:
+            config = json.loads(bundle.path(files.config_file).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise BundleError(f"cannot read the bundle's tokenizer config ({e}); re-export the bundle") from None
+        if not isinstance(config, dict):
+            raise BundleError("the bundle's tokenizer config is not a JSON object; re-export the bundle")
+        return cls(tokenizer, config, m.chat_template, m.image)
 
     # -- text <-> ids --------------------------------------------------------------------------
     def encode_plain(self, text: str) -> list[int]:

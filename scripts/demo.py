@@ -23,12 +23,16 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     args = ap.parse_args()
 
-    import skimage.data
-    from PIL import Image
+    from flashvl_edge.runtime.errors import FlashVLError
+    from flashvl_edge.runtime.samples import test_photo
 
     photo = Path(args.out) / "astronaut.png"
     photo.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(skimage.data.astronaut()).save(photo)
+    try:
+        test_photo("astronaut").save(photo)
+    except FlashVLError as e:  # scikit-image missing: one line naming the extra
+        print(f"demo: {e}", file=sys.stderr)
+        return 2
 
     cmd = [sys.executable, "-m", "flashvl_edge.main", "chat", args.bundle, "--image", str(photo),
            "--prompt", args.prompt, "--max-new-tokens", str(args.max_new_tokens), "--json"]
@@ -38,15 +42,17 @@ def main() -> int:
         sys.stderr.write(proc.stderr)
         return proc.returncode
     r = json.loads(proc.stdout)
-    manifest = json.loads((Path(args.bundle) / "manifest.json").read_text())
+    from flashvl_edge.runtime.bundle import Bundle
+
+    source = Bundle.load(args.bundle, verify="none").manifest.source
     print(f"\nanswer: {r['text']!r}")
     print(f"\n  image tokens     {r['n_image_tokens']} ({r['n_tiles']} tile(s)), prompt {len(r['prompt_token_ids'])} tokens")
     print(f"  generated        {len(r['token_ids'])} tokens ({r['finish_reason']})")
     print(f"  vision           {r['vision_s'] * 1e3:.1f} ms")
     print(f"  time to 1st tok  {r['ttft_s'] * 1e3:.1f} ms")
     print(f"  decode           {r['decode_tokens_per_s']:.1f} tokens/s")
-    if (manifest.get("source") or {}).get("preset"):
-        print(f"\nNote: {manifest['source']['preset']!r} is a random-init preset, so the answer is gibberish; the"
+    if source.preset:
+        print(f"\nNote: {source.preset!r} is a random-init preset, so the answer is gibberish; the"
               " numbers show the pipeline works end to end.\nWith real weights:\n"
               "  flashvl export /path/to/FlashVL-2B-Static --out bundles/fvl\n"
               "  flashvl chat bundles/fvl --image photo.jpg --prompt \"Describe the image.\"")

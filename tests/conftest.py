@@ -25,14 +25,14 @@ def _session_verified_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_static_loaded():
-    from flashvl_edge.export.model import build_preset
+    from flashvl_edge.export.families import build_preset
 
     return build_preset("tiny-static", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_dynamic_loaded():
-    from flashvl_edge.export.model import build_preset
+    from flashvl_edge.export.families import build_preset
 
     return build_preset("tiny-dynamic-iss", seed=0)
 
@@ -57,6 +57,16 @@ def tiny_static_fp16_bundle(tmp_path_factory, tiny_static_loaded):
 
     return export_bundle(tiny_static_loaded, tmp_path_factory.mktemp("bundles") / "tiny-static-fp16", dtype="fp16",
                          progress=False)
+
+
+@pytest.fixture(scope="session")
+def photo_file(tmp_path_factory):
+    """The real test photo (scikit-image's astronaut, 512x512 RGB) as a PNG file, made once per session."""
+    from flashvl_edge.runtime.samples import test_photo
+
+    path = tmp_path_factory.mktemp("photo") / "astronaut.png"
+    test_photo("astronaut").save(path)
+    return path
 
 
 @pytest.fixture

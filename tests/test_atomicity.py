@@ -1,4 +1,4 @@
-"""Atomic writes under kill -9 (issue 6): export and calibrate write into a ``.flashvl-tmp-*`` sibling and
+"""Atomic writes under kill -9: export and calibrate write into a ``.flashvl-tmp-*`` sibling and
 rename it into place at the end, so a SIGKILL at any moment leaves the previous bundle loadable and only
 debris that no loader accepts as a bundle (and that a later run cleans).
 
@@ -10,6 +10,8 @@ test needs a machine with TensorRT (``test_engines*`` / ``pytest -m trt``).
 from __future__ import annotations
 
 import importlib.util
+import inspect
+import json
 import os
 import signal
 import subprocess
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from factories import manifest_json
 from flashvl_edge.runtime import bundle as B
 from flashvl_edge.runtime.errors import BundleError
 
@@ -128,7 +131,7 @@ def test_sigkill_mid_export_keeps_the_previous_bundle(capsys, tmp_path, tiny_sta
     assert rc == 0, err
     assert staging_dirs(tmp_path) == []
     after = B.Bundle.load(out, verify="full")
-    assert after.manifest["source"]["seed"] == 7
+    assert after.manifest.source.seed == 7
     assert tree_digest(out) != before  # the new export did replace the old bundle
 
 
@@ -136,12 +139,34 @@ def test_sigkill_mid_export_keeps_the_previous_bundle(capsys, tmp_path, tiny_sta
 # the commit itself: a kill between the renames that publish the new bundle
 
 
-_COMMIT = r'''
+def write_bundle(root, manifest_path, payload):
+    """A small complete bundle: the manifest at ``manifest_path``, placeholders for the files its sections
+    name, and ``payload.bin``. Also run inside the child process below (its source is copied there)."""
+    import json
+    from flashvl_edge.runtime import bundle as B
+    from flashvl_edge.runtime.contract import Manifest
+
+    m = Manifest.from_json(json.loads(open(manifest_path).read()), require_files=False)
+    for _, name in m.named_files():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(name.encode())
+    (root / "payload.bin").write_bytes(payload)
+    B.finalize_manifest(root, m)
+
+
+def _tagged_manifest(work: Path, tag: str) -> Path:
+    """A valid manifest that says which write it came from (source.model "old" or "new")."""
+    path = work / f"{tag}.manifest.json"
+    path.write_text(json.dumps(manifest_json({"source": {"model": tag}})))
+    return path
+
+
+_COMMIT = inspect.getsource(write_bundle) + r'''
 import os, signal, sys
 from pathlib import Path
 from flashvl_edge.runtime import bundle as B
 
-out, kill_at, action, swap = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+out, kill_at, action, swap, new_manifest = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 calls = 0
 real_replace, real_rename = os.replace, os.rename
 
@@ -162,9 +187,7 @@ if hasattr(B, "exchange_paths"):  # the atomic swap counts as a rename too (a ki
     B.exchange_paths = (lambda a, b: False) if swap == "fallback" else hooked(B.exchange_paths)
 try:
     with B.staging_dir(out, force=True) as tmp:
-        (tmp / "payload.bin").write_bytes(b"new" * 100)
-        B.finalize_manifest(tmp, {"family": "flashvl", "variant": "static", "graphs": {}, "llm": {},
-                                  "vision": {}, "image": {}, "preprocess": {}, "tokenizer": {}, "tag": "new"})
+        write_bundle(tmp, new_manifest, b"new" * 100)
 except KeyboardInterrupt:
     print("interrupted", calls)
     sys.exit(3)
@@ -172,11 +195,9 @@ print("done", calls)
 '''
 
 
-def _old_bundle(root: Path) -> None:
+def _old_bundle(root: Path, work: Path) -> None:
     root.mkdir()
-    (root / "payload.bin").write_bytes(b"old" * 50)
-    B.finalize_manifest(root, {"family": "flashvl", "variant": "static", "graphs": {}, "llm": {}, "vision": {},
-                               "image": {}, "preprocess": {}, "tokenizer": {}, "tag": "old"})
+    write_bundle(root, _tagged_manifest(work, "old"), b"old" * 50)
 
 
 @pytest.mark.parametrize("action,swap", [("kill", "atomic"), ("interrupt", "atomic"), ("interrupt", "fallback")])
@@ -193,14 +214,14 @@ def test_kill_at_every_rename_of_the_commit(tmp_path, action, swap):
         work = tmp_path / f"{action}-{swap}-{n}"
         work.mkdir()
         out = work / "bundle"
-        _old_bundle(out)
-        r = subprocess.run([PY, "-c", _COMMIT, str(out), str(n), action, swap], capture_output=True, text=True,
-                           timeout=60, env=subprocess_env(work))
+        _old_bundle(out, work)
+        r = subprocess.run([PY, "-c", _COMMIT, str(out), str(n), action, swap, str(_tagged_manifest(work, "new"))],
+                           capture_output=True, text=True, timeout=60, env=subprocess_env(work))
         finished = r.stdout.startswith("done")
         if not finished:
             assert r.returncode == (-signal.SIGKILL if action == "kill" else 3), r.stderr
         assert out.is_dir(), f"after a {action} at rename #{n} the bundle directory is gone: {os.listdir(work)}"
-        tag = B.Bundle.load(out, verify="full").manifest["tag"]
+        tag = B.Bundle.load(out, verify="full").manifest.source.model
         if finished:
             assert tag == "new"
             break
@@ -280,10 +301,10 @@ def test_rebuild_and_sigkill_mid_build_with_a_stand_in_builder(capsys, tmp_path,
     root = copy_bundle(tiny_static_bundle, tmp_path / "b")
     first = _standin_build(root, tmp_path)
     assert first.returncode == 0, first.stderr
-    engines = B.Bundle.load(root, verify="full").manifest["engines"]
+    engines = B.Bundle.load(root, verify="full").manifest.engines
     assert len(engines) == 1
     (entry,) = engines.values()
-    assert (root / entry["dir"] / "vision.engine").is_file()
+    assert (root / entry.dir / "vision.engine").is_file()
     # a second build on the same GPU replaces its engines
     again = _standin_build(root, tmp_path)
     assert again.returncode == 0, again.stderr
@@ -302,7 +323,7 @@ def test_rebuild_and_sigkill_mid_build_with_a_stand_in_builder(capsys, tmp_path,
     last = _standin_build(root, tmp_path)
     assert last.returncode == 0, last.stderr
     m = B.Bundle.load(root, verify="full").manifest
-    assert not [n for n in m["files"] if B.STAGING_PREFIX in n]
+    assert not [n for n in m.files if B.STAGING_PREFIX in n]
 
 
 def test_rebuild_killed_at_every_rename_keeps_a_loadable_bundle(tmp_path, tiny_static_bundle):

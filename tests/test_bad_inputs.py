@@ -1,4 +1,4 @@
-"""The bad-input corpus (issue 6): every nasty input a user can hand us, generated here (no binaries).
+"""The bad-input corpus: every nasty input a user can hand us, generated here (no binaries).
 
 Each case asserts the exact error class from the API, a one-line message that says what is wrong (and
 what to do), and from the CLI exit code 2 with no traceback unless ``--debug``. Inputs that look nasty but
@@ -323,9 +323,9 @@ def test_degenerate_sizes_work_through_preprocessing(size, tiny_static_bundle, t
         manifest = Bundle.load(bundle_dir).manifest
         pre = preprocess(img, manifest)
         pv = pre.pixel_values
-        s = manifest["preprocess"]["image_size"]
+        s = manifest.preprocess.image_size
         assert pv.dtype == np.float32 and pv.ndim == 4 and pv.shape[1:] == (3, s, s), pv.shape
-        assert 1 <= pv.shape[0] <= manifest["preprocess"]["max_tiles"] + 1
+        assert 1 <= pv.shape[0] <= manifest.preprocess.vision_batch()  # crop tiles plus the thumbnail
         assert np.isfinite(pv).all()
 
 
@@ -455,7 +455,7 @@ def test_empty_prompt_is_refused(static_pipeline, prompt):
 
 
 def test_over_long_prompt_is_refused(static_pipeline):
-    max_context = static_pipeline.bundle.manifest["generation"]["max_context"]
+    max_context = static_pipeline.bundle.manifest.max_context
     prompt = "hello world " * (max_context * 2)
     with pytest.raises(FlashVLError) as ei:
         static_pipeline.chat(prompt, max_new_tokens=2)
@@ -468,12 +468,12 @@ def test_prompt_that_fits_alone_but_not_with_the_image(static_pipeline, photo_pa
     from tokenizers import Tokenizer
 
     m = static_pipeline.bundle.manifest
-    max_context = m["generation"]["max_context"]
+    max_context = m.max_context
     probe = static_pipeline.chat("hi", image=photo_path, max_new_tokens=1)
     n_img = probe.n_image_tokens
     overhead = len(probe.prompt_token_ids) - n_img
     assert n_img >= 8, "the tiny preset should have enough image tokens for this test"
-    tok = Tokenizer.from_file(str(static_pipeline.bundle.path(m["tokenizer"]["file"])))
+    tok = Tokenizer.from_file(str(static_pipeline.bundle.path(m.tokenizer.file)))
     per_word = len(tok.encode(" hello" * 100, add_special_tokens=False).ids) / 100
     words = int((max_context - overhead - n_img // 2) / per_word)
     prompt = "hello" + " hello" * (words - 1)
@@ -663,7 +663,7 @@ def test_bundle_with_a_tampered_graph_same_size(capsys, tmp_path, tiny_static_bu
     assert_user_error(rc, err, name)
 
 
-@pytest.mark.parametrize("version", [2, 0, "1", None])
+@pytest.mark.parametrize("version", [1, 3, 0, "2", None])
 def test_manifest_from_an_unknown_schema_version(capsys, tmp_path, tiny_static_bundle, version):
     from flashvl_edge.runtime.pipeline import Pipeline
 
@@ -671,9 +671,9 @@ def test_manifest_from_an_unknown_schema_version(capsys, tmp_path, tiny_static_b
     rewrite_manifest(root, lambda m: m.update(schema_version=version))
     with pytest.raises(FlashVLError) as ei:
         Pipeline.from_bundle(root)
-    assert_api_error(ei, BundleError, "schema version")
+    assert_api_error(ei, BundleError, "schema version", "re-export")
     rc, _, err = cli_in_process(capsys, "chat", root, "--prompt", "hi")
-    assert_user_error(rc, err, "schema version")
+    assert_user_error(rc, err, "schema version", "re-export")
 
 
 def test_manifest_that_is_not_json_or_lacks_sections(capsys, tmp_path, tiny_static_bundle):
@@ -719,17 +719,24 @@ def test_hand_edited_manifest_with_a_section_of_the_wrong_type(capsys, tmp_path,
     assert_user_error(rc, err, section)
 
 
-@pytest.mark.parametrize("section,value", [
-    ("generation", "x"), ("generation", {"max_context": "big"}), ("iss", "x"), ("embeddings", "x"),
+@pytest.mark.parametrize("field,value", [
+    ("generation", "x"), ("generation.max_context", "big"), ("iss", "x"), ("embeddings", "x"),
     ("chat_template", 5),
 ], ids=["generation-a-string", "max_context-a-word", "iss-a-string", "embeddings-a-string", "template-a-number"])
 def test_hand_edited_manifest_with_an_optional_section_of_the_wrong_type(capsys, tmp_path, tiny_static_bundle,
-                                                                          section, value):
+                                                                          field, value):
+    """``field`` is a section, or ``section.key`` for one value inside an otherwise intact section."""
     root = copy_bundle(tiny_static_bundle, tmp_path / "b")
-    rewrite_manifest(root, lambda m: m.update({section: value}))
+
+    def edit(m):
+        *path, key = field.split(".")
+        target = m
+        for part in path:
+            target = target[part]
+        target[key] = value
+    rewrite_manifest(root, edit)
     rc, _, err = cli_in_process(capsys, "chat", root, "--prompt", "hi", "--max-new-tokens", "2")
-    assert_user_error(rc, err, section.split(".")[0] if section != "generation" or value == "x" else "max_context",
-                      action=False)
+    assert_user_error(rc, err, field, "re-export")  # names the field and what to do
 
 
 def test_manifest_with_a_zero_image_std(capsys, tmp_path, tiny_static_bundle, photo_path):
@@ -742,11 +749,12 @@ def test_manifest_with_a_zero_image_std(capsys, tmp_path, tiny_static_bundle, ph
 def _refinalize(root: Path, edit) -> None:
     """Change files and re-record them, as a careless tool would: sizes and sha256 are consistent."""
     from flashvl_edge.runtime.bundle import finalize_manifest
+    from flashvl_edge.runtime.contract import Manifest
 
     m = json.loads((root / "manifest.json").read_text())
     edit(root, m)
     m.pop("files")
-    finalize_manifest(root, m)
+    finalize_manifest(root, Manifest.from_json(m, require_files=False))
 
 
 @pytest.mark.parametrize("what", [
@@ -805,8 +813,12 @@ def test_engine_from_another_gpu_or_tensorrt_version():
     """The manifest records what each engine was built for; a mismatch is refused naming both sides."""
     from flashvl_edge.runtime.backends.trt import GpuInfo, select_engine
 
-    entry = {"gpu": "Orin", "compute_capability": "8.7", "trt_version": "10.3.0", "precision": "fp16"}
-    manifest = {"engines": {"engines/orin_sm87_trt10.3.0": entry}}
+    from factories import as_manifest, manifest_json
+
+    entry = {"dir": "engines/orin_sm87_trt10.3.0/1", "gpu": "Orin", "compute_capability": "8.7",
+             "trt_version": "10.3.0", "precision": "fp16",
+             "limits": {"max_batch": 1, "max_input_len": 64, "max_context": 128, "max_tiles": 1}, "graphs": {}}
+    manifest = as_manifest(manifest_json({"engines": {"engines/orin_sm87_trt10.3.0": entry}}))
     orin = GpuInfo("Orin", "8.7", 8 << 30)
     assert select_engine(manifest, orin, "10.3.0")[0] == "engines/orin_sm87_trt10.3.0"  # the same: accepted
     with pytest.raises(FlashVLError) as ei:
@@ -853,7 +865,7 @@ def canonical_ckpt(tmp_path):
 
 
 def test_checkpoint_with_missing_keys(capsys, tmp_path, canonical_ckpt):
-    from flashvl_edge.export.model import load_model
+    from flashvl_edge.export.families import load_model
 
     dropped = []
 
@@ -876,7 +888,7 @@ def test_checkpoint_with_missing_keys(capsys, tmp_path, canonical_ckpt):
 
 def test_checkpoint_with_extra_keys(capsys, tmp_path, canonical_ckpt):
     import torch
-    from flashvl_edge.export.model import load_model
+    from flashvl_edge.export.families import load_model
 
     def add(sd, _):
         sd["language_model.model.layers.99.mlp.up_proj.weight"] = torch.zeros(2, 2)
@@ -893,7 +905,7 @@ def test_checkpoint_with_extra_keys(capsys, tmp_path, canonical_ckpt):
 
 def test_checkpoint_with_a_wrongly_shaped_weight(tmp_path, canonical_ckpt):
     import torch
-    from flashvl_edge.export.model import load_model
+    from flashvl_edge.export.families import load_model
 
     def reshape(sd, _):
         k = next(k for k in sorted(sd) if k.startswith("mlp1.1.weight"))
@@ -906,7 +918,7 @@ def test_checkpoint_with_a_wrongly_shaped_weight(tmp_path, canonical_ckpt):
 
 @pytest.mark.parametrize("model_type", ["llava", "not-a-model", ""])
 def test_unsupported_model_type(capsys, tmp_path, canonical_ckpt, model_type):
-    from flashvl_edge.export.model import load_model
+    from flashvl_edge.export.families import load_model
 
     cfg = json.loads((canonical_ckpt / "config.json").read_text())
     cfg["model_type"] = model_type
@@ -919,7 +931,7 @@ def test_unsupported_model_type(capsys, tmp_path, canonical_ckpt, model_type):
 
 
 def test_checkpoint_dir_without_config_or_weights(capsys, tmp_path, canonical_ckpt):
-    from flashvl_edge.export.model import load_model
+    from flashvl_edge.export.families import load_model
 
     (tmp_path / "empty-ckpt").mkdir()
     with pytest.raises(FlashVLError) as ei:
@@ -940,7 +952,7 @@ def test_checkpoint_dir_without_config_or_weights(capsys, tmp_path, canonical_ck
 @pytest.mark.parametrize("damage", ["truncated", "zero-byte"])
 def test_checkpoint_with_unreadable_safetensors(capsys, tmp_path, layout, damage):
     from factories import make_canonical_checkpoint, make_internvl_checkpoint
-    from flashvl_edge.export.model import load_model
+    from flashvl_edge.export.families import load_model
 
     ckpt = tmp_path / "ckpt"
     if layout == "canonical":
@@ -959,7 +971,7 @@ def test_checkpoint_with_unreadable_safetensors(capsys, tmp_path, layout, damage
 
 @pytest.mark.parametrize("field,value", [("hidden_size", "abc"), ("num_hidden_layers", -1)])
 def test_checkpoint_config_with_invalid_values(capsys, tmp_path, canonical_ckpt, field, value):
-    from flashvl_edge.export.model import load_model
+    from flashvl_edge.export.families import load_model
 
     cfg = json.loads((canonical_ckpt / "config.json").read_text())
     cfg["text_config"][field] = value
@@ -970,7 +982,7 @@ def test_checkpoint_config_with_invalid_values(capsys, tmp_path, canonical_ckpt,
 
 
 def test_checkpoint_config_too_large_to_build(capsys, tmp_path, canonical_ckpt):
-    from flashvl_edge.export.model import load_model
+    from flashvl_edge.export.families import load_model
 
     cfg = json.loads((canonical_ckpt / "config.json").read_text())
     cfg["text_config"]["intermediate_size"] = 10**13  # ~10^15 parameters
@@ -982,7 +994,7 @@ def test_checkpoint_config_too_large_to_build(capsys, tmp_path, canonical_ckpt):
 
 def test_checkpoint_with_integer_weights(capsys, tmp_path, canonical_ckpt):
     import torch
-    from flashvl_edge.export.model import load_model
+    from flashvl_edge.export.families import load_model
 
     def to_int8(sd, _):
         for k in list(sd):
@@ -1000,7 +1012,7 @@ def test_verify_against_a_different_model(capsys, tiny_static_bundle):
 
 
 def test_unknown_preset_api(tmp_path):
-    from flashvl_edge.export.model import load_model
+    from flashvl_edge.export.families import load_model
 
     with pytest.raises(FlashVLError) as ei:
         load_model("flashvl-7b-imaginary")

@@ -69,7 +69,7 @@ def test_bytes_per_token_matches_the_graph_initializers(tiny_static_bundle):
     b = Bundle.load(tiny_static_bundle)
     model = onnx.load(str(b.graph_path("llm")))
     expected = sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
-    emb = np.load(b.path(b.manifest["embeddings"]["file"]), mmap_mode="r")
+    emb = np.load(b.path(b.manifest.embeddings.file), mmap_mode="r")
     w = bench.llm_bytes_per_token(b)
     assert w["llm_initializer_bytes"] == expected
     assert w["bytes_per_token"] == expected + emb.shape[1] * emb.dtype.itemsize
@@ -77,29 +77,58 @@ def test_bytes_per_token_matches_the_graph_initializers(tiny_static_bundle):
     assert w["llm_initializer_bytes"] >= emb.nbytes
 
 
-def test_clocks_time_the_real_graph_runs_and_unwrap(tiny_static_bundle):
+def test_runner_timelines_record_the_real_graph_runs(tiny_static_bundle):
     from flashvl_edge.runtime.pipeline import Pipeline
 
-    pipe = Pipeline.from_bundle(tiny_static_bundle)
-    img, _ = bench.default_image()
-    vclock, lclock = bench.attach_clocks(pipe)
-    result = pipe.chat("What is this?", image=img, max_new_tokens=5, temperature=0.0, ignore_eos=True)
-    assert len(vclock.starts) == 1 and vclock.sizes == [1]
-    # one prefill (all prompt tokens) + 4 decode runs of one token each
-    assert lclock.sizes == [len(result.prompt_token_ids)] + [1] * 4
-    for c in (vclock, lclock):
-        c.unwrap()
-    assert "run" not in vars(pipe.vision.session) and "forward" not in vars(pipe.llm)
-    assert not {"run_with_iobinding", "run_with_ortvaluevector"} & set(vars(pipe.llm.session))
-    again = pipe.chat("What is this?", image=img, max_new_tokens=5, temperature=0.0, ignore_eos=True)
-    assert again.token_ids == result.token_ids and len(lclock.starts) == 5  # no longer recording
+    with Pipeline.from_bundle(tiny_static_bundle) as pipe:
+        img, _ = bench.default_image()
+        vision_calls, llm_calls = pipe.vision.start_timeline(), pipe.llm.start_timeline()
+        result = pipe.chat("What is this?", image=img, max_new_tokens=5, temperature=0.0, ignore_eos=True)
+        assert [c.size for c in vision_calls] == [1]  # one tile
+        # one prefill (all prompt tokens) + 4 decode runs of one token each, in order, each a real interval
+        assert [c.size for c in llm_calls] == [len(result.prompt_token_ids)] + [1] * 4
+        assert all(c.start < c.end for c in llm_calls)
+        assert all(a.end <= b.start for a, b in zip(llm_calls, llm_calls[1:]))
+        assert pipe.llm.last_inference_time() == pytest.approx(llm_calls[-1].end - llm_calls[-1].start)
+        pipe.vision.stop_timeline()
+        pipe.llm.stop_timeline()
+        again = pipe.chat("What is this?", image=img, max_new_tokens=5, temperature=0.0, ignore_eos=True)
+        assert again.token_ids == result.token_ids and len(llm_calls) == 5  # no longer recording
+
+
+@pytest.mark.parametrize("vector_run", [True, False])
+def test_last_inference_time_is_set_by_a_real_ort_run(tiny_static_bundle, vector_run, monkeypatch):
+    """Runners time their own backend call (Polygraphy's ``last_inference_time``), on every ORT path."""
+    from time import perf_counter
+
+    from flashvl_edge.runtime.backends.ort import OrtDecoder, OrtRunner
+
+    b = Bundle.load(tiny_static_bundle)
+    with OrtRunner(b.graph_path("vision"), device="cpu") as vision:
+        assert vision.last_inference_time() is None
+        size = b.manifest.vision.image_size
+        t0 = perf_counter()
+        vision.infer({"pixel_values": np.zeros((2, 3, size, size), np.float32)})
+        wall = perf_counter() - t0
+        assert 0 < vision.last_inference_time() <= wall
+    with OrtDecoder(b.graph_path("llm"), device="cpu") as llm:
+        monkeypatch.setattr(llm, "use_vector_run", vector_run)
+        calls = llm.start_timeline()
+        cache = llm.new_cache()
+        hidden = b.manifest.llm.hidden_size
+        for seq in (7, 1):
+            t0 = perf_counter()
+            llm.forward(np.zeros((1, seq, hidden), llm.embeds_dtype), cache)
+            wall = perf_counter() - t0
+            assert 0 < llm.last_inference_time() <= wall
+        assert [c.size for c in calls] == [7, 1]
 
 
 def test_prompt_len_is_honoured(tiny_static_bundle):
     from tokenizers import Tokenizer
 
     b = Bundle.load(tiny_static_bundle)
-    tok = Tokenizer.from_file(str(b.path(b.manifest["tokenizer"]["file"])))
+    tok = Tokenizer.from_file(str(b.path(b.manifest.tokenizer.file)))
     for n in (1, 7, 40):
         prompt = bench.make_prompt(tok, n)
         assert abs(len(tok.encode(prompt, add_special_tokens=False).ids) - n) <= 1

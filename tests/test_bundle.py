@@ -9,10 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from factories import as_manifest, manifest_json
 from flashvl_edge.runtime import bundle as B
+from flashvl_edge.runtime.contract import SCHEMA_VERSION
 from flashvl_edge.runtime.errors import BundleError, ExportError, IntegrityError
 
-SECTIONS = {k: {} for k in ("llm", "vision", "image", "preprocess", "tokenizer")}
+# A finished bundle must hold every file its sections name; these stand in for the real ones.
+NAMED = sorted({name for _, name in as_manifest(manifest_json()).named_files()})
+EXTRA = {"a.bin": b"alpha" * 100, "sub/b.bin": b"beta"}
 
 
 @pytest.fixture(autouse=True)
@@ -22,19 +26,21 @@ def _private_cache(tmp_path, monkeypatch):
 
 def make_bundle(root: Path, files: dict[str, bytes] | None = None) -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    for name, data in (files or {"a.bin": b"alpha" * 100, "sub/b.bin": b"beta"}).items():
+    named = {name: name.encode() for name in NAMED}
+    for name, data in {**named, **(files or EXTRA)}.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(data)
-    B.finalize_manifest(root, {"family": "flashvl", "variant": "static", "graphs": {}, **SECTIONS})
+    B.finalize_manifest(root, as_manifest(manifest_json()))
     return root
 
 
 def test_round_trip_and_files_recorded(tmp_path):
     root = make_bundle(tmp_path / "b")
     bundle = B.Bundle.load(root)
-    assert set(bundle.manifest["files"]) == {"a.bin", "sub/b.bin"}
-    assert bundle.manifest["files"]["sub/b.bin"]["size"] == 4
-    assert bundle.manifest["schema_version"] == B.SCHEMA_VERSION
+    assert set(bundle.manifest.files) == {"a.bin", "sub/b.bin", *NAMED}
+    assert bundle.manifest.files["sub/b.bin"].size == 4
+    assert bundle.manifest.schema_version == SCHEMA_VERSION == 2
+    assert json.loads((root / B.MANIFEST).read_text())["schema_version"] == 2
 
 
 def test_truncated_file_is_refused(tmp_path):
@@ -66,7 +72,7 @@ def test_full_verify_rehashes_even_when_cached(tmp_path, monkeypatch):
     B.Bundle.load(root)  # cached: no hashing
     assert calls == []
     B.Bundle.load(root, verify="full")
-    assert len(calls) == 2
+    assert len(calls) == len(EXTRA) + len(NAMED)
 
 
 def test_missing_file_and_missing_manifest(tmp_path):
@@ -81,14 +87,15 @@ def test_missing_file_and_missing_manifest(tmp_path):
         B.Bundle.load(tmp_path / "nope")
 
 
-@pytest.mark.parametrize("version", [0, 2, "1", None])
+@pytest.mark.parametrize("version", [0, 1, 3, "2", None])
 def test_unknown_schema_version(tmp_path, version):
     root = make_bundle(tmp_path / "b")
     m = json.loads((root / B.MANIFEST).read_text())
     m["schema_version"] = version
     (root / B.MANIFEST).write_text(json.dumps(m))
-    with pytest.raises(BundleError, match="schema version"):
+    with pytest.raises(BundleError, match="schema version") as ei:
         B.Bundle.load(root)
+    assert "\n" not in str(ei.value) and "re-export" in str(ei.value)
 
 
 def test_corrupt_manifest(tmp_path):
@@ -124,11 +131,11 @@ def test_staging_dir_is_atomic(tmp_path):
         with B.staging_dir(out, force=True) as tmp:
             (tmp / "a.bin").write_bytes(b"new")
             raise RuntimeError("killed mid-export")
-    assert B.Bundle.load(out).manifest["files"]["a.bin"]["size"] == 3  # old bundle intact
+    assert B.Bundle.load(out).manifest.files["a.bin"].size == 3  # old bundle intact
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(B.STAGING_PREFIX)]
     with B.staging_dir(out, force=True) as tmp:
         make_bundle(tmp, {"a.bin": b"newer"})
-    assert B.Bundle.load(out).manifest["files"]["a.bin"]["size"] == 5
+    assert B.Bundle.load(out).manifest.files["a.bin"].size == 5
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "cache"]
 
 

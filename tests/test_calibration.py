@@ -81,26 +81,25 @@ def test_report_meets_thresholds(which, request):
 def test_manifest_records_quantization(static_q, dynamic_q, tiny_static_bundle):
     for out, llm in ((static_q, "int4"), (dynamic_q, "int8")):
         b = Bundle.load(out, verify="full")  # every file hashed and listed, report included
-        q = b.manifest["quantization"]
-        assert q["vision"] == "int8" and q["llm"] == llm and q["report"] == report.REPORT_FILE
-        assert q["tool"] == "onnxruntime.quantization" and q["tool_version"] == ort.__version__
-        assert report.REPORT_FILE in b.manifest["files"]
+        q = b.manifest.quantization
+        assert q.vision == "int8" and q.llm == llm and q.report == report.REPORT_FILE
+        assert q.tool == "onnxruntime.quantization" and q.tool_version == ort.__version__
+        assert report.REPORT_FILE in b.manifest.files
     fp = Bundle.load(tiny_static_bundle, verify="full").manifest  # the source bundle is untouched
     q = Bundle.load(static_q).manifest
     # untouched files are the same bytes; the graphs are new
     for name in ("embed_tokens.npy", "tokenizer.json"):
-        assert q["files"][name] == fp["files"][name]
+        assert q.files[name] == fp.files[name]
     for g in ("vision", "llm"):
-        assert q["files"][q["graphs"][g]["file"]]["sha256"] != fp["files"][fp["graphs"][g]["file"]]["sha256"]
-        assert q["graphs"][g]["weight_bytes"] < fp["graphs"][g]["weight_bytes"]
+        assert q.files[q.graph(g).file].sha256 != fp.files[fp.graph(g).file].sha256
+        assert q.graph(g).weight_bytes < fp.graph(g).weight_bytes
 
 
 @pytest.mark.parametrize("which,fp", [("static_q", "tiny_static_bundle"), ("dynamic_q", "tiny_dynamic_bundle")])
 def test_graph_io_unchanged(which, fp, request):
     qb, fb = Bundle.load(request.getfixturevalue(which)), Bundle.load(request.getfixturevalue(fp))
     for g in ("vision", "llm"):
-        assert qb.manifest["graphs"][g]["inputs"] == fb.manifest["graphs"][g]["inputs"]
-        assert qb.manifest["graphs"][g]["outputs"] == fb.manifest["graphs"][g]["outputs"]
+        assert qb.manifest.graph(g).io == fb.manifest.graph(g).io
         sq = ort.InferenceSession(str(qb.graph_path(g)), providers=["CPUExecutionProvider"])
         sf = ort.InferenceSession(str(fb.graph_path(g)), providers=["CPUExecutionProvider"])
         sig = lambda args: [(a.name, a.type, a.shape) for a in args]  # noqa: E731
@@ -264,11 +263,8 @@ def test_int4_graph_is_rtn_of_the_fp_weights(static_q, tiny_static_bundle):
         assert np.all(np.abs(deq - w) <= per_elem * 0.5001 + 1e-12)  # round to nearest: within half a step
         f_inits[fn.input[1]].CopyFrom(numpy_helper.from_array(deq.astype(np.float32), fn.input[1]))
     rng = np.random.default_rng(1)
-    meta = Bundle.load(tiny_static_bundle).manifest["llm"]
-    from flashvl_edge.calibration.cli import _prefill_feed
-
-    feed = _prefill_feed(rng.standard_normal((1, 9, meta["hidden_size"])).astype(np.float32),
-                         Bundle.load(tiny_static_bundle).manifest)
+    manifest = Bundle.load(tiny_static_bundle).manifest
+    feed = manifest.llm_feed(rng.standard_normal((1, 9, manifest.llm.hidden_size)).astype(np.float32))
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     ref = ort.InferenceSession(fm.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(["logits"], feed)[0]
@@ -280,6 +276,7 @@ def test_graphs_with_external_data(tiny_static_bundle, tmp_path, calib_cache):
     """Full-size graphs keep their weights in an external data file: the quantized bundle must name its
     own, and writing it must not touch the FP bundle's (untouched files are hard links)."""
     from flashvl_edge.runtime.bundle import finalize_manifest
+    from flashvl_edge.runtime.contract import Manifest
     from flashvl_edge.runtime.pipeline import Pipeline
 
     src = tmp_path / "fp"
@@ -291,23 +288,23 @@ def test_graphs_with_external_data(tiny_static_bundle, tmp_path, calib_cache):
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=path.name + ".data", size_threshold=1024)
         manifest["graphs"][g]["external_data"] = path.name + ".data"
-    fp_files = finalize_manifest(src, manifest)["files"]
+    fp_files = finalize_manifest(src, Manifest.from_json(manifest, require_files=False)).files
     out = tmp_path / "q"
     assert calibrate(src, out, "--vision", "none", "--llm", "int4", cache=calib_cache) == 0
     Bundle.load(src, verify="full")
     q = Bundle.load(out, verify="full").manifest
-    ext = q["graphs"]["llm"]["external_data"]
-    assert ext in q["files"] and (out / ext).stat().st_size > 0
-    assert q["files"][ext]["sha256"] != fp_files[ext]["sha256"]
+    ext = q.graph("llm").external_data
+    assert ext in q.files and (out / ext).stat().st_size > 0
+    assert q.files[ext].sha256 != fp_files[ext].sha256
     # the unquantized vision graph is the same bytes, but a copy: onnx refuses to load external data
     # from a file with several hard links, so linking it would break both bundles for onnx tools
-    vext = q["graphs"]["vision"]["external_data"]
-    assert q["files"][vext] == fp_files[vext]
+    vext = q.graph("vision").external_data
+    assert q.files[vext] == fp_files[vext]
     for bundle in (src, out):
         for g in ("vision", "llm"):
-            for name in (q["graphs"][g]["file"], q["graphs"][g]["external_data"]):
+            for name in q.graph(g).files:
                 assert (bundle / name).stat().st_nlink == 1, name
-            onnx.load(str(bundle / q["graphs"][g]["file"]))  # external data loads
+            onnx.load(str(bundle / q.graph(g).file))  # external data loads
     # other files may be hard links (no second copy of a 1 GB embedding table), same bytes either way
     assert (out / "embed_tokens.npy").read_bytes() == (src / "embed_tokens.npy").read_bytes()
     with Pipeline.from_bundle(out) as pipe:
@@ -335,25 +332,27 @@ def test_vision_metric_fails_when_image_is_ignored(tiny_static_bundle):
 def test_llm_metric_fails_when_kv_cache_is_dropped(tiny_static_bundle):
     from flashvl_edge.runtime.backends.ort import OrtDecoder
 
+    from flashvl_edge.runtime.generate import Generator
+
     b = Bundle.load(tiny_static_bundle)
-    table = np.load(b.path(b.manifest["embeddings"]["file"]))
-    embed = lambda ids: table[np.asarray(ids)][None]  # noqa: E731
+    table = np.load(b.path(b.manifest.embeddings.file))
     rng = np.random.default_rng(0)
     prefills = [table[rng.integers(10, 500, size=n)][None] for n in (12, 20)]
     with OrtDecoder(b.graph_path("llm"), device="cpu") as dec:
-        refs = [data.greedy_reference(dec, embed, p, 8) for p in prefills]
+        gen = Generator(dec, table, image_token_id=-1)
+        refs = [data.greedy_reference(gen, p, 8) for p in prefills]
         toks, logits = [r[0] for r in refs], [r[1] for r in refs]
-        good = report.llm_metrics(dec, embed, prefills, toks, logits)
-        assert good["top1_agreement"] == 1.0 and good["kl_mean"] < 1e-6
+        assert all(t.shape == (8,) and lg.shape == (8, table.shape[0]) for t, lg in zip(toks, logits))
+        good = report.llm_metrics(gen, prefills, toks, logits)
+        assert good["top1_agreement"] == 1.0 and good["kl_mean"] < 1e-6 and good["positions"] == 16
 
-        class NoCache:  # forgets the past at every step
-            def new_cache(self):
-                return dec.new_cache()
+        class NoCache(Generator):  # forgets the past at every decode step
+            def step(self, cache, token):
+                logits = super().step(self.llm.new_cache(), token)
+                cache.length += 1
+                return logits
 
-            def forward(self, x, cache):
-                return dec.forward(x, dec.new_cache())
-
-        broken = report.llm_metrics(NoCache(), embed, prefills, toks, logits)
+        broken = report.llm_metrics(NoCache(dec, table, image_token_id=-1), prefills, toks, logits)
     assert broken["kl_mean"] > 100 * max(good["kl_mean"], 1e-6) and broken["kl_mean"] > 1e-3
 
 
@@ -393,7 +392,7 @@ def test_cache_reuse_and_user_data(tiny_static_bundle, tmp_path):
     stamp = cache_file.stat().st_mtime_ns
     r1 = load_report(tmp_path / "q1")
     assert r1["calibration_data"]["cache_hit"] is False and r1["calibration_data"]["source"] == str(images)
-    assert "vision" not in r1 and Bundle.load(tmp_path / "q1").manifest["quantization"]["vision"] is None
+    assert "vision" not in r1 and Bundle.load(tmp_path / "q1").manifest.quantization.vision is None
     # INT4 is round-to-nearest: only the held-out references were captured, no calibration samples
     assert (r1["calibration_data"]["samples"], r1["calibration_data"]["held_out"]) == (0, 2)
 

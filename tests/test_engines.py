@@ -4,6 +4,7 @@ The real build + ORT/TRT comparison is in tests/test_trt_gpu.py (marker ``trt``)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import pytest
 from flashvl_edge.export.engines import default_limits, graph_profiles
 from flashvl_edge.main import main
 from flashvl_edge.runtime.bundle import Bundle
+from flashvl_edge.runtime.contract import GraphIO, Manifest, QuantizationSpec
 from flashvl_edge.runtime.errors import BundleError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,10 +44,11 @@ def _dry_run_json(bundle, *extra) -> tuple[int, dict]:
 
 def _check_profiles_against_manifest(manifest, plan):
     """Every profile covers exactly the declared inputs; fixed dims equal the manifest; named dims vary
-    as the contract says (past = 0 in prefill, seq = 1 in decode, total = past + seq)."""
+    as the contract says (past = 0 in prefill, seq = 1 in decode, total = past + seq). ``max_tiles`` counts
+    crop tiles; the vision profile's num_tiles reaches the vision batch (the thumbnail included)."""
     lim = plan["limits"]
     for graph, profiles in plan["profiles"].items():
-        declared = {i["name"]: i["shape"] for i in manifest["graphs"][graph]["inputs"]}
+        declared = {t.name: t.shape for t in manifest.graph(graph).inputs}
         for prof in profiles:
             assert set(prof["shapes"]) == set(declared), (graph, prof["name"])
             for name, s in prof["shapes"].items():
@@ -55,7 +58,7 @@ def _check_profiles_against_manifest(manifest, plan):
                     if isinstance(d, int):
                         assert lo == opt == hi == d, (name, ax)
                     elif d == "num_tiles":
-                        assert (lo, hi) == (1, lim["max_tiles"])
+                        assert (lo, hi) == (1, manifest.preprocess.vision_batch(lim["max_tiles"]))
                     elif d == "batch":
                         assert (lo, hi) == (1, lim["max_batch"])
     pre, dec = plan["profiles"]["llm"]
@@ -78,15 +81,20 @@ def test_dry_run_profiles_match_manifest(which, request):
     rc, plan = _dry_run_json(bundle)
     assert rc == 0, plan["lint"]
     _check_profiles_against_manifest(manifest, plan)
-    pre = manifest["preprocess"]
-    assert plan["limits"]["max_tiles"] == pre["max_tiles"] + (1 if pre["use_thumbnail"] and pre["max_tiles"] > 1 else 0)
-    assert plan["limits"]["max_context"] == manifest["generation"]["max_context"]
+    pre = manifest.preprocess
+    assert plan["limits"]["max_tiles"] == pre.max_tiles  # crop tiles, as the manifest counts them
+    (vision,) = plan["profiles"]["vision"]
+    assert vision["shapes"]["pixel_values"]["max"][0] == pre.vision_batch() == \
+        pre.max_tiles + (1 if pre.use_thumbnail and pre.max_tiles > 1 else 0)
+    assert plan["limits"]["max_context"] == manifest.max_context
     assert plan["precision"] == "fp16" and plan["fp16"] and not plan["int8"] and not plan["strongly_typed"]
     assert plan["lint"] == {"vision": [], "llm": []}
     assert plan["engine_dir"].startswith("engines/") and "_trt10.3" in plan["engine_dir"]
 
 
 def test_dry_run_options_and_text(tiny_dynamic_bundle, capsys):
+    pre = Bundle.load(tiny_dynamic_bundle).manifest.preprocess
+    assert pre.max_tiles > 3 and pre.use_thumbnail  # so --max-tiles 3 lowers the budget and adds a thumbnail
     rc = main(["build", str(tiny_dynamic_bundle), "--dry-run", "--max-tiles", "3", "--max-context", "512",
                "--max-input-len", "200", "--opt-level", "5", "--hardware-compat", "ampere+", "--version-compatible",
                "--workspace-gb", "2", "--timing-cache", "/tmp/x.cache"])
@@ -96,8 +104,8 @@ def test_dry_run_options_and_text(tiny_dynamic_bundle, capsys):
     assert "profile llm[0] prefill:" in out and "profile llm[1] decode:" in out and "profile vision[0] vision:" in out
     assert "--builder-optimization-level 5" in out and "--hardware-compatibility-level ampere_plus" in out
     assert "--version-compatible" in out and "workspace:2147483648" in out and "/tmp/x.cache" in out
-    # the numbers in the text are the profile's: 3 tiles max, past 511 max in decode
-    assert "max [3,3," in out and ",511," in out
+    # the numbers in the text are the profile's: 3 crop tiles + the thumbnail = 4 images max, past 511 max in decode
+    assert f"max [{pre.vision_batch(3)},3," in out and pre.vision_batch(3) == 4 and ",511," in out
 
 
 def test_dry_run_for_trt86_reports_opset18_nodes(tiny_static_bundle):
@@ -113,6 +121,7 @@ def test_dry_run_for_trt86_reports_opset18_nodes(tiny_static_bundle):
     (["--precision", "int8"], "needs a calibrated (QDQ) bundle"),
     (["--max-input-len", "4000", "--max-context", "1000"], "--max-input-len 4000 must be between"),
     (["--max-context", "99999999"], "exceeds the model's max_position_embeddings"),
+    (["--max-tiles", "2"], "exceeds the bundle's tile budget (1)"),  # crop tiles, as preprocessing makes them
 ])
 def test_bad_build_options_exit_2(tiny_static_bundle, capsys, args, message):
     assert main(["build", str(tiny_static_bundle), "--dry-run", *args]) == 2
@@ -130,10 +139,19 @@ def test_build_without_tensorrt_is_one_line_exit_2(tiny_static_bundle, capsys):
 
 
 def test_profile_refuses_unknown_dim(tiny_static_bundle):
-    manifest = json.loads(json.dumps(Bundle.load(tiny_static_bundle).manifest))
-    manifest["graphs"]["llm"]["inputs"][0]["shape"][1] = "sequence"
+    # a manifest naming a dim the contract does not define is refused when it is read ...
+    data = json.loads((Path(tiny_static_bundle) / "manifest.json").read_text())
+    data["graphs"]["llm"]["inputs"][0]["shape"][1] = "sequence"
+    with pytest.raises(BundleError, match="graphs.llm.inputs.*'sequence'") as ei:
+        Manifest.from_json(data)
+    assert "\n" not in str(ei.value) and "re-export" in str(ei.value)
+    # ... and the profile builder, handed such an interface anyway, refuses it too rather than guessing a range
+    manifest = Bundle.load(tiny_static_bundle).manifest
+    llm = manifest.graph("llm")
+    first = dataclasses.replace(llm.inputs[0], shape=(llm.inputs[0].shape[0], "sequence", *llm.inputs[0].shape[2:]))
+    odd = manifest.with_graph("llm", io=GraphIO((first, *llm.inputs[1:]), llm.outputs))
     with pytest.raises(BundleError, match="'sequence'"):
-        graph_profiles(manifest, default_limits(manifest))
+        graph_profiles(odd, default_limits(manifest))
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
@@ -161,26 +179,26 @@ def test_make_engines_stops_at_the_trt_stage(tmp_path):
 
 def test_plan_for_quantized_bundles(tiny_static_bundle):
     """QDQ bundles: explicit quantization; INT4 strongly typed on TensorRT 10 and refused on 8.6."""
-    import copy
-
     from flashvl_edge.export.engines import plan_build
     from flashvl_edge.runtime.errors import ExportError
 
     base = Bundle.load(tiny_static_bundle)
     limits = default_limits(base.manifest)
 
-    def plan(quant, precision="int8", trt="10.3", dtype="fp32"):
-        m = copy.deepcopy(base.manifest)
-        m["quantization"], m["dtype"] = quant, dtype
+    def plan(vision, llm, precision="int8", trt="10.3", dtype="fp32"):
+        quant = QuantizationSpec(vision=vision, llm=llm, method={"vision": "entropy", "llm": "entropy"},
+                                 tool="test", tool_version="0", report="quantization_report.json",
+                                 calibrated_from={})
+        m = base.manifest.replace(quantization=quant, dtype=dtype)
         return plan_build(Bundle(base.root, m), precision, trt, limits)
 
-    w8a8 = plan({"vision": "int8", "llm": "int8", "method": "entropy", "report": "r.json"})
+    w8a8 = plan("int8", "int8")
     assert (w8a8.quantized, w8a8.strongly_typed, w8a8.int8, w8a8.fp16) == (True, False, True, True)
-    assert plan({"vision": "int8", "llm": "int8"}, dtype="fp16").strongly_typed
-    assert plan({"vision": "int8", "llm": "int8"}, trt="8.6").strongly_typed is False
-    w4 = plan({"vision": "int8", "llm": "int4"}, precision="best")
+    assert plan("int8", "int8", dtype="fp16").strongly_typed
+    assert plan("int8", "int8", trt="8.6").strongly_typed is False
+    w4 = plan("int8", "int4", precision="best")
     assert w4.strongly_typed and not w4.int8 and w4.notes
     with pytest.raises(ExportError, match="needs TensorRT 10"):
-        plan({"vision": "int8", "llm": "int4"}, trt="8.6")
+        plan("int8", "int4", trt="8.6")
     with pytest.raises(ExportError, match="quantized"):
-        plan({"vision": "int8", "llm": "int8"}, precision="fp16")
+        plan("int8", "int8", precision="fp16")

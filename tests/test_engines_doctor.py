@@ -43,9 +43,9 @@ def test_doctor_budget_from_bundle_bytes(tmp_path, tiny_dynamic_bundle):
     params = sum(inv[g]["matrix_params"] + inv[g]["other_params"] for g in ("vision", "llm"))
     assert fp16["weights"] == 2 * params
     assert fp16["weights"] > int8["weights"] > int4["weights"]
-    llm = m["llm"]
-    ctx = m["generation"]["max_context"]
-    assert fp16["kv_cache"] == 2 * llm["num_layers"] * llm["num_kv_heads"] * llm["head_dim"] * ctx * 2 * 2
+    llm = m.llm
+    ctx = m.max_context
+    assert fp16["kv_cache"] == 2 * llm.num_layers * llm.num_kv_heads * llm.head_dim * ctx * 2 * 2
     assert fp16["total"] == fp16["weights"] + fp16["kv_cache"] + fp16["activations"] + fp16["cuda_reserve"]
 
 
@@ -55,3 +55,27 @@ def test_budget_table_marks_what_does_not_fit():
     cells = text.splitlines()[2].split()
     assert cells[cells.index("8.00") + 1] == "NO"  # 8 GiB does not fit an 8 GB Orin Nano ...
     assert cells[cells.index("8.00") + 3] == "fits"  # ... and fits a 16 GB Orin NX
+
+
+def test_budget_max_tiles_counts_crop_tiles(tiny_dynamic_bundle):
+    """``max_tiles`` means crop tiles, as in the manifest: the vision batch adds the thumbnail."""
+    bundle = Bundle.load(tiny_dynamic_bundle)
+    m = bundle.manifest
+    pre = m.preprocess
+    assert pre.use_thumbnail and pre.max_tiles > 1
+    default, inv = doctor.bundle_budget(bundle)
+    assert doctor.budget(m, inv, max_tiles=pre.max_tiles) == default  # the default is the manifest's budget
+    inp = min(m.max_context, pre.vision_batch() * m.image.tokens_per_tile + 256)
+    assert default["fp16"]["activations"] == doctor.activation_bytes(m, pre.max_tiles + 1, inp)
+
+
+def test_doctor_names_the_checkpoints_a_preset_stands_for():
+    from flashvl_edge.export.families import preset_reference
+    from flashvl_edge.runtime.contract import SourceSpec
+
+    static = SourceSpec("flashvl-2b-static", "flashvl-2b-static", 0, preset_reference("flashvl-2b-static"))
+    line = doctor.model_line(static)
+    assert "Qwen/Qwen2-1.5B-Instruct" in line and "siglip2-so400m-patch16-512" in line and "random weights" in line
+    dynamic = preset_reference("flashvl-2b-dynamic-iss")
+    assert dynamic == {"llm": "Qwen/Qwen2-1.5B-Instruct", "vision": "apple/aimv2-huge-patch14-448"}
+    assert doctor.model_line(SourceSpec("/ckpt/FlashVL-2B", None, None)) == "/ckpt/FlashVL-2B"

@@ -1,4 +1,4 @@
-"""The two ONNX graphs and the bundle writer (issue 2, items 4-5).
+"""The two ONNX graphs and the bundle writer.
 
 Graph I/O is checked on the ONNX files themselves (not only on the manifest), parity is checked against
 transformers in PyTorch, and the bad-input paths leave nothing half-written behind.
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from flashvl_edge.export import onnx as fx
-from flashvl_edge.export.verify import OrtGraphs, relative_error, torch_decode
+from flashvl_edge.export.verify import relative_error, torch_decode
 from flashvl_edge.main import main
 from flashvl_edge.runtime.bundle import STAGING_PREFIX, Bundle, sha256_file
 from flashvl_edge.runtime.errors import ExportError
@@ -54,9 +54,9 @@ def test_graph_io_names_shapes_dtypes(bundle_and_model):
     m = bundle.manifest
     cfg = loaded.model.text_config
     n_layers, kv, hd = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
-    D, V, size = cfg.hidden_size, cfg.vocab_size, m["vision"]["image_size"]
-    T = m["vision"]["tokens_per_tile"]
-    assert T == m["image"]["tokens_per_tile"] and T > 0
+    D, V, size = cfg.hidden_size, cfg.vocab_size, m.vision.image_size
+    T = m.vision.tokens_per_tile
+    assert T == m.image.tokens_per_tile and T > 0
 
     v_in, v_out = graph_io(bundle.graph_path("vision"))
     assert v_in == [{"name": "pixel_values", "dtype": "float32", "shape": ["num_tiles", 3, size, size]}]
@@ -75,15 +75,16 @@ def test_graph_io_names_shapes_dtypes(bundle_and_model):
     assert l_in == expected_in
     assert l_out == expected_out
     # The manifest carries exactly what the graphs declare: consumers read it instead of re-deriving.
-    assert (m["graphs"]["vision"]["inputs"], m["graphs"]["vision"]["outputs"]) == (v_in, v_out)
-    assert (m["graphs"]["llm"]["inputs"], m["graphs"]["llm"]["outputs"]) == (l_in, l_out)
-    assert m["graphs"]["llm"]["num_layers"] == n_layers and m["graphs"]["llm"]["external_data"] is None
-    assert m["embeddings"] == {"file": "embed_tokens.npy", "dtype": "float32", "shape": [V, D]}
+    io = {g: m.graph(g).io.to_json() for g in ("vision", "llm")}
+    assert (io["vision"]["inputs"], io["vision"]["outputs"]) == (v_in, v_out)
+    assert (io["llm"]["inputs"], io["llm"]["outputs"]) == (l_in, l_out)
+    assert m.llm.num_layers == n_layers and m.graph("llm").external_data is None
+    assert m.embeddings.to_json() == {"file": "embed_tokens.npy", "dtype": "float32", "shape": [V, D]}
     table = np.load(bundle.path("embed_tokens.npy"), mmap_mode="r")
     assert np.array_equal(table, loaded.model.get_input_embeddings().weight.detach().numpy())
-    assert m["dtype"] == "fp32" and m["quantization"] is None
-    assert {"tokenizer.json", "tokenizer_config.json", "vision.onnx", "llm.onnx", "embed_tokens.npy"} <= set(m["files"])
-    assert "torch" in m["tools"] and "onnx" in m["tools"]
+    assert m.dtype == "fp32" and m.quantization is None
+    assert {"tokenizer.json", "tokenizer_config.json", "vision.onnx", "llm.onnx", "embed_tokens.npy"} <= set(m.files)
+    assert "torch" in m.tools and "onnx" in m.tools
 
 
 def test_graphs_are_plain_onnx_without_duplicated_weights(tiny_static_bundle, tiny_static_loaded):
@@ -141,19 +142,24 @@ def test_decoder_export_forms_are_the_same_math_and_leave_the_model_as_it_was(ti
 
 
 def test_prefill_with_empty_past_and_batch_two(tiny_static_bundle, tiny_static_loaded):
-    graphs = OrtGraphs(Bundle.load(tiny_static_bundle))
+    """The graph itself, fed a batch of two through a plain runner and the contract's feed builders."""
+    from flashvl_edge.runtime.backends.ort import OrtRunner
+
+    bundle = Bundle.load(tiny_static_bundle)
+    m = bundle.manifest
+    table = np.load(bundle.path(m.embeddings.file))
     vlm = tiny_static_loaded.model
     V = vlm.text_config.vocab_size
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, V, size=(2, 7))
-    embeds = np.stack([graphs.embed(row, None, -1) for row in ids])
-    logits, past = graphs.step(embeds, graphs.empty_past(batch=2), 0)
-    out = graphs.llm({"inputs_embeds": embeds, "attention_mask": np.ones((2, 7), np.int64),
-                      "position_ids": np.tile(np.arange(7), (2, 1)), **graphs.empty_past(batch=2)})
-    assert out["logits"].shape == (2, 1, V)  # last position only, never [batch, seq, vocab]
-    assert out["present.0.key"].shape[2] == 7
-    next_tokens = logits.argmax(-1)
-    step_logits, _ = graphs.step(np.stack([graphs.embed(np.array([t]), None, -1) for t in next_tokens]), past, 7)
+    ids = np.random.default_rng(0).integers(0, V, size=(2, 7))
+    embeds = table[ids]
+    with OrtRunner(bundle.graph_path("llm"), "llm", device="cpu") as llm:
+        out = llm.infer(m.llm_feed(embeds, None))
+        assert out["logits"].shape == (2, 1, V)  # last position only, never [batch, seq, vocab]
+        assert out["present.0.key"].shape[2] == 7
+        logits = out["logits"][:, -1]
+        next_tokens = logits.argmax(-1)
+        step = llm.infer(m.llm_feed(table[next_tokens][:, None], m.past_from_outputs(out), past_len=7))
+    step_logits = step["logits"][:, -1]
     assert step_logits.shape == (2, V)
     for row in range(2):  # each batch row equals its own unbatched torch run, prefill and decode
         _, ref = torch_decode(vlm, embeds[row], 1, forced=[int(next_tokens[row])])
@@ -164,15 +170,18 @@ def test_prefill_with_empty_past_and_batch_two(tiny_static_bundle, tiny_static_l
 
 
 def test_vision_graph_takes_any_number_of_tiles(tiny_dynamic_bundle, tiny_dynamic_loaded):
-    graphs = OrtGraphs(Bundle.load(tiny_dynamic_bundle))
-    size = graphs.manifest["vision"]["image_size"]
-    for n in (1, 3):
-        pv = np.random.default_rng(n).standard_normal((n, 3, size, size)).astype(np.float32)
-        with torch.no_grad():
-            ref = tiny_dynamic_loaded.model.get_image_features(torch.from_numpy(pv)).numpy()
-        got = graphs.vision(pv)
-        assert got.shape == ref.shape == (n, graphs.manifest["vision"]["tokens_per_tile"], ref.shape[-1])
-        assert relative_error(got, ref)[1] < 1e-4
+    from flashvl_edge.runtime.backends.ort import OrtRunner
+
+    bundle = Bundle.load(tiny_dynamic_bundle)
+    size, tokens = bundle.manifest.vision.image_size, bundle.manifest.vision.tokens_per_tile
+    with OrtRunner(bundle.graph_path("vision"), "vision", device="cpu") as vision:
+        for n in (1, 3):
+            pv = np.random.default_rng(n).standard_normal((n, 3, size, size)).astype(np.float32)
+            with torch.no_grad():
+                ref = tiny_dynamic_loaded.model.get_image_features(torch.from_numpy(pv)).numpy()
+            got = vision.infer({"pixel_values": pv})["image_embeds"]
+            assert got.shape == ref.shape == (n, tokens, ref.shape[-1])
+            assert relative_error(got, ref)[1] < 1e-4
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,10 +190,11 @@ def test_vision_graph_takes_any_number_of_tiles(tiny_dynamic_bundle, tiny_dynami
 
 def test_fp16_export_records_float16_io(tiny_static_fp16_bundle, tiny_static_loaded):
     m = Bundle.load(tiny_static_fp16_bundle).manifest
-    assert m["dtype"] == "fp16" and m["embeddings"]["dtype"] == "float16"
+    assert m.dtype == "fp16" and m.embeddings.dtype == "float16"
     for name in ("vision", "llm"):
-        ins, outs = graph_io(tiny_static_fp16_bundle / m["graphs"][name]["file"])
-        assert (ins, outs) == (m["graphs"][name]["inputs"], m["graphs"][name]["outputs"])
+        ins, outs = graph_io(tiny_static_fp16_bundle / m.graph(name).file)
+        io = m.graph(name).io.to_json()
+        assert (ins, outs) == (io["inputs"], io["outputs"])
         floats = [t["dtype"] for t in ins + outs if t["name"] not in ("attention_mask", "position_ids")]
         assert set(floats) == {"float16"}
     # the fp16 copy is made for the export only: the caller's model stays fp32
@@ -249,12 +259,15 @@ def test_disk_space_precheck(tmp_path, monkeypatch, tiny_static_loaded):
 
 def test_cli_export_writes_a_loadable_bundle(tmp_path, capsys, tiny_static_bundle):
     out = tmp_path / "b"
-    assert main(["export", "tiny-static", "--out", str(out), "--seed", "3", "--max-tiles", "2"]) == 0
+    # a single-image (static) model has no tile budget to set: refused before anything is written
+    assert main(["export", "tiny-static", "--out", str(out), "--max-tiles", "2"]) == 2
+    assert "--max-tiles" in capsys.readouterr().err and not out.exists()
+    assert main(["export", "tiny-static", "--out", str(out), "--seed", "3"]) == 0
     captured = capsys.readouterr()
     assert "vision graph:" in captured.err and "llm graph:" in captured.err  # step timings
     m = Bundle.load(out, verify="full").manifest
-    assert m["source"]["seed"] == 3 and m["preprocess"]["max_tiles"] == 2
+    assert m.source.seed == 3 and m.preprocess.max_tiles == 1
     assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"]
     # --seed reaches the model: seed 3 is not the session's seed-0 model
     seed0 = Bundle.load(tiny_static_bundle).manifest
-    assert m["files"]["embed_tokens.npy"]["sha256"] != seed0["files"]["embed_tokens.npy"]["sha256"]
+    assert m.files["embed_tokens.npy"].sha256 != seed0.files["embed_tokens.npy"].sha256

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from skimage import data
 
-from factories import tiles_manifest
+from factories import as_manifest, tiles_manifest
 from flashvl_edge.runtime import images
 from flashvl_edge.runtime.errors import BundleError, FlashVLError, ImageError
 
@@ -69,7 +69,7 @@ def test_clip_parity_with_transformers(shortest, crop, mean, std):
     for name, arr in photos().items():
         img = Image.fromarray(arr)
         expected = ref(img, return_tensors="np")["pixel_values"]
-        got = images.preprocess(img, manifest)
+        got = images.preprocess(img, as_manifest(manifest))
         assert got.pixel_values.dtype == np.float32 and got.pixel_values.shape == (1, 3, crop, crop), name
         assert np.abs(got.pixel_values - expected).max() <= 1e-5, name
         assert got.n_image_tokens == 16 and got.num_tiles == 1
@@ -85,7 +85,7 @@ def test_clip_parity_fixed_size_processor():
     for name, arr in photos().items():
         img = Image.fromarray(arr)
         expected = ref(img, return_tensors="np")["pixel_values"]
-        assert np.abs(images.preprocess(img, manifest).pixel_values - expected).max() <= 1e-5, name
+        assert np.abs(images.preprocess(img, as_manifest(manifest)).pixel_values - expected).max() <= 1e-5, name
 
 
 def test_clip_parity_detects_a_broken_resize(monkeypatch):
@@ -96,13 +96,13 @@ def test_clip_parity_detects_a_broken_resize(monkeypatch):
                                 image_mean=[0.5] * 3, image_std=[0.5] * 3)
     img = Image.fromarray(photos()["chelsea"])  # 451x300: long edge 96.2 -> transformers truncates to 96
     expected = ref(img, return_tensors="np")["pixel_values"]
-    assert np.abs(images.preprocess(img, clip_manifest()).pixel_values - expected).max() <= 1e-5
+    assert np.abs(images.preprocess(img, as_manifest(clip_manifest())).pixel_values - expected).max() <= 1e-5
     bilinear = clip_manifest()
     bilinear["preprocess"]["resample"] = "bilinear"
-    assert np.abs(images.preprocess(img, bilinear).pixel_values - expected).max() > 1e-2
+    assert np.abs(images.preprocess(img, as_manifest(bilinear)).pixel_values - expected).max() > 1e-2
     # rounding the long edge up instead of truncating it
     monkeypatch.setattr(images, "clip_resize_size", lambda w, h, cfg: (97, 64))
-    assert np.abs(images.preprocess(img, clip_manifest()).pixel_values - expected).max() > 1e-2
+    assert np.abs(images.preprocess(img, as_manifest(clip_manifest())).pixel_values - expected).max() > 1e-2
 
 
 @pytest.mark.parametrize("max_tiles", [1, 4, 6, 12])
@@ -116,7 +116,7 @@ def test_tiles_parity_with_transformers_gotocr2(max_tiles):
     for name, arr in photos().items():
         img = Image.fromarray(arr)
         out = ref(img, return_tensors="np")
-        got = images.preprocess(img, manifest)
+        got = images.preprocess(img, as_manifest(manifest))
         assert got.pixel_values.shape == out["pixel_values"].shape, name
         assert got.num_tiles == out["num_patches"][0]
         assert np.abs(got.pixel_values - out["pixel_values"]).max() <= 1e-5, name
@@ -140,7 +140,7 @@ def test_iss_tiles_shapes_and_tokens():
     manifest = tiles_manifest()  # tiny-dynamic-iss: 84 px tiles, 14 px per token, t = 6, o = 2
     # 600x400 (3:2): grids 1x1, 1x2 and 2x2 are equally far from 1.5; the image fills 2x2, so 2x2 wins
     img = Image.fromarray(data.coffee())
-    pre = images.preprocess(img, manifest)
+    pre = images.preprocess(img, as_manifest(manifest))
     rows, cols = pre.plan.grid
     assert (rows, cols) == images.choose_grid(600, 400, 84, 1, 4) == (2, 2)
     assert images.choose_grid(60, 40, 84, 1, 4) == (1, 1)  # too small to fill more tiles
@@ -150,22 +150,22 @@ def test_iss_tiles_shapes_and_tokens():
     emb = np.random.default_rng(0).standard_normal((pre.num_tiles, 36, 8)).astype(np.float32)
     assert pre.select_tokens(emb).shape == (pre.n_image_tokens, 8)
     # the plan can be had without pixels (to count tokens before running the vision graph)
-    plan = images.image_to_tokens_plan(600, 400, manifest)
+    plan = images.image_to_tokens_plan(600, 400, as_manifest(manifest))
     assert plan.n_image_tokens == pre.n_image_tokens and plan.grid == pre.plan.grid
 
 
 def test_full_size_flashvl_geometry():
     manifest = tiles_manifest(image_size=448, pixels_per_token=28, overlap=2, max_tiles=4)
-    plan = images.image_to_tokens_plan(1920, 1080, manifest)  # 16:9 -> closest grid 1 row x 2 cols
+    plan = images.image_to_tokens_plan(1920, 1080, as_manifest(manifest))  # 16:9 -> closest grid 1 row x 2 cols
     assert plan.grid == (1, 2) and plan.thumbnail
     assert plan.canvas_size == (2 * 448 - 56, 448)
     assert plan.n_image_tokens == (2 * 16 - 2) * 16 + 256
-    single = images.image_to_tokens_plan(500, 500, manifest)
+    single = images.image_to_tokens_plan(500, 500, as_manifest(manifest))
     assert single.grid == (1, 1) and not single.thumbnail and single.n_image_tokens == 256
 
 
 def test_select_tokens_rejects_wrong_shapes():
-    pre = images.preprocess(Image.fromarray(data.astronaut()), tiles_manifest())
+    pre = images.preprocess(Image.fromarray(data.astronaut()), as_manifest(tiles_manifest()))
     with pytest.raises(BundleError, match="vision graph"):
         pre.select_tokens(np.zeros((pre.num_tiles + 1, 36, 4), np.float32))
     with pytest.raises(BundleError, match="vision graph"):
@@ -175,9 +175,9 @@ def test_select_tokens_rejects_wrong_shapes():
 def test_max_tiles_override():
     manifest = tiles_manifest(max_tiles=6)
     img = Image.fromarray(data.coffee())
-    assert images.preprocess(img, manifest, max_tiles=1).pixel_values.shape == (1, 3, 84, 84)
+    assert images.preprocess(img, as_manifest(manifest), max_tiles=1).pixel_values.shape == (1, 3, 84, 84)
     with pytest.raises(ImageError, match="max_tiles"):
-        images.preprocess(img, manifest, max_tiles=7)
+        images.preprocess(img, as_manifest(manifest), max_tiles=7)
 
 
 @pytest.mark.parametrize("mutate,match", [
@@ -193,7 +193,7 @@ def test_bad_manifest_sections(mutate, match):
     manifest = tiles_manifest()
     mutate(manifest)
     with pytest.raises(BundleError, match=match):
-        images.preprocess(Image.new("RGB", (10, 10)), manifest)
+        images.preprocess(Image.new("RGB", (10, 10)), as_manifest(manifest))
 
 
 # ============================================================================================
@@ -204,7 +204,7 @@ def test_bad_manifest_sections(mutate, match):
 @pytest.mark.parametrize("manifest", [clip_manifest(), tiles_manifest()], ids=["clip", "tiles-iss"])
 def test_tiny_and_thin_images(size, manifest):
     img = Image.new("RGB", size, (200, 30, 90))
-    pre = images.preprocess(img, manifest)
+    pre = images.preprocess(img, as_manifest(manifest))
     s = manifest["preprocess"]["image_size"]
     assert pre.pixel_values.shape[1:] == (3, s, s) and np.isfinite(pre.pixel_values).all()
     # a flat colour stays that colour everywhere (no zero-size resize, no padding leaking in)
@@ -218,9 +218,9 @@ def test_thin_image_window_resize_matches_full_resize(monkeypatch):
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 255, (3, 4000, 3), dtype=np.uint8))
     manifest = clip_manifest()
-    full = images.preprocess(img, manifest).pixel_values
+    full = images.preprocess(img, as_manifest(manifest)).pixel_values
     monkeypatch.setattr(images, "_FULL_RESIZE_MAX_PIXELS", 1000)
-    window = images.preprocess(img, manifest).pixel_values
+    window = images.preprocess(img, as_manifest(manifest)).pixel_values
     assert np.abs(full - window).max() <= 2 / 255 / 0.5 + 1e-6  # at most 1 uint8 step, rarely
     assert np.mean(np.abs(full - window) > 1e-6) < 0.01
 
@@ -313,7 +313,7 @@ def test_exif_orientation_applied():
     top, bottom = px(out, 10, 5), px(out, 10, 35)
     assert top[0] > 200 and top[2] < 60 and bottom[2] > 200 and bottom[0] < 60  # red went to the top
     assert images.load_image(out).size == (20, 40)  # applying it again is a no-op
-    assert images.preprocess(buf.getvalue(), clip_manifest()).original_size == (20, 40)
+    assert images.preprocess(buf.getvalue(), as_manifest(clip_manifest())).original_size == (20, 40)
 
 
 def test_inputs_of_every_kind(tmp_path):
@@ -383,7 +383,7 @@ def test_bad_files(tmp_path, make, words):
         images.load_image(src)
     assert_one_line_error(ei.value, *words)
     with pytest.raises(ImageError):  # preprocess decodes through the same path
-        images.preprocess(src, clip_manifest())
+        images.preprocess(src, as_manifest(clip_manifest()))
 
 
 def test_corrupt_bytes_in_memory():
@@ -417,8 +417,8 @@ def test_pixel_limit_from_manifest():
     manifest = clip_manifest()
     manifest["preprocess"]["max_image_pixels"] = 100
     with pytest.raises(ImageError, match="limit"):
-        images.preprocess(Image.new("RGB", (11, 10)), manifest)
-    assert images.preprocess(Image.new("RGB", (10, 10)), manifest).pixel_values.shape == (1, 3, 64, 64)
+        images.preprocess(Image.new("RGB", (11, 10)), as_manifest(manifest))
+    assert images.preprocess(Image.new("RGB", (10, 10)), as_manifest(manifest)).pixel_values.shape == (1, 3, 64, 64)
 
 
 @pytest.mark.parametrize("arr,words", [
@@ -460,12 +460,12 @@ def test_no_file_descriptor_leak(tmp_path):
 
 
 # ============================================================================================
-# With the exporter's own manifest sections and model (A1's presets)
+# With the exporter's own manifest sections and model (the presets)
 
 
 @pytest.fixture(scope="module")
 def tiny_presets():
-    model = pytest.importorskip("flashvl_edge.export.model")
+    model = pytest.importorskip("flashvl_edge.export.families")
     return {name: model.build_preset(name) for name in ("tiny-static", "tiny-dynamic-iss")}
 
 
@@ -475,7 +475,7 @@ def test_preset_manifest_drives_preprocessing(tiny_presets, name):
 
     loaded = tiny_presets[name]
     manifest = loaded.manifest_sections
-    pre = images.preprocess(data.coffee(), manifest)
+    pre = images.preprocess(data.coffee(), as_manifest(manifest))
     with torch.no_grad():
         embeds = loaded.model.get_image_features(torch.from_numpy(pre.pixel_values)).numpy()
     tokens = pre.select_tokens(embeds)

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from factories import tiles_manifest
+from factories import as_manifest, tiles_manifest
 from flashvl_edge.runtime import images, iss
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -210,7 +210,8 @@ def test_preprocess_iss_tiles_agree_with_canvas(width, height, max_tiles, o, thu
     """Through preprocess(): tiles cut with overlap hold exactly the canvas pixels, so the stitched
     per-token pixels equal the independently resized and normalized canvas."""
     t, p = 6, 4
-    manifest = tiles_manifest(image_size=t * p, pixels_per_token=p, overlap=o, max_tiles=max_tiles, thumbnail=thumb)
+    manifest = as_manifest(tiles_manifest(image_size=t * p, pixels_per_token=p, overlap=o, max_tiles=max_tiles,
+                                          thumbnail=thumb))
     rng = np.random.default_rng(width * 1000 + height)
     img = Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
     pre = images.preprocess(img, manifest)
@@ -235,8 +236,8 @@ def test_preprocess_iss_tiles_agree_with_canvas(width, height, max_tiles, o, thu
 def test_iss_zero_overlap_pixels_equal_plain_tiles(size):
     rng = np.random.default_rng(3)
     img = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
-    plain = images.preprocess(img, tiles_manifest(overlap=0, iss=False))
-    zero = images.preprocess(img, tiles_manifest(overlap=0))
+    plain = images.preprocess(img, as_manifest(tiles_manifest(overlap=0, iss=False)))
+    zero = images.preprocess(img, as_manifest(tiles_manifest(overlap=0)))
     assert plain.plan.grid == zero.plan.grid and plain.n_image_tokens == zero.n_image_tokens
     np.testing.assert_array_equal(plain.pixel_values, zero.pixel_values)
     emb = rng.standard_normal((plain.num_tiles, 36, 4)).astype(np.float32)

@@ -1,4 +1,4 @@
-"""Flash-VL model definition, presets and tokenizers (export/model.py, export/tokenizer.py)."""
+"""Flash-VL model definition, presets and tokenizers (export/families/, export/tokenizer.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ from PIL import Image
 from skimage import data as skdata
 from transformers.models.internvl.modeling_internvl import InternVLModel
 
-from flashvl_edge.export import model as M
+from flashvl_edge.export import families as F
 from flashvl_edge.export import tokenizer as tok
+from flashvl_edge.export.families import flashvl as FV
+from flashvl_edge.export.families import presets as P
 from flashvl_edge.runtime.errors import CheckpointError, FlashVLError
 
 PHOTOS = {"astronaut": skdata.astronaut, "coffee": skdata.coffee, "chelsea": skdata.chelsea}
@@ -19,12 +21,12 @@ PHOTOS = {"astronaut": skdata.astronaut, "coffee": skdata.coffee, "chelsea": skd
 
 @pytest.fixture(scope="module")
 def tiny_static():
-    return M.build_preset("tiny-static", seed=0)
+    return F.build_preset("tiny-static", seed=0)
 
 
 @pytest.fixture(scope="module")
 def tiny_dynamic():
-    return M.build_preset("tiny-dynamic-iss", seed=0)
+    return F.build_preset("tiny-dynamic-iss", seed=0)
 
 
 def photo_pixels(name: str, loaded) -> torch.Tensor:
@@ -53,7 +55,7 @@ def chat_ids(loaded, prompt: str, n_image_tokens: int) -> torch.Tensor:
 @pytest.mark.parametrize("shape", [(2, 8, 8, 12), (1, 32, 32, 5), (3, 6, 6, 1)])
 def test_pixel_shuffle_equals_transformers(shape):
     x = torch.randn(*shape)
-    ours = M.pixel_shuffle(x, 0.5)
+    ours = F.pixel_shuffle(x, 0.5)
     theirs = InternVLModel.pixel_shuffle(None, x, scale_factor=0.5)  # does not use self
     assert ours.shape == theirs.shape
     assert torch.equal(ours, theirs)
@@ -65,41 +67,64 @@ def test_pixel_shuffle_output_is_raster_order_of_2x2_blocks():
     side = 6
     rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
     x = torch.stack([rows, cols], -1).float()[None]  # [1, side, side, 2], dim 1 = row
-    out = M.pixel_shuffle(x, 0.5)[0]
+    out = F.pixel_shuffle(x, 0.5)[0]
     for i in range(side // 2):
         for j in range(side // 2):
             block = {(int(out[i, j, 2 * k]), int(out[i, j, 2 * k + 1])) for k in range(4)}
             assert block == {(2 * i + a, 2 * j + b) for a in (0, 1) for b in (0, 1)}
 
 
+def transformers_features(tower_out, vision_feature_layer: int) -> torch.Tensor:
+    """The selection rule of transformers' InternVLModel.get_image_features, written out."""
+    if vision_feature_layer == -1:
+        return tower_out.last_hidden_state
+    return tower_out.hidden_states[vision_feature_layer]
+
+
 @pytest.mark.parametrize("fixture", ["tiny_static", "tiny_dynamic"])
 def test_image_features_equal_transformers_tower_plus_internvl_adapter(fixture, request):
-    """Independent composition: the transformers tower's own hidden_states, transformers' pixel
-    shuffle, then mlp1 — must equal get_image_features for several vision_feature_layer choices."""
+    """Independent composition: the transformers tower's own outputs selected as InternVLModel does,
+    transformers' pixel shuffle, then mlp1 — must equal get_image_features for every layer choice."""
     loaded = request.getfixturevalue(fixture)
     model = loaded.model
     size = loaded.manifest_sections["vision"]["image_size"]
+    n_layers = model.config.vision_config.num_hidden_layers
     pixels = torch.randn(2, 3, size, size)
     side = model.config.patches_per_side
     with torch.no_grad():
         tower_out = model.vision_model(pixels, output_hidden_states=True)
-        for layer, post_norm, reference in [
-            (-1, False, tower_out.hidden_states[-1]),
-            (-2, False, tower_out.hidden_states[-2]),
-            (1, False, tower_out.hidden_states[1]),
-            (-1, True, tower_out.last_hidden_state),  # SigLIP post_layernorm / AIMv2 rms_norm
-        ]:
-            model.config.vision_feature_layer, model.config.vision_use_post_norm = layer, post_norm
+        assert len(tower_out.hidden_states) == n_layers + 1
+        for layer in range(-(n_layers + 1), n_layers + 1):
+            model.config.vision_feature_layer = layer
             try:
                 ours = model.get_image_features(pixels)
             finally:
-                model.config.vision_feature_layer, model.config.vision_use_post_norm = -1, False
-            grid = reference.reshape(2, side, side, -1).contiguous()
+                model.config.vision_feature_layer = -1
+            grid = transformers_features(tower_out, layer).reshape(2, side, side, -1).contiguous()
             expected = model.mlp1(InternVLModel.pixel_shuffle(None, grid, 0.5).reshape(2, -1, grid.shape[-1] * 4))
             assert ours.shape == (2, model.config.tokens_per_tile, model.text_config.hidden_size)
-            torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
-        # the choices really differ, so the comparisons above can fail
-        assert not torch.allclose(tower_out.hidden_states[-1], tower_out.last_hidden_state)
+            torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6, msg=f"vision_feature_layer {layer}")
+        # -1 includes the final norm (SigLIP post_layernorm / AIMv2 rms_norm), num_layers does not:
+        # the two choices really differ, so the comparisons above can fail
+        assert not torch.allclose(tower_out.hidden_states[n_layers], tower_out.last_hidden_state, atol=1e-3)
+
+
+@pytest.mark.parametrize("fixture,norm", [("tiny_static", "post_layernorm"), ("tiny_dynamic", "rms_norm")])
+@pytest.mark.parametrize("layer,runs,normed", [(-1, 2, True), (2, 2, False), (1, 1, False), (-2, 1, False), (0, 0, False)])
+def test_only_the_needed_layers_run(fixture, norm, layer, runs, normed, request, monkeypatch):
+    model = request.getfixturevalue(fixture).model
+    calls = []
+    hooks = [m.register_forward_hook(lambda *a, name=name: calls.append(name))
+             for name, m in [*((f"layer{i}", l) for i, l in enumerate(model.vision_model.encoder.layers)),
+                             ("norm", getattr(model.vision_model, norm))]]
+    monkeypatch.setattr(model.config, "vision_feature_layer", layer)
+    try:
+        with torch.no_grad():
+            model.vision_features(torch.randn(1, 3, model.config.vision_config.image_size, model.config.vision_config.image_size))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == [f"layer{i}" for i in range(runs)] + (["norm"] if normed else [])
 
 
 def test_adapter_module_names_match_the_checkpoint_layout(tiny_static):
@@ -110,32 +135,32 @@ def test_adapter_module_names_match_the_checkpoint_layout(tiny_static):
 
 # --- presets ----------------------------------------------------------------------------------------
 def test_preset_is_deterministic_per_seed():
-    a = M.build_preset("tiny-static", seed=3).model.state_dict()
-    b = M.build_preset("tiny-static", seed=3).model.state_dict()
-    c = M.build_preset("tiny-static", seed=4).model.state_dict()
+    a = F.build_preset("tiny-static", seed=3).model.state_dict()
+    b = F.build_preset("tiny-static", seed=3).model.state_dict()
+    c = F.build_preset("tiny-static", seed=4).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["mlp1.1.weight"], c["mlp1.1.weight"])
 
 
 def test_unknown_preset_lists_valid_ones():
     with pytest.raises(CheckpointError) as err:
-        M.build_preset("flashvl-7b")
-    for name in M.PRESETS:
+        F.build_preset("flashvl-7b")
+    for name in P.PRESETS:
         assert name in str(err.value)
     with pytest.raises(FlashVLError, match="valid presets"):
-        M.load_model("no-such-preset")
+        F.load_model("no-such-preset")
 
 
 @pytest.mark.parametrize("name", ["flashvl-2b-static", "flashvl-2b-dynamic-iss"])
 def test_full_size_preset_dims_without_building_weights(name):
-    cfg = M.preset_config(name)
+    cfg = FV.preset_config(name)
     assert cfg.tokens_per_tile == 256 and cfg.patches_per_side == 32
     tc = cfg.text_config
     assert (tc.hidden_size, tc.num_hidden_layers, tc.num_attention_heads, tc.num_key_value_heads) == (1536, 28, 12, 2)
     assert (tc.intermediate_size, tc.vocab_size, tc.tie_word_embeddings) == (8960, 151936, True)
     assert tc.rope_parameters["rope_theta"] == 1e6
     with torch.device("meta"):  # shapes only: no memory, no init cost
-        model = M.FlashVLModel(cfg, image_token_id=3)
+        model = FV.FlashVLModel(cfg, image_token_id=3)
     n_params = sum(p.numel() for p in model.parameters())
     vision = sum(p.numel() for p in model.vision_model.parameters())
     if name == "flashvl-2b-static":
@@ -147,10 +172,22 @@ def test_full_size_preset_dims_without_building_weights(name):
     assert 1.9e9 < n_params < 2.4e9
 
 
+def test_full_size_presets_name_the_model_cards_checkpoints():
+    assert F.preset_reference("flashvl-2b-static") == {
+        "llm": "Qwen/Qwen2-1.5B-Instruct", "vision": "google/siglip2-so400m-patch16-512"}
+    assert F.preset_reference("flashvl-2b-dynamic-iss") == {
+        "llm": "Qwen/Qwen2-1.5B-Instruct", "vision": "apple/aimv2-huge-patch14-448"}
+    assert F.preset_reference("tiny-static") is None
+    with pytest.raises(CheckpointError, match="valid presets"):
+        F.preset_reference("flashvl-7b")
+    for name in P.PRESETS:  # presets are built by the family they name
+        assert P.PRESETS[name]["family"] in F.FAMILIES and F.FAMILIES[P.PRESETS[name]["family"]].build_preset
+
+
 def test_tiny_preset_vocab_equals_tokenizer_and_full_size_is_larger(tiny_static):
     tokenizer = tok.Tokenizer.from_file(str(tiny_static.tokenizer_file))
     assert tiny_static.model.text_config.vocab_size == tokenizer.get_vocab_size()
-    assert M.preset_config("flashvl-2b-static").text_config.vocab_size == 151936 > tokenizer.get_vocab_size()
+    assert FV.preset_config("flashvl-2b-static").text_config.vocab_size == 151936 > tokenizer.get_vocab_size()
 
 
 def greedy_profile(loaded, prompts=("Describe this image.", "What color is the cat?")):
@@ -181,8 +218,8 @@ def test_tiny_presets_decode_non_degenerately(name, fixture, request, monkeypatc
     assert len(set(outs)) == len(outs)  # every (photo, prompt) pair continues differently
     assert np.median(margins) > 0.05, margins
     # The check can fail: at transformers' init scale the same model repeats one token.
-    monkeypatch.setitem(M.PRESETS, name, {**M.PRESETS[name], "llm_init_scale": 1.0})
-    degenerate_outs, _ = greedy_profile(M.build_preset(name, seed=0), prompts=("Describe this image.",))
+    monkeypatch.setitem(P.PRESETS, name, {**P.PRESETS[name], "llm_init_scale": 1.0})
+    degenerate_outs, _ = greedy_profile(F.build_preset(name, seed=0), prompts=("Describe this image.",))
     assert not non_degenerate(degenerate_outs, 1), degenerate_outs
 
 
@@ -234,7 +271,7 @@ SECTION_KEYS = {
                    "image_mean", "image_std", "resample", "max_tiles", "min_tiles", "use_thumbnail", "max_image_pixels"},
     "iss": {"enabled", "overlap_tokens", "pixels_per_token"},
     "generation": {"eos_token_ids", "stop_tokens", "max_context"},
-    "source": {"model", "preset", "seed"},
+    "source": {"model", "preset", "seed", "reference"},
 }
 
 
@@ -249,7 +286,7 @@ def test_manifest_sections_static(tiny_static):
     check_section_keys(s)
     tokenizer = tok.Tokenizer.from_file(str(tiny_static.tokenizer_file))
     assert (s["family"], s["variant"]) == ("flashvl", "static")
-    assert s["source"] == {"model": "tiny-static", "preset": "tiny-static", "seed": 0}
+    assert s["source"] == {"model": "tiny-static", "preset": "tiny-static", "seed": 0, "reference": {}}
     assert s["vision"]["tokens_per_tile"] == 16 and s["vision"]["tokens_per_side"] == 4
     assert s["image"]["image_token_id"] == tokenizer.token_to_id("<image>") == tiny_static.model.image_token_id
     assert s["preprocess"]["mode"] == "clip" and s["preprocess"]["max_tiles"] == 1
@@ -267,7 +304,7 @@ def test_manifest_sections_dynamic_iss(tiny_dynamic):
     p = s["preprocess"]
     assert (p["mode"], p["max_tiles"], p["min_tiles"], p["use_thumbnail"]) == ("tiles", 4, 1, True)
     assert s["iss"] == {"enabled": True, "overlap_tokens": 2, "pixels_per_token": 14}  # patch 7 / 0.5
-    full = M.preset_config("flashvl-2b-dynamic-iss")
+    full = FV.preset_config("flashvl-2b-dynamic-iss")
     assert round(full.vision_config.patch_size / full.downsample_ratio) == 28
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
+
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from factories import as_manifest
 from flashvl_edge.runtime import PromptError
 from flashvl_edge.runtime.bundle import Bundle
 from flashvl_edge.runtime.generate import SamplingParams, StreamingDetokenizer, TextAssembler, sample
@@ -117,7 +120,7 @@ def test_placeholder_expands_to_the_exact_image_tokens(prompts):
 
 def test_start_and_end_tokens_wrap_the_image(prompts, tiny_static_bundle):
     b = Bundle.load(tiny_static_bundle)
-    image = dict(b.manifest["image"], start_token="<|im_start|>", end_token="<|im_end|>")
+    image = dataclasses.replace(b.manifest.image, start_token="<|im_start|>", end_token="<|im_end|>")
     pb = PromptBuilder(prompts.tokenizer, {}, None, image)
     ids, mask = pb.encode_with_images("a<image>b", [3])
     s, e = pb.token_id("<|im_start|>"), pb.token_id("<|im_end|>")
@@ -126,12 +129,37 @@ def test_start_and_end_tokens_wrap_the_image(prompts, tiny_static_bundle):
 
 
 def test_chatml_fallback_and_text_only(prompts):
-    pb = PromptBuilder(prompts.tokenizer, {}, None, {"image_token_id": 3})
+    pb = PromptBuilder(prompts.tokenizer, {}, None, as_manifest({}).image)
     assert pb.template_source == CHATML_TEMPLATE
     text = pb.render([pb.user_message("hi", 0)])
-    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+                    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
     ids, mask = pb.encode_with_images(text, [])
-    assert not any(mask) and pb.decode(ids) == "user\nhi\nassistant\n"
+    assert not any(mask) and pb.decode(ids) == "system\nYou are a helpful assistant.\nuser\nhi\nassistant\n"
+
+
+# Qwen2-Instruct's chat_template (tokenizer_config.json), the reference the fallback must render exactly
+QWEN2_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "user", "content": "hi"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "<image>\nWhat is it?"},
+     {"role": "assistant", "content": "A cat.\n"}, {"role": "user", "content": "And then?"}],
+])
+def test_chatml_fallback_renders_what_qwen2s_template_renders(messages):
+    # compiled in the runtime's sandbox, which has transformers' Jinja settings (trim_blocks, lstrip_blocks)
+    from flashvl_edge.runtime.prompt import _compile_template
+
+    ours, qwen2 = _compile_template(CHATML_TEMPLATE), _compile_template(QWEN2_CHAT_TEMPLATE)
+    for gen in (True, False):
+        assert (ours.render(messages=messages, add_generation_prompt=gen)
+                == qwen2.render(messages=messages, add_generation_prompt=gen))
 
 
 def test_user_message_rules(prompts):

@@ -1,4 +1,4 @@
-"""Security checks (issue 6): no pickle on user files, remote code only when asked, bundle names cannot
+"""Security checks: no pickle on user files, remote code only when asked, bundle names cannot
 escape the bundle, and the image pixel limit is enforced before decoding (time and memory bound).
 """
 
@@ -124,7 +124,7 @@ def unsafe_calls(source: str, filename: str = "<src>") -> list[str]:
 ALLOWED = {
     # Reached only from load_checkpoint after it refused a remote-code directory without
     # --trust-remote-code; test_remote_code_is_not_run_without_the_flag proves the gate end to end.
-    ("export/model.py", "_load_remote_code", "trust_remote_code=True"),
+    ("export/families/remote_code.py", "load_remote_code", "trust_remote_code=True"),
 }
 
 
@@ -202,7 +202,7 @@ def _pickle_only(ckpt: Path, marker: Path) -> None:
 def test_bin_only_checkpoint_is_refused_without_unpickling(tmp_path, monkeypatch, capsys, layout):
     import torch
     from factories import make_canonical_checkpoint, make_internvl_checkpoint
-    from flashvl_edge.export.model import load_model
+    from flashvl_edge.export.families import load_model
 
     ckpt = tmp_path / "ckpt"
     if layout == "canonical":
@@ -291,7 +291,7 @@ def test_remote_code_is_not_run_without_the_flag(tmp_path, monkeypatch, tiny_sta
     assert not (tmp_path / "out").exists()
     assert not list((tmp_path / "hf").rglob("*evil*")), "remote code was copied into the modules cache"
     # the API refuses the same way (in-process, nothing imported)
-    from flashvl_edge.export.model import load_model
+    from flashvl_edge.export.families import load_model
 
     monkeypatch.setenv("FLASHVL_TEST_MARKER", str(marker))
     with pytest.raises(FlashVLError) as ei:
@@ -331,7 +331,7 @@ def _escape_graph(root: Path, outside: Path, absolute: bool) -> None:
 @pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink"])
 def test_chat_refuses_graph_names_escaping_the_bundle(capsys, tmp_path, tiny_static_bundle, how):
     root = copy_bundle(tiny_static_bundle, tmp_path / "b")
-    outside = tmp_path / "outside"
+    outside = tmp_path / "elsewhere"  # a neutral name, so the words checked below come from the message
     if how == "symlink":
         name = json.loads((root / "manifest.json").read_text())["embeddings"]["file"]
         outside.mkdir()
@@ -343,7 +343,7 @@ def test_chat_refuses_graph_names_escaping_the_bundle(capsys, tmp_path, tiny_sta
         needle = "vision.onnx"
     rc, _, err = cli_in_process(capsys, "chat", root, "--prompt", "hi")
     assert_user_error(rc, err, needle, action=False)
-    assert "escape" in err or "outside" in err or "invalid" in err
+    assert "not a relative path inside the bundle" in err or "points outside the bundle" in err, err
 
 
 @pytest.mark.parametrize("section,key", [("tokenizer", "file"), ("tokenizer", "config_file"), ("embeddings", "file")])
@@ -355,7 +355,7 @@ def test_runtime_opens_files_only_through_the_bundle(capsys, tmp_path, tiny_stat
     shutil.copy(root / name, tmp_path / Path(name).name)  # a valid file waits outside
     rewrite_manifest(root, lambda m: m[section].update({key: f"../{Path(name).name}"}))
     rc, _, err = cli_in_process(capsys, "chat", root, "--prompt", "hi", "--max-new-tokens", "2")
-    assert_user_error(rc, err, Path(name).name, action=False)
+    assert_user_error(rc, err, f"{section}.{key}", Path(name).name, "inside the bundle", action=False)
 
 
 def test_a_bundle_behind_a_symlinked_directory_still_loads(capsys, tmp_path, tiny_static_bundle):

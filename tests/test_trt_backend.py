@@ -7,10 +7,12 @@ import importlib.util
 
 import pytest
 
+from factories import as_manifest
 from flashvl_edge.main import main
 from flashvl_edge.runtime.backends import trt as trt_backend
 from flashvl_edge.runtime.backends.trt import GpuInfo, engine_dir_name, engine_mismatch, select_engine
 from flashvl_edge.runtime.bundle import Bundle
+from flashvl_edge.runtime.contract import EngineEntry, EngineLimits
 from flashvl_edge.runtime.errors import BackendError, EngineMismatchError
 
 ORIN = GpuInfo("Orin", "8.7", 8 << 30)
@@ -19,8 +21,11 @@ TURING = GpuInfo("Tesla T4", "7.5", 16 << 30)
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 
 
-def _entry(gpu: GpuInfo, trt: str, **kw):
-    return {"gpu": gpu.name, "compute_capability": gpu.compute_capability, "trt_version": trt, **kw}
+def _entry(gpu: GpuInfo, trt: str, **kw) -> EngineEntry:
+    return EngineEntry(**{"dir": "engines/x/1", "gpu": gpu.name, "compute_capability": gpu.compute_capability,
+                          "trt_version": trt, "precision": "fp16", "strongly_typed": False,
+                          "hardware_compatibility": None, "version_compatible": False,
+                          "limits": EngineLimits(1, 64, 128, 1), "graphs": {}, **kw})
 
 
 def test_engine_dir_name():
@@ -57,14 +62,14 @@ def test_compatibility_flags_widen_what_matches():
 
 
 def test_select_engine_picks_the_matching_set_or_refuses():
-    manifest = {"engines": {"nvidia-h100_sm90_trt10.3.0": _entry(H100, "10.3.0"),
-                            "orin_sm87_trt10.3.0": _entry(ORIN, "10.3.0")}}
+    manifest = as_manifest({}).replace(engines={"nvidia-h100_sm90_trt10.3.0": _entry(H100, "10.3.0"),
+                                                "orin_sm87_trt10.3.0": _entry(ORIN, "10.3.0")})
     assert select_engine(manifest, ORIN, "10.3.0")[0] == "orin_sm87_trt10.3.0"
     with pytest.raises(EngineMismatchError) as e:
         select_engine(manifest, TURING, "10.3.0")
     assert "Tesla T4" in str(e.value) and "H100" in str(e.value) and "Orin" in str(e.value)
     with pytest.raises(BackendError, match="no TensorRT engines"):
-        select_engine({"engines": {}}, ORIN, "10.3.0")
+        select_engine(as_manifest({}), ORIN, "10.3.0")
 
 
 @pytest.mark.skipif(HAVE_TRT, reason="tensorrt is installed")
@@ -101,3 +106,23 @@ def test_parity_plumbing_passes_equal_and_fails_different_graphs(tiny_static_bun
     assert ok and max_abs["logits"] == 0.0
     ok, max_abs = compare_runners(runner(static, "a"), runner(dynamic, "other"), feed, 1e-2, 1e-2)
     assert not ok and max_abs["logits"] > 0.1
+
+
+def test_end_to_end_helpers_run_through_the_pipeline(tiny_static_bundle):
+    """The greedy and near-tie helpers of ``flashvl verify --backends`` (ONNX Runtime here): the margin is
+    taken on the same LLM path as chat, so at every step it is that step's top-1 minus top-2 logit."""
+    import numpy as np
+
+    from flashvl_edge.export.verify_backends import E2E_PROMPT, _test_image, greedy_tokens, margin_at
+    from flashvl_edge.runtime.pipeline import Pipeline
+
+    with Pipeline.from_bundle(tiny_static_bundle, backend="ort", device="cpu") as pipe:
+        tokens = greedy_tokens(pipe)
+        inputs = pipe.prefill_inputs(E2E_PROMPT, _test_image())
+        gen = pipe.generator
+        same, logits = gen.greedy(gen.llm.new_cache(), inputs.token_ids, inputs.image_embeds, inputs.image_mask,
+                                  n_tokens=len(tokens), stop=False)
+        assert same == tokens
+        for step in (0, 5, len(tokens) - 1):
+            top2 = np.sort(logits[step].astype(np.float64))[-2:]
+            assert margin_at(pipe, tokens, step) == pytest.approx(top2[1] - top2[0], abs=1e-4)

@@ -4,7 +4,6 @@ NVIDIA GPU is missing; they never pretend."""
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import shutil
@@ -44,19 +43,19 @@ def test_build_records_engines_in_manifest(built_static):
     from flashvl_edge.runtime.bundle import Bundle
 
     b = Bundle.load(built_static, verify="full")
-    (name, entry), = b.manifest["engines"].items()
-    assert entry["trt_version"] == trt_version() and entry["compute_capability"] == gpu_info().compute_capability
-    assert entry["graphs"]["llm"]["profiles"] == ["prefill", "decode"]
+    (name, entry), = b.manifest.engines.items()
+    assert entry.trt_version == trt_version() and entry.compute_capability == gpu_info().compute_capability
+    assert entry.graphs["llm"].profiles == ("prefill", "decode")
     for g in ("vision", "llm"):
-        assert entry["graphs"][g]["sha256"] == b.manifest["files"][b.graph(g)["file"]]["sha256"]
-        assert b.path(entry["graphs"][g]["file"]).stat().st_size > 0
+        assert entry.graphs[g].sha256 == b.manifest.files[b.graph(g).file].sha256
+        assert b.path(entry.graphs[g].file).stat().st_size > 0
     assert not any(p.name.startswith(".flashvl-tmp-") for p in (built_static / "engines").iterdir())
 
 
 def test_verify_ort_vs_trt_passes(built_static, capsys):
     from flashvl_edge.export import verify_backends
 
-    assert verify_backends.run(str(built_static), ["ort", "trt"], argparse.Namespace()) == 0
+    assert verify_backends.run(str(built_static), ["ort", "trt"]) == 0
     out = capsys.readouterr().out
     assert "vision PASS" in out and "llm    PASS" in out and "greedy PASS" in out
 
@@ -67,7 +66,7 @@ def test_trt_decoder_kv_cache_matters(built_static):
     from flashvl_edge.runtime.bundle import Bundle
 
     b = Bundle.load(built_static)
-    table = np.load(b.path(b.manifest["embeddings"]["file"]), mmap_mode="r")
+    table = np.load(b.path(b.manifest.embeddings.file), mmap_mode="r")
     vision, llm = open_runners(b, "trt")
     try:
         ids = np.arange(5, 15)

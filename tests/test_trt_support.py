@@ -3,6 +3,7 @@ small hand-built graphs, each of which carries exactly one defect the lint must 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -198,8 +199,10 @@ def test_exported_bundles_lint_clean_for_trt10(which, request):
 def test_dynamic_axis_fixed_in_graph_is_caught(tiny_static_bundle):
     """The same graph checked against a manifest entry that claims a dim the graph fixes."""
     bundle = Bundle.load(tiny_static_bundle)
-    entry = json.loads(json.dumps(bundle.graph("llm")))
+    spec = bundle.graph("llm")
     # the graph's kv_heads dim is static; a manifest that says it is dynamic must be flagged
-    entry["inputs"][3]["shape"][1] = "kv_heads"
+    inputs = list(spec.inputs)
+    inputs[3] = dataclasses.replace(inputs[3], shape=(inputs[3].shape[0], "kv_heads", *inputs[3].shape[2:]))
+    entry = dataclasses.replace(spec, io=dataclasses.replace(spec.io, inputs=tuple(inputs)))
     found = errors(lint(bundle.graph_path("llm"), "10", entry))
     assert found and {f.code for f in found} == {"dynamic-axis"}

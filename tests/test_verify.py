@@ -1,4 +1,4 @@
-"""Parity of the ONNX graphs (ONNX Runtime) with the PyTorch model, and ``flashvl verify`` (issue 2, item 6).
+"""Parity of the ONNX graphs (ONNX Runtime) with the PyTorch model, and ``flashvl verify``.
 
 Every parity check here is also run against a deliberately broken ONNX side (KV cache dropped, image
 ignored) and must fail there: a check that cannot fail proves nothing.
@@ -6,13 +6,17 @@ ignored) and must fail there: a check that cannot fail proves nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import pytest
 
-from flashvl_edge.export.verify import THRESHOLDS, OrtGraphs, greedy_agreement, verify_against
+from flashvl_edge.export.verify import PROMPT, THRESHOLDS, greedy_agreement, verify_against, vision_features_line
 from flashvl_edge.main import main
 from flashvl_edge.runtime.bundle import Bundle
+from flashvl_edge.runtime.generate import Generator
+from flashvl_edge.runtime.pipeline import Pipeline
+from flashvl_edge.runtime.samples import test_photo
 
 
 def checks(report) -> dict[str, object]:
@@ -39,7 +43,7 @@ def test_presets_match_pytorch(request, which):
 def internvl(tmp_path_factory):
     from factories import make_internvl_checkpoint
 
-    from flashvl_edge.export.model import load_model
+    from flashvl_edge.export.families import load_model
     from flashvl_edge.export.onnx import export_bundle
 
     ckpt = make_internvl_checkpoint(tmp_path_factory.mktemp("internvl") / "ckpt", seed=1)
@@ -51,44 +55,63 @@ def internvl(tmp_path_factory):
 def test_internvl_directory_matches_pytorch(internvl):
     ckpt, loaded, bundle = internvl
     m = Bundle.load(bundle).manifest
-    assert m["family"] == "internvl"
+    assert m.family == "internvl"
     report = verify_against(bundle, loaded, greedy_steps=32)
     assert_parity(report)
     # the InternVL prompt wraps the image tokens in its start/end tokens
-    assert m["image"]["start_token"] and m["image"]["end_token"]
+    assert m.image.start_token and m.image.end_token
 
 
-class CacheDroppingGraphs(OrtGraphs):
+class CacheDroppingGenerator(Generator):
     """Broken on purpose: every decode step runs without the KV cache (as if it were not fed back)."""
 
-    def step(self, inputs_embeds, past, past_len):
-        return super().step(inputs_embeds, self.empty_past(inputs_embeds.shape[0]), 0)
+    def step(self, cache, token):
+        logits = super().step(self.llm.new_cache(), token)
+        cache.length += 1
+        return logits
 
 
-class ImageIgnoringGraphs(OrtGraphs):
+class ImageIgnoringGenerator(Generator):
     """Broken on purpose: the image embeddings are never spliced in (image tokens keep their embedding)."""
 
-    def embed(self, input_ids, image_embeds, image_token_id):
-        return super().embed(input_ids, None, image_token_id)
+    def embed(self, token_ids, image_embeds=None, image_mask=None):
+        return super().embed(token_ids, None, [False] * len(token_ids))
+
+
+def broken_pipeline(bundle, generator_cls) -> Pipeline:
+    """The bundle opened as verify opens it, with its generator swapped for a broken one."""
+    pipe = Pipeline.from_bundle(bundle, backend="ort", device="cpu")
+    g = pipe.generator
+    pipe.generator = generator_cls(**{f.name: getattr(g, f.name) for f in dataclasses.fields(g)})
+    return pipe
 
 
 def test_checks_fail_on_a_dropped_kv_cache(tiny_static_bundle, tiny_static_loaded):
-    report = verify_against(tiny_static_bundle, tiny_static_loaded,
-                            graphs=CacheDroppingGraphs(Bundle.load(tiny_static_bundle)))
+    with broken_pipeline(tiny_static_bundle, CacheDroppingGenerator) as pipe:
+        report = verify_against(tiny_static_bundle, tiny_static_loaded, pipeline=pipe)
     c = checks(report)
     assert c["vision"].ok  # untouched part still passes
     assert not c["llm"].ok and not c["greedy"].ok and not c["generate"].ok and not report.ok
 
 
 def test_checks_fail_when_the_image_is_ignored(tiny_dynamic_bundle, tiny_dynamic_loaded):
-    report = verify_against(tiny_dynamic_bundle, tiny_dynamic_loaded,
-                            graphs=ImageIgnoringGraphs(Bundle.load(tiny_dynamic_bundle)))
+    with broken_pipeline(tiny_dynamic_bundle, ImageIgnoringGenerator) as pipe:
+        report = verify_against(tiny_dynamic_bundle, tiny_dynamic_loaded, pipeline=pipe)
     c = checks(report)
     assert not c["llm"].ok and not c["greedy"].ok and not report.ok
 
 
+def test_verify_greedy_is_the_tokens_chat_generates(tiny_dynamic_bundle, tiny_dynamic_loaded):
+    """One LLM path: what verify certifies is what ``flashvl chat`` runs, token for token."""
+    with Pipeline.from_bundle(tiny_dynamic_bundle, backend="ort", device="cpu") as pipe:
+        report = verify_against(tiny_dynamic_bundle, tiny_dynamic_loaded, greedy_steps=16, pipeline=pipe)
+        chat = pipe.chat(PROMPT, image=test_photo(), max_new_tokens=16, temperature=0.0, ignore_eos=True)
+    assert report.ok, report.lines()
+    assert report.ort_tokens == chat.token_ids and len(chat.token_ids) == 16
+
+
 def test_checks_fail_against_another_model(tiny_static_bundle):
-    from flashvl_edge.export.model import build_preset
+    from flashvl_edge.export.families import build_preset
 
     report = verify_against(tiny_static_bundle, build_preset("tiny-static", seed=1), greedy_steps=8)
     assert not checks(report)["vision"].ok and not checks(report)["llm"].ok
@@ -110,7 +133,7 @@ def test_fp16_bundle_passes_with_the_looser_threshold(tiny_static_fp16_bundle, t
     c = checks(report)
     assert c["vision"].ok and c["llm"].ok, report.lines()
     # fp16 really is fp16: the error is well above fp32 round-off
-    assert "fp16" == Bundle.load(bundle).manifest["dtype"]
+    assert "fp16" == Bundle.load(bundle).manifest.dtype
     assert float(c["llm"].detail.split("= ")[1].split(" ")[0]) > 1e-5
 
 
@@ -124,7 +147,18 @@ def test_cli_verify_against_preset(tiny_static_bundle, capsys):
     assert rc == 0, out
     for name in ("integrity", "vision", "llm", "greedy", "generate"):
         assert f"PASS  {name}" in out
+    assert vision_features_line(Bundle.load(tiny_static_bundle).manifest) in out  # the convention used
     assert "of output scale" in out and "8/8 tokens identical" in out
+
+
+def test_vision_features_line_names_the_convention(tiny_static_bundle):
+    m = Bundle.load(tiny_static_bundle).manifest
+    line = lambda layer: vision_features_line(  # noqa: E731
+        m.replace(vision=dataclasses.replace(m.vision, vision_feature_layer=layer)))
+    assert line(-1).startswith("vision features: last_hidden_state (vision_feature_layer -1")
+    assert "final norm included" in line(-1)
+    assert line(3) == "vision features: hidden_states[3] (no final norm)"
+    assert line(-2) == "vision features: hidden_states[-2] (no final norm)"
 
 
 def test_cli_verify_wrong_seed_exits_nonzero(tiny_static_bundle, capsys):

@@ -5,6 +5,14 @@ The shape follows Polygraphy's runners (``polygraphy/backend/<name>/runner.py``)
 ``infer(feed) -> outputs`` maps input names to arrays and returns output names to arrays. That is all
 the vision graph needs.
 
+Runners time themselves, as Polygraphy's do: each backend call (the ONNX Runtime session run, the
+TensorRT execution up to its stream synchronize) is recorded by the runner that makes it, and
+:meth:`~Runner.last_inference_time` gives the last one. Work around that call (binding, building
+feeds, copying logits into numpy) is not in it, so a caller's wall time minus it is the host overhead.
+(An ``infer_impl`` that does not time its own backend call is timed whole by ``infer``.)
+For benchmarks, :meth:`~Runner.start_timeline` keeps every call's (start, end, size) until
+:meth:`~Runner.stop_timeline`.
+
 The LLM needs one thing more: a decode step that keeps the KV cache where the backend can keep it
 (ONNX Runtime ``OrtValue``\\ s, device buffers for CUDA / TensorRT) instead of copying every layer's
 ``present`` through numpy and back as the next ``past`` on every token. :class:`DecoderRunner` adds
@@ -22,10 +30,12 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any, Mapping
+from time import perf_counter
+from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 
+from ..contract import EngineLimits
 from ..errors import BackendError
 
 
@@ -38,12 +48,54 @@ class TensorMeta:
     shape: tuple
 
 
+class Call(NamedTuple):
+    """One backend call: ``perf_counter`` start and end, and its size (tiles for the vision graph, new
+    tokens for the LLM)."""
+
+    start: float
+    end: float
+    size: int
+
+
+def feed_size(feed: Mapping[str, Any]) -> int:
+    """The leading dimension of a feed's first input (tiles for ``pixel_values``), 0 if it has none."""
+    for value in feed.values():
+        shape = getattr(value, "shape", None)
+        return int(shape[0]) if shape else 0
+    return 0
+
+
 class Runner(abc.ABC):
     """One graph on one backend. Use as a context manager or call activate()/deactivate()."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.is_active = False
+        self.inference_time: float | None = None  # seconds of the last backend call
+        self.timeline: list[Call] | None = None  # every call while a benchmark records them
+        # what an engine was built for (batch, input length, context, tiles); None: the graph takes any
+        # shape (ONNX Runtime), so only the manifest limits apply
+        self.limits: EngineLimits | None = None
+
+    # -- timing -------------------------------------------------------------------------------
+    def last_inference_time(self) -> float | None:
+        """Seconds the last ``infer`` / ``forward`` spent in the backend call itself (None before any)."""
+        return self.inference_time
+
+    def start_timeline(self) -> list[Call]:
+        """Record every backend call from now on; returns the (new, empty) list they are appended to."""
+        self.timeline = []
+        return self.timeline
+
+    def stop_timeline(self) -> None:
+        self.timeline = None
+
+    def _timed(self, start: float, size: int) -> None:
+        """Note a backend call that began at ``start`` (``perf_counter``) and has just ended."""
+        end = perf_counter()
+        self.inference_time = end - start
+        if self.timeline is not None:
+            self.timeline.append(Call(start, end, size))
 
     # -- lifecycle ----------------------------------------------------------------------------
     def activate(self) -> "Runner":
@@ -85,10 +137,17 @@ class Runner(abc.ABC):
         ...
 
     def infer(self, feed: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """Run the graph once: ``feed`` maps every input name to an array; returns numpy outputs."""
+        """Run the graph once: ``feed`` maps every input name to an array; returns numpy outputs.
+
+        ``infer_impl`` times its backend call with ``_timed``; one that does not is timed whole here."""
         if not self.is_active:
             raise BackendError(f"runner {self.name!r} is not active; call activate() first")
-        return self.infer_impl(feed)
+        self.inference_time = None
+        start = perf_counter()
+        out = self.infer_impl(feed)
+        if self.inference_time is None:
+            self._timed(start, feed_size(feed))
+        return out
 
 
 class KVCache(abc.ABC):
@@ -112,7 +171,9 @@ class DecoderRunner(Runner):
 
     @abc.abstractmethod
     def forward(self, inputs_embeds: np.ndarray, cache: KVCache) -> np.ndarray:
-        """Prefill (seq > 1) or decode (seq == 1): returns last-position logits, cache extended in place."""
+        """Prefill (seq > 1) or decode (seq == 1): returns last-position logits, cache extended in place.
+
+        Implementations time their backend call with ``_timed(start, seq)`` (see the module docstring)."""
 
     @property
     @abc.abstractmethod

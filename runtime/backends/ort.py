@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from time import perf_counter
 from typing import Any, Mapping
 
 import numpy as np
 
 from ..errors import BackendError
-from .base import DecoderRunner, KVCache, Runner, TensorMeta
+from .base import DecoderRunner, KVCache, Runner, TensorMeta, feed_size
 
 _ORT_TYPES = {
     "tensor(float)": np.float32,
@@ -150,7 +151,11 @@ class OrtRunner(Runner):
 
     def infer_impl(self, feed: Mapping[str, Any]) -> dict[str, np.ndarray]:
         names = [o.name for o in self.session.get_outputs()]
-        return dict(zip(names, self.session.run(names, dict(feed))))
+        feed = dict(feed)
+        start = perf_counter()
+        outputs = self.session.run(names, feed)
+        self._timed(start, feed_size(feed))
+        return dict(zip(names, outputs))
 
 
 class OrtKVCache(KVCache):
@@ -239,8 +244,10 @@ class OrtDecoder(OrtRunner, DecoderRunner):
             for value in cache.tensors():
                 feeds.push_back(value)
             fetches = C.OrtValueVector()
+            start = perf_counter()
             self.session.run_with_ortvaluevector(self._run_options, self.feed_names, feeds, self.fetch_names,
                                                  fetches, self._fetch_devices)
+            self._timed(start, seq)
             cache.values, cache.offset, cache.length = fetches, 1, total
             return fetches[0].numpy()[0, -1].astype(np.float32, copy=False)
         io = self.session.io_binding()
@@ -252,7 +259,9 @@ class OrtDecoder(OrtRunner, DecoderRunner):
             io.bind_ortvalue_input(name, ort.OrtValue(value))
         for name in self.fetch_names:
             io.bind_output(name, "cpu" if name == "logits" else self._ort_device, 0)
+        start = perf_counter()
         self.session.run_with_iobinding(io)
+        self._timed(start, seq)
         out = io.get_outputs()
         cache.values, cache.offset, cache.length = [v._get_c_value() for v in out[1:]], 0, total
         return out[0].numpy()[0, -1].astype(np.float32, copy=False)

@@ -27,12 +27,14 @@ import ctypes
 import ctypes.util
 import re
 from dataclasses import dataclass
+from time import perf_counter
 from typing import Any, Mapping
 
 import numpy as np
 
+from ..contract import EngineEntry, Manifest
 from ..errors import BackendError, EngineMismatchError
-from .base import DecoderRunner, KVCache, Runner, TensorMeta
+from .base import DecoderRunner, KVCache, Runner, TensorMeta, feed_size
 
 PAST_PREFIX = "past_key_values."
 PRESENT_PREFIX = "present."
@@ -40,7 +42,7 @@ PRESENT_PREFIX = "present."
 INSTALL_HINT = (
     "TensorRT is not installed: on a Jetson it comes with JetPack (sudo apt install nvidia-tensorrt, "
     "which provides python3-libnvinfer); on x86 run 'pip install tensorrt' (NVIDIA's index, "
-    "https://pypi.nvidia.com) and 'pip install polygraphy'")
+    "https://pypi.nvidia.com); Polygraphy, which drives it: pip install 'flashvl-edge[tensorrt]'")
 
 
 # --------------------------------------------------------------------------------------------
@@ -81,12 +83,45 @@ def gpu_info() -> GpuInfo | None:
     return GpuInfo(buf.value.decode(errors="replace"), f"{major.value}.{minor.value}", int(total.value))
 
 
-def trt_version() -> str | None:
-    try:
-        import tensorrt as trt  # noqa: PLC0415 - optional dependency
-    except Exception:
-        return None
-    return getattr(trt, "__version__", None)
+# the distributions a TensorRT Python package can be installed as (pip wheels; JetPack's python3-libnvinfer
+# registers "tensorrt")
+TRT_DISTRIBUTIONS = ("tensorrt", "tensorrt-cu12", "tensorrt_cu12", "tensorrt-libs", "tensorrt-cu13")
+
+
+def trt_version(import_module: bool = True) -> str | None:
+    """The installed TensorRT's version (``"10.3.0"``), or None when there is none.
+
+    ``import_module=False`` reads the package metadata instead of importing ``tensorrt`` (which loads
+    the CUDA libraries): what ``flashvl build --dry-run`` uses, as it must work without a GPU.
+    """
+    if import_module:
+        try:
+            return getattr(require_tensorrt(), "__version__", None)
+        except BackendError:
+            return None
+    from importlib import metadata
+
+    for dist in TRT_DISTRIBUTIONS:
+        try:
+            parts = parse_version(metadata.version(dist))
+        except metadata.PackageNotFoundError:
+            continue
+        if parts and parts[0] >= 8:  # placeholder packages on PyPI carry version 0.0.x
+            return ".".join(str(p) for p in parts[:3])
+    return None
+
+
+def parse_version(text: Any, strict: bool = False) -> tuple[int, ...]:
+    """The numbers of a dotted version: ``"10.3.0.26"`` -> ``(10, 3, 0, 26)``; a suffix that is not a
+    number ends it (``"8.6.1.post1"`` -> ``(8, 6, 1)``) and text without a leading number gives ``()``.
+    ``strict``: anything but dotted numbers raises ValueError (versions a user typed)."""
+    text = str(text).strip()
+    if strict:
+        if not re.fullmatch(r"\d+(\.\d+)*", text):
+            raise ValueError(f"{text!r} is not a version number like 10.3 or 8.6")
+        return tuple(int(p) for p in text.split("."))
+    m = re.match(r"\d+(?:\.\d+)*", text)
+    return tuple(int(p) for p in m.group().split(".")) if m else ()
 
 
 def require_tensorrt():
@@ -104,42 +139,39 @@ def engine_dir_name(gpu_name: str, compute_capability: str, trt_ver: str) -> str
     return f"{slug}_sm{compute_capability.replace('.', '')}_trt{trt_ver}"
 
 
-def _major_minor(v: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in re.findall(r"\d+", str(v))[:2])
-
-
-def engine_mismatch(entry: dict[str, Any], gpu: GpuInfo | None, trt_ver: str | None) -> str | None:
+def engine_mismatch(entry: EngineEntry, gpu: GpuInfo | None, trt_ver: str | None) -> str | None:
     """Why the engine ``entry`` cannot run here (one line naming both sides), or None if it can.
 
     Exact TensorRT version is required unless the engine was built version-compatible (then same major);
     the same compute capability is required unless built with a hardware-compatibility level (Ampere+,
     then any cc >= 8.0).
     """
-    built = (f"built for {entry.get('gpu')} (sm{str(entry.get('compute_capability', '?')).replace('.', '')}) "
-             f"with TensorRT {entry.get('trt_version')}")
+    built = (f"built for {entry.gpu} (sm{(entry.compute_capability or '?').replace('.', '')}) "
+             f"with TensorRT {entry.trt_version}")
     if gpu is None:
         return f"engine {built}, but no NVIDIA GPU is visible on this machine"
     here = f"this machine has {gpu.name} (sm{gpu.compute_capability.replace('.', '')}) with TensorRT {trt_ver or 'not installed'}"
     if trt_ver is None:
         return f"engine {built}; {here}"
-    ev = str(entry.get("trt_version"))
-    if entry.get("version_compatible"):
-        if _major_minor(ev)[:1] != _major_minor(trt_ver)[:1]:
-            return f"engine {built} (version-compatible within TensorRT {_major_minor(ev)[0]}.x); {here}"
+    ev = entry.trt_version
+    if entry.version_compatible:
+        major = parse_version(ev)[:1]
+        if major != parse_version(trt_ver)[:1]:
+            return f"engine {built} (version-compatible within TensorRT {major[0] if major else ev}.x); {here}"
     elif ev != trt_ver:
         return f"engine {built}; {here}: rebuild with 'flashvl build'"
-    cc = str(entry.get("compute_capability"))
-    if entry.get("hardware_compatibility") == "ampere+":
-        if _major_minor(gpu.compute_capability) < (8, 0):
+    cc = entry.compute_capability
+    if entry.hardware_compatibility == "ampere+":
+        if parse_version(gpu.compute_capability)[:2] < (8, 0):
             return f"engine {built} (Ampere+ compatible); {here}, which is older than Ampere"
     elif cc != gpu.compute_capability:
         return f"engine {built}; {here}: rebuild with 'flashvl build' on this device"
     return None
 
 
-def select_engine(manifest: dict[str, Any], gpu: GpuInfo | None, trt_ver: str | None) -> tuple[str, dict[str, Any]]:
+def select_engine(manifest: Manifest, gpu: GpuInfo | None, trt_ver: str | None) -> tuple[str, EngineEntry]:
     """The manifest's engine entry that runs here; EngineMismatchError naming both sides otherwise."""
-    engines = manifest.get("engines") or {}
+    engines = manifest.engines
     if not engines:
         raise BackendError("the bundle has no TensorRT engines; build them on this device with "
                            "'flashvl build BUNDLE --precision fp16'")
@@ -269,9 +301,12 @@ class TrtRunner(Runner):
         for name in self.inputs:
             self._bind_input(name, feed[name])
         bound = {n: self._bind_output(n) for n in self.outputs}
+        # the backend call: the execution and the output copies, up to the stream's synchronize
+        start = perf_counter()
         self._execute()
         out = {n: self._fetch(buf, shape) for n, (buf, shape) in bound.items()}
         self.stream.synchronize()
+        self._timed(start, feed_size(feed))
         return out
 
 
@@ -377,9 +412,13 @@ class TrtDecoder(TrtRunner, DecoderRunner):
             self.context.set_tensor_address(p, self._kv(cache, p, read).ptr)
             self.context.set_tensor_address(self.present_of[p], self._kv(cache, p, write).ptr)
         logits_buf, logits_shape = self._bind_output("logits")
+        # timed as TrtRunner.infer_impl: execution + logits copy; the bindings above are host overhead.
+        # A multi-token later turn is one engine execution (and one timed call) per token.
+        start = perf_counter()
         self._execute()
         logits = self._fetch(logits_buf, logits_shape)
         self.stream.synchronize()
+        self._timed(start, seq)
         cache.slot, cache.length = write, total
         return logits[0, -1].astype(np.float32, copy=False)
 
@@ -388,7 +427,7 @@ class TrtDecoder(TrtRunner, DecoderRunner):
 # Backend entry points (see runtime/backends/__init__.py)
 
 
-def _engine_set(bundle) -> dict[str, Any]:
+def _engine_set(bundle) -> EngineEntry:
     require_tensorrt()
     _, entry = select_engine(bundle.manifest, gpu_info(), trt_version())
     return entry
@@ -397,12 +436,15 @@ def _engine_set(bundle) -> dict[str, Any]:
 def open_vision(bundle, device: str = "auto", threads: int | None = None, **_options) -> TrtRunner:
     """The vision engine (``device``/``threads`` are ONNX Runtime options; TensorRT uses GPU 0)."""
     entry = _engine_set(bundle)
-    return TrtRunner(bundle.path(entry["graphs"]["vision"]["file"]), "vision",
-                     bool(entry.get("version_compatible"))).activate()
+    runner = TrtRunner(bundle.path(entry.graphs["vision"].file), "vision", entry.version_compatible)
+    runner.limits = entry.limits  # the pipeline plans images within the tiles the engine was built for
+    return runner.activate()
 
 
 def open_llm(bundle, device: str = "auto", threads: int | None = None, **_options) -> TrtDecoder:
     entry = _engine_set(bundle)
-    g = entry["graphs"]["llm"]
-    return TrtDecoder(bundle.path(g["file"]), g["profiles"], entry["limits"]["max_context"],
-                      entry["limits"]["max_input_len"], bool(entry.get("version_compatible"))).activate()
+    g = entry.graphs["llm"]
+    runner = TrtDecoder(bundle.path(g.file), list(g.profiles), entry.limits.max_context,
+                        entry.limits.max_input_len, entry.version_compatible)
+    runner.limits = entry.limits  # the pipeline refuses prompts longer than the engine's context up front
+    return runner.activate()
