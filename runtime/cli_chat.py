@@ -1,8 +1,12 @@
-"""``flashvl chat``: ask a bundle about an image, once (``--prompt``) or interactively (stdin lines).
+"""``flashvl chat``: ask a bundle about images, once (``--prompt``) or interactively (stdin lines).
 
     flashvl chat bundles/fvl --image photo.jpg --prompt "Describe the image."
     flashvl chat bundles/fvl --image photo.jpg --prompt "Describe the image." --json
+    flashvl chat bundles/fvl --image a.jpg --image b.jpg --prompt "What differs?"
     flashvl chat bundles/fvl --image photo.jpg          # multi-turn; /image PATH, /reset, /exit
+
+Several ``--image`` flags send several images with the question, in order: one ``<image>``
+placeholder each in the prompt where it goes, or none, and then the images come first.
 
 The answer goes to stdout, timings to stderr (so ``> answer.txt`` keeps only the answer); ``--json``
 prints one JSON object per answer on stdout instead. Interactive mode reads one question per line and
@@ -19,7 +23,8 @@ from .errors import FlashVLError, one_line
 
 def add_arguments(p) -> None:
     p.add_argument("bundle", help="bundle directory written by 'flashvl export'")
-    p.add_argument("--image", help="image file to ask about (first turn in interactive mode)")
+    p.add_argument("--image", action="append", default=None, metavar="PATH",
+                   help="image file to ask about (repeatable, in order; first turn in interactive mode)")
     p.add_argument("--prompt", help="the question; without it, read questions from stdin (multi-turn)")
     p.add_argument("--system", help="system message (default: the chat template's own)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="at most this many tokens (default 256)")
@@ -39,6 +44,7 @@ def add_arguments(p) -> None:
     p.add_argument("--max-image-pixels", type=int, default=None,
                    help="refuse images with more pixels than this (default: the bundle's limit)")
     p.add_argument("--max-tiles", type=int, default=None, help="lower the tile budget of a dynamic bundle")
+    p.add_argument("--max-images", type=int, default=8, help="at most this many images per question (default 8)")
 
 
 def _sampling(args) -> dict:
@@ -86,10 +92,10 @@ def _read_line() -> str:
 def _interactive(pipe, args) -> int:
     tty = sys.stdin.isatty()
     if tty:
-        print("flashvl chat: one question per line; /image PATH attaches an image to the next question, "
-              "/reset starts over, /exit quits", file=sys.stderr)
+        print("flashvl chat: one question per line; /image PATH attaches an image to the next question "
+              "(repeat for several; /image alone drops them), /reset starts over, /exit quits", file=sys.stderr)
     session = pipe.session(args.system)
-    image = args.image
+    images = list(args.image or [])
     failed = False
     while True:
         if tty:
@@ -103,14 +109,15 @@ def _interactive(pipe, args) -> int:
         if line in ("/exit", "/quit"):
             break
         if line == "/reset":
-            session, image = pipe.session(args.system), None
+            session, images = pipe.session(args.system), []
             continue
         if line.startswith("/image"):
-            image = line[len("/image"):].strip() or None
+            path = line[len("/image"):].strip()
+            images = images + [path] if path else []
             continue
         try:
-            _answer(session.stream(line, image, **_sampling(args)), args)
-            image = None
+            _answer(session.stream(line, images=images, **_sampling(args)), args)
+            images = []
         except FlashVLError as err:  # one bad question does not end the session
             print(f"flashvl: error: {one_line(str(err))}", file=sys.stderr)
             failed = True
@@ -126,11 +133,11 @@ def run(args) -> int:
     SamplingParams(**_sampling(args)).validate()  # bad flags fail before the bundle loads
     options = {"device": args.device} if args.backend == "ort" else {}
     pipe = Pipeline.from_bundle(args.bundle, backend=args.backend, max_image_pixels=args.max_image_pixels,
-                                max_tiles=args.max_tiles, **options)
+                                max_tiles=args.max_tiles, max_images=args.max_images, **options)
     try:
         if args.prompt is None:
             return _interactive(pipe, args)
-        _answer(pipe.session(args.system).stream(args.prompt, args.image, **_sampling(args)), args)
+        _answer(pipe.session(args.system).stream(args.prompt, images=args.image or [], **_sampling(args)), args)
         return 0
     finally:
         pipe.close()

@@ -3,24 +3,31 @@
     from flashvl_edge.runtime import Pipeline
     pipe = Pipeline.from_bundle("bundles/fvl")
     print(pipe.chat("Describe the image.", image="photo.jpg").text)
+    print(pipe.chat("What differs?", images=["a.jpg", "b.jpg"]).text)   # one placeholder per image
     for piece in pipe.stream("And the colours?", image="photo.jpg"):
         print(piece, end="", flush=True)
     chat = pipe.session()                  # multi-turn: earlier turns stay in the KV cache
     chat.ask("What is in the picture?", image="photo.jpg")
     chat.ask("What colour is it?")         # prefills only this turn's tokens; no second vision run
 
-One turn, in order: check the sampling parameters -> decode and preprocess the image
-(``images.preprocess``: tiles, and how many image tokens they become) -> render the chat template and
-expand the placeholder -> check the context length -> only then run the vision graph -> prefill and
-decode (``generate.Generator``) -> text (``generate.TextAssembler``). Every user-fixable problem raises
-a :class:`~flashvl_edge.runtime.errors.FlashVLError` before anything expensive runs.
+One turn, in order: check the sampling parameters and the number of images -> decode and preprocess
+the images (``images.preprocess`` per image: its own tile grid, and how many image tokens it becomes)
+-> render the chat template and expand one placeholder per image -> check the context length -> only
+then run the vision graph, every new tile of every image in as few runs as the graph allows
+(:meth:`Pipeline.encode_images`) -> prefill and decode (``generate.Generator``) -> text
+(``generate.TextAssembler``). Every user-fixable problem raises a
+:class:`~flashvl_edge.runtime.errors.FlashVLError` before anything expensive runs.
+
+A server that already has the whole conversation uses the same steps in two calls:
+:meth:`Pipeline.prepare_prompt` (host work and every check) then :meth:`Pipeline.encode_prompt_images`
+(the vision graph), and feeds the result to the generator.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -55,7 +62,7 @@ class ChatResult:
 
 @dataclass
 class PrefillInputs:
-    pixel_values: np.ndarray | None  # [num_tiles, 3, H, W] fed to the vision graph
+    pixel_values: np.ndarray | None  # [num_tiles, 3, H, W]: every image's tiles, in prompt order
     token_ids: list[int]  # the prompt, image placeholders expanded
     image_mask: list[bool]  # which positions of token_ids hold image embeddings
     image_embeds: np.ndarray | None  # [n_image_tokens, hidden], stitched
@@ -67,14 +74,49 @@ class _EncodedImage:
     n_tokens: int
     n_tiles: int
     embeds: np.ndarray | None = None  # [n_tokens, hidden] once the vision graph has run
-    preprocessed: Any = None
+    preprocessed: Any = None  # images.PreprocessedImage until then (dropped after, to free the pixels)
+
+
+@dataclass
+class PreparedPrompt:
+    """A request after the cheap host work and every check (:meth:`Pipeline.prepare_prompt`): ready
+    for the vision graph (:meth:`Pipeline.encode_prompt_images`) and then the LLM's prefill."""
+
+    token_ids: list[int]  # the prompt, each placeholder expanded to its image's positions
+    image_mask: list[bool]  # which positions of token_ids take image embeddings
+    images: list[_EncodedImage]  # one per placeholder, in prompt order
+    n_image_tokens: int  # image positions in token_ids (sum of the images' tokens)
+    n_tiles: int  # vision-graph tiles of those images
+
+
+DEFAULT_MAX_IMAGES = 8
+_ROLES = ("system", "user", "assistant")
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ImageError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _image_sources(image, images) -> list:
+    """The images of one request from the ``image=`` (one) and ``images=`` (a list) keywords."""
+    if images is None:
+        return [] if image is None else [image]
+    if image is not None:
+        raise PromptError("pass either image= (one image) or images= (a list of images), not both")
+    if not isinstance(images, (list, tuple)):
+        raise PromptError(f"images must be a list of images, got a {type(images).__name__}; "
+                          "for one image pass image= or images=[image]")
+    return list(images)
 
 
 class Pipeline:
     """A bundle loaded for chat: tokenizer, embedding table, vision and LLM runners (created once)."""
 
     def __init__(self, bundle: Bundle, vision, llm, prompts: PromptBuilder, embed_table: np.ndarray,
-                 max_image_pixels: int | None = None, max_tiles: int | None = None) -> None:
+                 max_image_pixels: int | None = None, max_tiles: int | None = None,
+                 max_images: int = DEFAULT_MAX_IMAGES, max_vision_batch: int | None = None) -> None:
         self.bundle = bundle
         self.manifest = bundle.manifest
         self.vision = vision
@@ -88,6 +130,18 @@ class Pipeline:
         if engine_tiles is not None and (max_tiles is None or max_tiles > engine_tiles):
             max_tiles = min(engine_tiles, self.preprocess_config.max_tiles)
         self.max_tiles = max_tiles
+        self.max_images = _positive_int(max_images, "max_images")
+        # Tiles per vision-graph run. An engine takes at most the tiles it was built for (its
+        # max_tiles counts crop tiles; the thumbnail comes on top); ONNX Runtime takes any batch, so
+        # every tile of a request goes in one run unless the caller bounds it (memory).
+        pre = self.manifest.preprocess
+        if vision.limits is not None:
+            per_run = pre.vision_batch(vision.limits.max_tiles)
+        else:
+            per_run = pre.vision_batch() * self.max_images
+        if max_vision_batch is not None:
+            per_run = min(per_run, _positive_int(max_vision_batch, "max_vision_batch"))
+        self.max_vision_batch = per_run
         gen = self.manifest.generation
         stop_ids = set(gen.eos_token_ids)
         for text in list(gen.stop_tokens) + ["<|im_end|>"]:
@@ -99,13 +153,20 @@ class Pipeline:
 
     @classmethod
     def from_bundle(cls, path, backend: str = "ort", max_image_pixels: int | None = None,
-                    max_tiles: int | None = None, verify: str = "cached", **backend_options) -> "Pipeline":
+                    max_tiles: int | None = None, verify: str = "cached", max_images: int = DEFAULT_MAX_IMAGES,
+                    max_vision_batch: int | None = None, **backend_options) -> "Pipeline":
         """Load ``path`` (integrity-checked), open both graphs on ``backend`` ("ort" or "trt").
 
         ``max_image_pixels`` overrides the bundle's decode limit; ``max_tiles`` lowers its tile budget
-        (dynamic bundles); ``backend_options`` go to the backend (ort: ``device``, ``threads``)."""
+        per image (dynamic bundles); ``max_images`` caps the images of one request (default 8);
+        ``max_vision_batch`` caps the tiles of one vision-graph run (default: an engine's limit, or
+        every tile of a request at once on ONNX Runtime); ``backend_options`` go to the backend
+        (ort: ``device``, ``threads``)."""
         from .backends import open_runners
 
+        _positive_int(max_images, "max_images")  # a bad option fails before the graphs load
+        if max_vision_batch is not None:
+            _positive_int(max_vision_batch, "max_vision_batch")
         bundle = Bundle.load(path, verify=verify)
         prompts = PromptBuilder.from_bundle(bundle)
         emb = bundle.manifest.embeddings
@@ -128,19 +189,26 @@ class Pipeline:
             for runner in (vision, llm):
                 runner.deactivate()
             raise
-        return cls(bundle, vision, llm, prompts, table, max_image_pixels, max_tiles)
+        try:
+            return cls(bundle, vision, llm, prompts, table, max_image_pixels, max_tiles, max_images,
+                       max_vision_batch)
+        except Exception:
+            for runner in (vision, llm):
+                runner.deactivate()
+            raise
 
     # -- one-shot API ----------------------------------------------------------------------------
     def session(self, system: str | None = None) -> "ChatSession":
         return ChatSession(self, system)
 
-    def chat(self, prompt: str, image=None, **sampling) -> ChatResult:
-        """One question (optionally about one image) in a fresh conversation."""
-        return self.session(sampling.pop("system", None)).ask(prompt, image, **sampling)
+    def chat(self, prompt: str, image=None, *, images: Sequence | None = None, **sampling) -> ChatResult:
+        """One question in a fresh conversation, about no image, one (``image=``) or several
+        (``images=[...]``, one placeholder each: see :meth:`ChatSession.ask`)."""
+        return self.session(sampling.pop("system", None)).ask(prompt, image, images=images, **sampling)
 
-    def stream(self, prompt: str, image=None, **sampling) -> "ChatStream":
+    def stream(self, prompt: str, image=None, *, images: Sequence | None = None, **sampling) -> "ChatStream":
         """Like :meth:`chat`, yielding text pieces as they are decoded; ``.result`` at the end."""
-        return self.session(sampling.pop("system", None)).stream(prompt, image, **sampling)
+        return self.session(sampling.pop("system", None)).stream(prompt, image, images=images, **sampling)
 
     def complete(self, prompt_token_ids: Sequence[int], image_embeds: np.ndarray | None = None,
                  image_mask: Sequence[bool] | None = None, **sampling) -> ChatResult:
@@ -157,18 +225,91 @@ class Pipeline:
                  image_mask=image_mask)
         return turn.result
 
-    def prefill_inputs(self, prompt: str, image=None) -> "PrefillInputs":
+    def prefill_inputs(self, prompt: str, image=None, *, images: Sequence | None = None) -> "PrefillInputs":
         """What the LLM's first forward sees for a one-turn chat: the same steps as ``chat``, no
         generation. For calibration capture, verification and debugging."""
-        enc = self.prepare_image(image) if image is not None else None
-        used = [enc] if enc is not None else []
-        text = self.prompts.render([self.prompts.user_message(prompt, len(used))], add_generation_prompt=True)
-        ids, mask = self.prompts.encode_with_images(text, [im.n_tokens for im in used])
-        self.generator.check_context(0, len(ids))
-        pixels = enc.preprocessed.pixel_values if enc is not None else None
-        image_embeds = self.encode_image(enc) if enc is not None else None
-        return PrefillInputs(pixel_values=pixels, token_ids=ids, image_mask=mask, image_embeds=image_embeds,
-                             inputs_embeds=self.generator.embed(ids, image_embeds, image_mask=mask))
+        sources = _image_sources(image, images)
+        self.check_image_count(len(sources))
+        prepared = self.prepare_prompt([self.prompts.user_message(prompt, len(sources))], sources)
+        tiles = [im.preprocessed.pixel_values for im in prepared.images]
+        pixels = (tiles[0] if len(tiles) == 1 else np.concatenate(tiles)) if tiles else None
+        image_embeds = self.encode_prompt_images(prepared)
+        return PrefillInputs(pixel_values=pixels, token_ids=prepared.token_ids, image_mask=prepared.image_mask,
+                             image_embeds=image_embeds,
+                             inputs_embeds=self.generator.embed(prepared.token_ids, image_embeds,
+                                                                image_mask=prepared.image_mask))
+
+    # -- a whole conversation at once (the server) ---------------------------------------------
+    def prepare_prompt(self, messages: Sequence[Mapping[str, str]], images: Sequence = (), *,
+                       add_generation_prompt: bool = True) -> PreparedPrompt:
+        """Everything before the vision graph for a conversation given whole, with every check.
+
+        ``messages``: ``[{"role": "system" | "user" | "assistant", "content": str}, ...]`` (other keys
+        are ignored), where the user contents already hold one ``self.prompts.placeholder`` per image,
+        at the image's place in the text. An OpenAI-style content list ``[image, text]`` reduces to
+        ``placeholder + "\\n" + text``, which is exactly what ``chat(text, image=...)`` renders.
+        ``images``: the images in placeholder order (anything ``images.load_image`` takes).
+
+        Checks the number of images (``max_images``) and placeholders before decoding anything, then
+        decodes and preprocesses the images (host work, each its own tile grid), renders the chat
+        template, expands the placeholders and checks the context; raises PromptError / ImageError
+        before any graph runs. :meth:`encode_prompt_images` then runs the vision graph."""
+        images = _image_sources(None, images)
+        self.check_image_count(len(images))
+        clean = self._check_messages(messages, len(images))
+        text = self.prompts.render(clean, add_generation_prompt=add_generation_prompt)
+        return self._expand(text, self.prepare_images(images))
+
+    def encode_prompt_images(self, prepared: PreparedPrompt) -> np.ndarray | None:
+        """Run the vision graph on the prompt's images not encoded yet (:meth:`encode_images`) and
+        return every image's embeddings concatenated in prompt order, [n_image_tokens, hidden];
+        None for a prompt without images."""
+        if not prepared.images:
+            return None
+        self.encode_images(prepared.images)
+        embeds = [im.embeds for im in prepared.images]
+        return embeds[0] if len(embeds) == 1 else np.concatenate(embeds)
+
+    def check_image_count(self, n_images: int) -> None:
+        """PromptError when one request brings more images than ``max_images``."""
+        if n_images > self.max_images:
+            raise PromptError(f"{n_images} images were given but a request takes at most {self.max_images}; "
+                              f"send {n_images - self.max_images} fewer, or load the pipeline with a larger "
+                              "max_images (flashvl chat --max-images)")
+
+    def _check_messages(self, messages, n_images: int) -> list[dict]:
+        """The messages as the template gets them (role and content only), or one PromptError."""
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise PromptError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+        placeholder = self.prompts.placeholder
+        clean, found = [], 0
+        for i, m in enumerate(messages):
+            role = m.get("role") if isinstance(m, Mapping) else None
+            content = m.get("content") if isinstance(m, Mapping) else None
+            if role not in _ROLES or not isinstance(content, str):
+                raise PromptError(f"message {i} must be a dict with role 'system', 'user' or 'assistant' "
+                                  "and text content")
+            check_text(content, f"{role} message")
+            if role != "user" and placeholder in content:
+                raise PromptError(f"the {role} message {i} contains the image placeholder {placeholder!r}; "
+                                  "only user messages can hold images")
+            found += content.count(placeholder)
+            clean.append({"role": role, "content": content})
+        if found != n_images:
+            raise PromptError(f"the user messages contain {found} {placeholder!r} placeholder(s) but {n_images} "
+                              "image(s) were given; put one placeholder per image where it goes in the text")
+        return clean
+
+    def _expand(self, text: str, images: list[_EncodedImage], cached: int = 0,
+                prefix_ids: Sequence[int] = ()) -> PreparedPrompt:
+        """Rendered ``text`` -> ids with each placeholder expanded to its image's positions, after
+        ``prefix_ids`` (tokens to feed before it), checked to fit on top of ``cached`` tokens."""
+        ids, mask = self.prompts.encode_with_images(text, [im.n_tokens for im in images])
+        if prefix_ids:
+            ids, mask = list(prefix_ids) + ids, [False] * len(prefix_ids) + mask
+        self.generator.check_context(cached, len(ids))
+        return PreparedPrompt(ids, mask, list(images), sum(im.n_tokens for im in images),
+                              sum(im.n_tiles for im in images))
 
     # -- images ------------------------------------------------------------------------------
     def prepare_image(self, image) -> _EncodedImage:
@@ -179,16 +320,52 @@ class Pipeline:
                                 self.preprocess_config, max_tiles=self.max_tiles)
         return _EncodedImage(int(pre.n_image_tokens), int(pre.pixel_values.shape[0]), preprocessed=pre)
 
+    def prepare_images(self, images: Sequence) -> list[_EncodedImage]:
+        """:meth:`prepare_image` for each of one request's images (at most ``max_images``); an image
+        that cannot be read is named by its place in the list."""
+        self.check_image_count(len(images))
+        if len(images) == 1:
+            return [self.prepare_image(images[0])]
+        out = []
+        for i, image in enumerate(images):
+            try:
+                out.append(self.prepare_image(image))
+            except ImageError as e:
+                raise ImageError(f"image {i + 1} of {len(images)}: {e}") from None
+        return out
+
     def encode_image(self, enc: _EncodedImage) -> np.ndarray:
-        """Run the vision graph on the tiles and stitch them: [n_image_tokens, hidden]."""
-        pre = enc.preprocessed
-        out = self.vision.infer({"pixel_values": pre.pixel_values.astype(self._vision_dtype(), copy=False)})
-        embeds = np.asarray(pre.select_tokens(out["image_embeds"]))
-        if embeds.shape[0] != enc.n_tokens:
-            raise BundleError(f"the vision graph gave {embeds.shape[0]} image tokens, preprocessing "
-                              f"expected {enc.n_tokens}; the bundle's manifest and graph disagree")
-        enc.embeds, enc.preprocessed = embeds, None
-        return embeds
+        """Run the vision graph on one image's tiles and stitch them: [n_image_tokens, hidden]."""
+        self.encode_images([enc])
+        return enc.embeds
+
+    def encode_images(self, encs: Sequence[_EncodedImage]) -> None:
+        """Run the vision graph on every tile of the images not encoded yet, in runs of at most
+        ``max_vision_batch`` tiles (one run when they fit), then give each image its own tokens
+        (``select_tokens``: its ISS stitch) in ``enc.embeds``. Tiles are encoded independently, so
+        how they are grouped into runs does not change the result."""
+        todo = [e for e in encs if e.embeds is None]
+        if not todo:
+            return
+        dtype = self._vision_dtype()
+        outputs = [self._run_vision(chunk.astype(dtype, copy=False))
+                   for chunk in _chunks([e.preprocessed.pixel_values for e in todo], self.max_vision_batch)]
+        out = outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
+        start = 0
+        for e in todo:
+            embeds = np.asarray(e.preprocessed.select_tokens(out[start:start + e.n_tiles]))
+            start += e.n_tiles
+            if embeds.shape[0] != e.n_tokens:
+                raise BundleError(f"the vision graph gave {embeds.shape[0]} image tokens, preprocessing "
+                                  f"expected {e.n_tokens}; the bundle's manifest and graph disagree")
+            e.embeds, e.preprocessed = embeds, None
+
+    def _run_vision(self, pixel_values: np.ndarray) -> np.ndarray:
+        out = np.asarray(self.vision.infer({"pixel_values": pixel_values})["image_embeds"])
+        if out.ndim != 3 or out.shape[0] != pixel_values.shape[0]:
+            raise BundleError(f"the vision graph returned image embeddings of shape {tuple(out.shape)} for "
+                              f"{pixel_values.shape[0]} tiles; the bundle is inconsistent, re-export it")
+        return out
 
     def _vision_dtype(self):
         meta = self.vision.get_input_metadata().get("pixel_values")
@@ -203,6 +380,23 @@ class Pipeline:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _chunks(arrays: list[np.ndarray], size: int) -> Iterator[np.ndarray]:
+    """The rows of ``arrays`` (concatenated along axis 0) in pieces of at most ``size`` rows, copying
+    only where a piece spans several arrays (no copy of the whole when one array fits a run)."""
+    parts: list[np.ndarray] = []
+    n = 0
+    for a in arrays:
+        while len(a):
+            take = min(size - n, len(a))
+            parts.append(a[:take])
+            a, n = a[take:], n + take
+            if n == size:
+                yield parts[0] if len(parts) == 1 else np.concatenate(parts)
+                parts, n = [], 0
+    if parts:
+        yield parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 _REEXPORT = "the bundle's files do not belong together: re-export the bundle"
@@ -404,55 +598,58 @@ class ChatSession:
         self.images: list[_EncodedImage] = []
         self.rendered = ""  # the template text the cache corresponds to (prompt + reply so far)
 
-    def ask(self, prompt: str, image=None, **sampling) -> ChatResult:
-        stream = self.stream(prompt, image, **sampling)
+    def ask(self, prompt: str, image=None, *, images: Sequence | None = None, **sampling) -> ChatResult:
+        """One turn. ``image=`` attaches one image, ``images=[...]`` several (at most the pipeline's
+        ``max_images``); the prompt holds one placeholder per image where each goes, or none, and
+        then the images go first, in order. Earlier turns' images stay in the conversation."""
+        stream = self.stream(prompt, image, images=images, **sampling)
         for _ in stream:
             pass
         return stream.result
 
-    def stream(self, prompt: str, image=None, **sampling) -> ChatStream:
+    def stream(self, prompt: str, image=None, *, images: Sequence | None = None, **sampling) -> ChatStream:
+        """Like :meth:`ask`, yielding text pieces as they are decoded; ``.result`` at the end."""
         holder: list = []
-        return ChatStream(self._turn(prompt, image, sampling, holder), holder)
+        return ChatStream(self._turn(prompt, image, images, sampling, holder), holder)
 
-    def _turn(self, prompt: str, image, sampling: dict, holder: list) -> Iterator[str]:
+    def _turn(self, prompt: str, image, images, sampling: dict, holder: list) -> Iterator[str]:
         pipe = self.pipe
         t0 = time.perf_counter()
         params = SamplingParams.from_kwargs(**sampling)
         turn = _Turn(pipe, params, t0)
         holder.append(turn)
 
+        sources = _image_sources(image, images)
+        pipe.check_image_count(len(sources))
+        user = pipe.prompts.user_message(prompt, len(sources))  # placeholder errors before any decode
         new_images: list[_EncodedImage] = []
-        if image is not None:
+        if sources:
             t = time.perf_counter()
-            new_images.append(pipe.prepare_image(image))
+            new_images = pipe.prepare_images(sources)
             turn.vision_s += time.perf_counter() - t
-        user = pipe.prompts.user_message(prompt, len(new_images))
         messages = self.messages + [user]
         full_text = pipe.prompts.render(messages, add_generation_prompt=True)
 
-        # What to prefill: only the appended text when the cache holds a prefix of the conversation.
+        # What to prefill: only the appended text when the cache holds a prefix of the conversation;
+        # else the whole conversation, earlier images from their stored embeddings. Either way the
+        # context is checked here, before the vision graph runs.
         reuse = bool(self.token_ids or self.pending) and full_text.startswith(self.rendered)
         if reuse:
-            ids, mask = pipe.prompts.encode_with_images(full_text[len(self.rendered):],
-                                                        [im.n_tokens for im in new_images])
-            new_ids, new_mask = self.pending + ids, [False] * len(self.pending) + mask
+            prepared = pipe._expand(full_text[len(self.rendered):], new_images, cached=len(self.token_ids),
+                                    prefix_ids=self.pending)
             history, history_mask = list(self.token_ids), list(self.image_mask)
             cache = self.cache
         else:
-            new_ids, new_mask = pipe.prompts.encode_with_images(
-                full_text, [im.n_tokens for im in self.images + new_images])
+            prepared = pipe._expand(full_text, self.images + new_images)
             history, history_mask = [], []
             cache = pipe.llm.new_cache()
-        pipe.generator.check_context(len(history), len(new_ids))  # before the vision graph runs
+        new_ids, new_mask = prepared.token_ids, prepared.image_mask
 
+        t = time.perf_counter()
+        embeds = pipe.encode_prompt_images(prepared)  # runs the graph for the new images only
         if new_images:
-            t = time.perf_counter()
-            for im in new_images:
-                pipe.encode_image(im)
             turn.vision_s += time.perf_counter() - t
         turn.n_tiles = sum(im.n_tiles for im in new_images)
-        used = new_images if reuse else self.images + new_images
-        embeds = np.concatenate([im.embeds for im in used]) if used else None
 
         try:
             yield from turn.stream(cache, new_ids, history + new_ids, embeds,

@@ -179,3 +179,48 @@ class DecoderRunner(Runner):
     @abc.abstractmethod
     def embeds_dtype(self) -> np.dtype:
         """The float dtype the graph wants for ``inputs_embeds`` (float32 or float16)."""
+
+    # -- batched decoding (continuous batching) -----------------------------------------------
+    # Sequences are prefilled alone with ``forward`` and then joined into one batched cache whose
+    # rows are left padded to a common length; one ``forward_batch`` decodes a token for every row
+    # (attention_mask zeros over each row's padding, per-row position_ids). A backend without it
+    # decodes one sequence at a time (the scheduler then runs batches of one).
+    supports_batching: bool = False
+
+    def new_batch(self) -> "BatchKVCache":
+        raise BackendError(f"the {self.name} runner decodes one sequence at a time (no batched decode)")
+
+    def batch_add(self, batch: "BatchKVCache", cache: KVCache) -> None:
+        """Append ``cache`` (one prefilled sequence) as the batch's last row."""
+        raise BackendError(f"the {self.name} runner decodes one sequence at a time (no batched decode)")
+
+    def batch_keep(self, batch: "BatchKVCache", rows: list[int]) -> None:
+        """Keep only ``rows`` (in that order), dropping the padding no kept row needs."""
+        raise BackendError(f"the {self.name} runner decodes one sequence at a time (no batched decode)")
+
+    def forward_batch(self, inputs_embeds: np.ndarray, batch: "BatchKVCache") -> np.ndarray:
+        """One new token per row, ``inputs_embeds`` [rows, 1, hidden]: last-position logits [rows, vocab]."""
+        raise BackendError(f"the {self.name} runner decodes one sequence at a time (no batched decode)")
+
+
+class BatchKVCache:
+    """Rows of sequences in one KV cache, left padded: row i holds ``lengths[i]`` real positions at
+    the end of ``total`` columns."""
+
+    def __init__(self) -> None:
+        self.lengths: list[int] = []
+        self.total = 0
+
+    @property
+    def rows(self) -> int:
+        return len(self.lengths)
+
+    def attention_mask(self, new: int = 1) -> np.ndarray:
+        """[rows, total + new] int64: 0 over each row's left padding, 1 over its positions and the new ones."""
+        cols = np.arange(self.total + new)
+        pads = self.total - np.asarray(self.lengths, np.int64)
+        return (cols[None, :] >= pads[:, None]).astype(np.int64)
+
+    def position_ids(self) -> np.ndarray:
+        """[rows, 1]: each row's next position is its own length (padding takes no position)."""
+        return np.asarray(self.lengths, np.int64)[:, None]

@@ -35,7 +35,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..errors import BackendError
-from .base import DecoderRunner, KVCache, Runner, TensorMeta, feed_size
+from .base import BatchKVCache, DecoderRunner, KVCache, Runner, TensorMeta, feed_size
 
 _ORT_TYPES = {
     "tensor(float)": np.float32,
@@ -268,6 +268,101 @@ class OrtDecoder(OrtRunner, DecoderRunner):
 
     def infer_impl(self, feed: Mapping[str, Any]) -> dict[str, np.ndarray]:
         return OrtRunner.infer_impl(self, feed)
+
+    # -- batched decoding ---------------------------------------------------------------------
+    supports_batching = True
+
+    def new_batch(self) -> "OrtBatchKVCache":
+        return OrtBatchKVCache()
+
+    def _to_values(self, arrays: list[np.ndarray], batch: "OrtBatchKVCache") -> list:
+        """numpy KV arrays as C OrtValues on the cache device; the Python wrappers (which keep the
+        numpy buffers alive on the CPU) are held by the batch until its next run replaces them."""
+        ort = _ort()
+        wrappers = [ort.OrtValue.ortvalue_from_numpy(a, self._ort_device, 0) for a in arrays]
+        batch.hold = wrappers
+        return [w._get_c_value() for w in wrappers]
+
+    @staticmethod
+    def _numpy(values: list) -> list[np.ndarray]:
+        return [v.numpy() for v in values]
+
+    def batch_add(self, batch: "OrtBatchKVCache", cache: OrtKVCache) -> None:
+        new = cache.tensors()
+        if batch.rows == 0:  # the first row: its cache is the batch as it is (no copy)
+            batch.values, batch.lengths, batch.total = new, [cache.length], cache.length
+            batch.hold = [cache.values]
+            return
+        # Membership changes copy the cache once (rare next to decode steps, which copy nothing).
+        total = max(batch.total, cache.length)
+        merged = []
+        for old, add in zip(self._numpy(batch.values), self._numpy(new)):
+            old = np.pad(old, ((0, 0), (0, 0), (total - batch.total, 0), (0, 0)))
+            add = np.pad(add, ((0, 0), (0, 0), (total - cache.length, 0), (0, 0)))
+            merged.append(np.ascontiguousarray(np.concatenate([old, add], axis=0)))
+        batch.values = self._to_values(merged, batch)
+        batch.lengths = batch.lengths + [cache.length]
+        batch.total = total
+
+    def batch_keep(self, batch: "OrtBatchKVCache", rows: list[int]) -> None:
+        if rows == list(range(batch.rows)):
+            return
+        lengths = [batch.lengths[i] for i in rows]
+        if not rows:
+            batch.values, batch.lengths, batch.total, batch.hold = [], [], 0, []
+            return
+        total = max(lengths)  # columns every kept row leaves as padding are dropped
+        cut = batch.total - total
+        index = np.asarray(rows)
+        kept = [np.ascontiguousarray(a[index][:, :, cut:, :]) for a in self._numpy(batch.values)]
+        batch.values = self._to_values(kept, batch)
+        batch.lengths, batch.total = lengths, total
+
+    def forward_batch(self, inputs_embeds: np.ndarray, batch: "OrtBatchKVCache") -> np.ndarray:
+        if not self.is_active:
+            raise BackendError(f"runner {self.name!r} is not active; call activate() first")
+        rows = inputs_embeds.shape[0]
+        if rows != batch.rows or inputs_embeds.shape[1] != 1:
+            raise BackendError(f"forward_batch takes one token per row: got {list(inputs_embeds.shape[:2])} "
+                               f"for {batch.rows} rows")
+        embeds = np.ascontiguousarray(inputs_embeds, dtype=self._embeds_dtype)
+        mask, positions = batch.attention_mask(1), batch.position_ids()
+        if self.use_vector_run:
+            C = self._C
+            feeds = C.OrtValueVector()
+            feeds.reserve(len(self.feed_names))
+            for array in (embeds, mask, positions):
+                feeds.push_back(C.OrtValue.ortvalue_from_numpy(array, self._cpu_device))
+            for value in batch.values:
+                feeds.push_back(value)
+            fetches = C.OrtValueVector()
+            start = perf_counter()
+            self.session.run_with_ortvaluevector(self._run_options, self.feed_names, feeds, self.fetch_names,
+                                                 fetches, self._fetch_devices)
+            self._timed(start, rows)
+            logits = fetches[0].numpy()[:, -1].astype(np.float32, copy=False)
+            batch.values = [fetches[i] for i in range(1, len(fetches))]
+            batch.hold = [fetches]  # the run's fetch vector owns the new KV tensors
+        else:  # ONNX Runtime < 1.16: plain run on numpy values
+            feed = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions,
+                    **dict(zip(self.past_names, self._numpy(batch.values)))}
+            start = perf_counter()
+            out = self.session.run(self.fetch_names, feed)
+            self._timed(start, rows)
+            logits = np.asarray(out[0])[:, -1].astype(np.float32, copy=False)
+            batch.values = self._to_values([np.ascontiguousarray(a) for a in out[1:]], batch)
+        batch.lengths = [n + 1 for n in batch.lengths]
+        batch.total += 1
+        return logits
+
+
+class OrtBatchKVCache(BatchKVCache):
+    """The batch's ``past_key_values.*`` as C OrtValues [rows, kv_heads, total, head_dim], past order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.values: list = []
+        self.hold: list = []
 
 
 def open_vision(bundle, device: str = "auto", threads: int | None = None) -> OrtRunner:

@@ -1,0 +1,245 @@
+#!/usr/bin/env python
+"""Load benchmark of ``flashvl serve``: a concurrency sweep against one live server, in one run.
+
+    python benchmarks/serve_load.py BUNDLE [--concurrency 1,2,4,8] [--requests 8] [--new-tokens 64]
+                                           [--question-tokens 32] [--out build/serve-load]
+
+Starts ``flashvl serve BUNDLE --port 0`` (127.0.0.1 only), then for each concurrency level c sends the
+same ``--requests`` requests (the real photo as a data: URL + a ``--question-tokens`` question,
+``--new-tokens`` greedy tokens, EOS ignored so every answer has the same length) with at most c in
+flight, streaming. Level 1 is the baseline: the same requests answered one at a time.
+
+Per level: aggregate output tokens/s (all tokens / wall time), decode throughput (tokens after each
+request's first / the time between its first and last token, summed over the level's busiest window),
+TTFT p50/p95, inter-token latency p50/p95 of all streams, and the ITL p95 of streams that were
+decoding while another request was admitted (its vision + prefill run between two decode steps).
+Peak RSS of the server process (VmHWM) is compared with the bundle's weight files. The CPU model and
+a memory-bandwidth probe are printed with the figures: compare same-run ratios, not absolute numbers.
+Writes ``OUT/serve_load.json`` and ``OUT/serve_load.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+
+
+def log(msg: str) -> None:
+    print(f"[serve-load {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def start_server(bundle: str, max_batch: int, extra: list[str]) -> tuple[subprocess.Popen, int]:
+    cmd = [sys.executable, "-m", "flashvl_edge.main", "serve", bundle, "--port", "0", "--host", "127.0.0.1",
+           "--max-batch", str(max_batch), "--max-queue", "256", *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=sys.stderr, text=True)
+    deadline = time.monotonic() + 600  # a full-size bundle takes a while to load
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            if proc.poll() is not None:
+                raise SystemExit(f"the server exited with code {proc.returncode} before it was ready")
+            continue
+        if "ready on http://" in line:
+            port = int(line.split("ready on http://", 1)[1].split()[0].rsplit(":", 1)[1].rstrip("/"))
+            return proc, port
+    proc.kill()
+    raise SystemExit("the server did not become ready within 600 s")
+
+
+def vm_hwm_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+async def one_request(client, url: str, body: dict) -> dict:
+    t0 = time.perf_counter()
+    times, usage = [], None
+    async with client.stream("POST", url, json=body, timeout=None) as resp:
+        if resp.status_code != 200:
+            raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread())[:300]!r}")
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            for choice in chunk.get("choices") or []:
+                if (choice.get("delta") or {}).get("content"):
+                    times.append(time.perf_counter())
+    return {"start": t0, "end": time.perf_counter(), "token_times": times, "usage": usage}
+
+
+async def run_level(port: int, body: dict, n_requests: int, concurrency: int) -> list[dict]:
+    import httpx
+
+    sem = asyncio.Semaphore(concurrency)
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    async with httpx.AsyncClient() as client:
+        async def guarded():
+            async with sem:
+                return await one_request(client, url, body)
+        return await asyncio.gather(*[guarded() for _ in range(n_requests)])
+
+
+def pct(values, q) -> float | None:
+    return float(np.percentile(values, q)) if len(values) else None
+
+
+def summarize(results: list[dict]) -> dict:
+    t0 = min(r["start"] for r in results)
+    t1 = max(r["end"] for r in results)
+    tokens = sum(r["usage"]["completion_tokens"] for r in results)
+    ttft = [r["token_times"][0] - r["start"] for r in results if r["token_times"]]
+    itl = [b - a for r in results for a, b in zip(r["token_times"], r["token_times"][1:])]
+    # ITL of a stream across the moment another request got its first token (it was admitted
+    # between two of this stream's decode steps): the stall continuous batching costs running streams
+    firsts = sorted(r["token_times"][0] for r in results if r["token_times"])
+    itl_join = []
+    for r in results:
+        tt = r["token_times"]
+        for a, b in zip(tt, tt[1:]):
+            if any(a < f <= b for f in firsts if f != tt[0]):
+                itl_join.append(b - a)
+    decode_tokens = sum(max(0, len(r["token_times"]) - 1) for r in results)
+    decode_window = max((r["token_times"][-1] for r in results if r["token_times"]), default=t1) \
+        - min((r["token_times"][0] for r in results if r["token_times"]), default=t0)
+    return {
+        "requests": len(results), "wall_s": t1 - t0, "completion_tokens": tokens,
+        "output_tokens_per_s": tokens / (t1 - t0),
+        "decode_tokens_per_s": decode_tokens / decode_window if decode_window > 0 else None,
+        "ttft_p50_s": pct(ttft, 50), "ttft_p95_s": pct(ttft, 95),
+        "itl_p50_s": pct(itl, 50), "itl_p95_s": pct(itl, 95),
+        "itl_p95_while_joining_s": pct(itl_join, 95), "itl_samples_while_joining": len(itl_join),
+    }
+
+
+def plot(report: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib not installed: no plot")
+        return
+    levels = report["levels"]
+    cs = [lv["concurrency"] for lv in levels]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    axes[0].plot(cs, [lv["output_tokens_per_s"] for lv in levels], "o-", label="output tok/s (wall)")
+    axes[0].plot(cs, [lv["decode_tokens_per_s"] or 0 for lv in levels], "s--", label="decode tok/s")
+    axes[0].set_title("aggregate throughput")
+    axes[1].plot(cs, [lv["ttft_p50_s"] for lv in levels], "o-", label="p50")
+    axes[1].plot(cs, [lv["ttft_p95_s"] for lv in levels], "s--", label="p95")
+    axes[1].set_title("time to first token (s)")
+    axes[2].plot(cs, [1e3 * lv["itl_p50_s"] for lv in levels], "o-", label="p50")
+    axes[2].plot(cs, [1e3 * lv["itl_p95_s"] for lv in levels], "s--", label="p95")
+    axes[2].set_title("inter-token latency (ms)")
+    for ax in axes:
+        ax.set_xlabel("concurrent requests")
+        ax.set_xticks(cs)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"flashvl serve, {Path(report['bundle']).name}: {report['machine'].get('cpu', '')}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("bundle")
+    ap.add_argument("--concurrency", default="1,2,4,8")
+    ap.add_argument("--requests", type=int, default=8, help="requests per level (default 8)")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--question-tokens", type=int, default=32)
+    ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--out", default="build/serve-load")
+    ap.add_argument("--image", help="image file (default: scikit-image's astronaut)")
+    args = ap.parse_args()
+
+    sys.path.insert(0, str(HERE))
+    from compare import measure_bandwidth
+    from tokenizers import Tokenizer
+
+    from flashvl_edge.runtime.bench import default_image, machine_info, make_prompt, weight_file_bytes
+    from flashvl_edge.runtime.bundle import Bundle
+
+    bundle = Bundle.load(args.bundle)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    image = Path(args.image).read_bytes() if args.image else None
+    if image is None:
+        buf = io.BytesIO()
+        default_image()[0].save(buf, format="PNG")
+        image = buf.getvalue()
+    question = make_prompt(Tokenizer.from_file(str(bundle.path(bundle.manifest.tokenizer.file))),
+                           args.question_tokens)
+    body = {"model": Path(args.bundle).name, "max_tokens": args.new_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, "ignore_eos": True,
+            "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(image).decode()}},
+                {"type": "text", "text": question}]}]}
+    machine = machine_info()
+    bw_before = measure_bandwidth()
+    log(f"{machine.get('cpu')}; bandwidth {bw_before['bytes_per_s'] / 1e9:.1f} GB/s; starting the server")
+    proc, port = start_server(args.bundle, args.max_batch, [])
+    report = {"bundle": str(Path(args.bundle).resolve()), "machine": machine, "settings": vars(args),
+              "bandwidth_before": bw_before, "levels": []}
+    try:
+        asyncio.run(run_level(port, body, 1, 1))  # warm-up: graphs, page cache
+        for c in levels:
+            log(f"concurrency {c}: {args.requests} requests")
+            results = asyncio.run(run_level(port, body, args.requests, c))
+            s = {"concurrency": c, **summarize(results), "server_peak_rss_bytes": vm_hwm_bytes(proc.pid)}
+            report["levels"].append(s)
+            log(f"  {s['output_tokens_per_s']:.2f} output tok/s, decode {s['decode_tokens_per_s'] or 0:.2f} tok/s, "
+                f"TTFT p50 {s['ttft_p50_s']:.2f} s, ITL p95 {1e3 * s['itl_p95_s']:.1f} ms")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    report["bandwidth_after"] = measure_bandwidth()
+    report["server_exit_code"] = proc.returncode
+    weights = weight_file_bytes(bundle)
+    by_c = {lv["concurrency"]: lv for lv in report["levels"]}
+    if 1 in by_c and max(by_c) > 1:
+        top = by_c[max(by_c)]
+        report["ratios"] = {
+            f"output_tokens_per_s_c{max(by_c)}_over_c1": top["output_tokens_per_s"] / by_c[1]["output_tokens_per_s"],
+            f"decode_tokens_per_s_c{max(by_c)}_over_c1": (top["decode_tokens_per_s"] or 0) / by_c[1]["decode_tokens_per_s"],
+            f"peak_rss_c{max(by_c)}_over_weight_files": top["server_peak_rss_bytes"] / weights,
+        }
+    report["weight_file_bytes"] = weights
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "serve_load.json").write_text(json.dumps(report, indent=2))
+    plot(report, out / "serve_load.png")
+    print(f"{machine.get('cpu')}, bandwidth {bw_before['bytes_per_s'] / 1e9:.1f} -> {report['bandwidth_after']['bytes_per_s'] / 1e9:.1f} GB/s")
+    print("| concurrency | output tok/s | decode tok/s | TTFT p50 / p95 s | ITL p50 / p95 ms | ITL p95 while joining ms | peak RSS GiB |")
+    print("|---|---|---|---|---|---|---|")
+    for lv in report["levels"]:
+        join = lv["itl_p95_while_joining_s"]
+        print(f"| {lv['concurrency']} | {lv['output_tokens_per_s']:.2f} | {lv['decode_tokens_per_s'] or 0:.2f} | "
+              f"{lv['ttft_p50_s']:.2f} / {lv['ttft_p95_s']:.2f} | {1e3 * lv['itl_p50_s']:.1f} / {1e3 * lv['itl_p95_s']:.1f} | "
+              f"{'-' if join is None else f'{1e3 * join:.0f}'} | {lv['server_peak_rss_bytes'] / 2**30:.2f} |")
+    for k, v in (report.get("ratios") or {}).items():
+        print(f"{k}: {v:.2f}")
+    print(f"wrote {out / 'serve_load.json'} and {out / 'serve_load.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
