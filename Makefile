@@ -27,9 +27,12 @@ $(STAMP): pyproject.toml
 test: setup
 	$(PY) -m pytest -q
 
-# The TensorRT parity suite: runs on a machine with an NVIDIA GPU and TensorRT, skips elsewhere.
+# The TensorRT suite (tests/test_trt_gpu.py): real engines for the tiny bundles, ORT/TRT parity, and the
+# TensorRT behaviour the CPU tests check against stand-ins (errors from status codes, engine limits, the
+# extend profile, fp16 KV, no allocation per token). For a machine with an NVIDIA GPU and TensorRT: there a
+# missing TensorRT or GPU fails the run instead of skipping it (-rs lists any skip and why).
 test-gpu: setup
-	$(PY) -m pytest -q -m trt
+	FLASHVL_REQUIRE_TRT=1 $(PY) -m pytest -q -rs -m trt tests/test_trt_gpu.py
 
 # Export the random-init tiny-static preset and chat about a real photo (answer + metrics).
 demo: setup

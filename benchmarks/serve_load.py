@@ -21,7 +21,6 @@ Writes ``OUT/serve_load.json`` and ``OUT/serve_load.png``.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import io
 import json
@@ -64,13 +63,20 @@ def vm_hwm_bytes(pid: int) -> int:
     return 0
 
 
-async def one_request(client, url: str, body: dict) -> dict:
+def one_request(port: int, body: dict) -> dict:
+    """One streamed chat completion over plain http.client: when each content chunk arrived."""
+    import http.client
+
     t0 = time.perf_counter()
     times, usage = [], None
-    async with client.stream("POST", url, json=body, timeout=None) as resp:
-        if resp.status_code != 200:
-            raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread())[:300]!r}")
-        async for line in resp.aiter_lines():
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    try:
+        conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:300]!r}")
+        for raw in resp:
+            line = raw.decode().strip()
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
@@ -79,19 +85,17 @@ async def one_request(client, url: str, body: dict) -> dict:
             for choice in chunk.get("choices") or []:
                 if (choice.get("delta") or {}).get("content"):
                     times.append(time.perf_counter())
+    finally:
+        conn.close()
     return {"start": t0, "end": time.perf_counter(), "token_times": times, "usage": usage}
 
 
-async def run_level(port: int, body: dict, n_requests: int, concurrency: int) -> list[dict]:
-    import httpx
+def run_level(port: int, body: dict, n_requests: int, concurrency: int) -> list[dict]:
+    """``n_requests`` requests with at most ``concurrency`` in flight (a thread each)."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    sem = asyncio.Semaphore(concurrency)
-    url = f"http://127.0.0.1:{port}/v1/chat/completions"
-    async with httpx.AsyncClient() as client:
-        async def guarded():
-            async with sem:
-                return await one_request(client, url, body)
-        return await asyncio.gather(*[guarded() for _ in range(n_requests)])
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        return list(pool.map(lambda _: one_request(port, body), range(n_requests)))
 
 
 def pct(values, q) -> float | None:
@@ -167,6 +171,9 @@ def main() -> int:
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--out", default="build/serve-load")
     ap.add_argument("--image", help="image file (default: scikit-image's astronaut)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep the server's image and prefix caches on (default off: every request pays for its "
+                         "vision graph and prefill, which is what batching is measured against)")
     args = ap.parse_args()
 
     sys.path.insert(0, str(HERE))
@@ -193,14 +200,15 @@ def main() -> int:
     machine = machine_info()
     bw_before = measure_bandwidth()
     log(f"{machine.get('cpu')}; bandwidth {bw_before['bytes_per_s'] / 1e9:.1f} GB/s; starting the server")
-    proc, port = start_server(args.bundle, args.max_batch, [])
+    caches = [] if args.reuse else ["--image-cache-bytes", "0", "--kv-cache-bytes", "0"]
+    proc, port = start_server(args.bundle, args.max_batch, caches)
     report = {"bundle": str(Path(args.bundle).resolve()), "machine": machine, "settings": vars(args),
               "bandwidth_before": bw_before, "levels": []}
     try:
-        asyncio.run(run_level(port, body, 1, 1))  # warm-up: graphs, page cache
+        run_level(port, body, 1, 1)  # warm-up: graphs, page cache
         for c in levels:
             log(f"concurrency {c}: {args.requests} requests")
-            results = asyncio.run(run_level(port, body, args.requests, c))
+            results = run_level(port, body, args.requests, c)
             s = {"concurrency": c, **summarize(results), "server_peak_rss_bytes": vm_hwm_bytes(proc.pid)}
             report["levels"].append(s)
             log(f"  {s['output_tokens_per_s']:.2f} output tok/s, decode {s['decode_tokens_per_s'] or 0:.2f} tok/s, "

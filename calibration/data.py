@@ -444,7 +444,7 @@ def capture(bundle_path: str | os.PathLike, samples: SampleSet, report_tokens: i
 
     global capture_count
     capture_count += 1
-    pipe = Pipeline.from_bundle(bundle_path, backend="ort", device="cpu")
+    pipe = Pipeline.from_bundle(bundle_path, backend="ort", device="cpu", image_cache_bytes=0, kv_cache_bytes=0)
     try:
         from tqdm import tqdm
 

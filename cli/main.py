@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "build": ("flashvl_edge.export.engines", "build TensorRT engines for a bundle (Polygraphy)"),
     "bench": ("flashvl_edge.runtime.bench", "benchmark a bundle: vision latency, TTFT, decode tokens/s, memory"),
     "doctor": ("flashvl_edge.runtime.doctor", "report what this machine can run and what to install"),
+    "serve": ("flashvl_edge.runtime.cli_serve", "serve a bundle over an OpenAI-compatible HTTP API (chat completions)"),
 }
 
 # subcommand -> the pyproject.toml extra that gives it everything beyond the runtime's dependencies
@@ -35,6 +36,7 @@ SUBCOMMAND_EXTRAS: dict[str, str | None] = {
     "build": "tensorrt",
     "bench": "bench",
     "doctor": None,
+    "serve": "serve",
 }
 
 

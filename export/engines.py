@@ -13,19 +13,33 @@ target TensorRT's ONNX parser first (:mod:`trt_support`). ``--dry-run`` prints a
 Profiles (dimension names from docs/architecture.md):
 
 - vision: ``num_tiles`` 1..max_tiles.
-- llm, two profiles on one engine: **prefill** (``seq`` 1..max_input_len, ``past`` 0, ``total`` = seq) and
-  **decode** (``seq`` 1, ``past`` 1..max_context-1, ``total`` = past+1 up to max_context).
+- llm, three profiles on one engine, chosen per call from the shapes (runtime/backends/trt.py
+  ``profile_steps``): **prefill** (``seq`` 1..max_input_len, ``past`` 0, ``total`` = seq), **decode**
+  (``seq`` 1, ``past`` 1..max_context-1, ``total`` = past+1 up to max_context) and **extend** (``seq``
+  1..E on a cache, ``past`` 0..max_context-E, E = min(max_input_len, 256, max_context / 2)): a later turn
+  of a session, a prefix reused from a cache, a sequence joining a batch, or the rest of a prompt longer
+  than max_input_len; runs longer than E go in E-token chunks.
   ``past`` = 0 is expressed as min = opt = max = 0: TensorRT accepts zero-length dimensions in profiles
-  and empty input tensors (the runtime still binds a valid 1-element address for them). We keep past at
-  exactly 0 in the prefill profile rather than a 0..C range so that the prefill kernels are tuned for an
-  empty cache and the decode kernels for seq = 1; a later turn of a session (past > 0, seq > 1) runs
-  through the decode profile token by token (runtime/backends/trt.py).
+  and empty input tensors (the runtime still binds a valid 1-element address for them). Prefill and
+  decode stay separate so their kernels are tuned for an empty cache and for seq = 1. Each profile's
+  min, opt and max are each a shape the graph can take (``total`` = ``past`` + ``seq``), which is why
+  extend's past stops at max_context - E: past that, new tokens go one at a time (decode).
 
-Precision: fp16 builds an FP16 engine from the FP32/FP16 graph. A quantized (QDQ) bundle builds as
-explicit quantization: strongly typed on TensorRT >= 10 when the graph is already fp16 (the types in the
-graph are the engine's types), otherwise weakly typed with INT8 + FP16 enabled so the Q/DQ nodes decide
-what runs in INT8 and the rest runs in FP16. ``int8`` on an unquantized bundle is refused (TensorRT's
-implicit calibration is deprecated): run ``flashvl calibrate`` first.
+Precision: fp16 builds an FP16 engine. An fp16 bundle builds as a strongly typed network on TensorRT >= 10:
+the graph's types are the engine's, so the casts that keep rotary angles and RMSNorm statistics in fp32
+are obeyed. Otherwise (an fp32 bundle, or TensorRT 8.6) the network is weakly typed with the FP16 flag, and
+those layers (``trt_support.fp32_layers``) are pinned to FP32 with precision constraints ("obey"); the
+KV cache inputs/outputs are set to fp16 so the cache is the size ``flashvl doctor`` budgets. A quantized
+(QDQ) bundle builds as explicit quantization: strongly typed on TensorRT >= 10 when the graph is already
+fp16 or its LLM is INT4, otherwise weakly typed with INT8 + FP16 enabled so the Q/DQ nodes decide what
+runs in INT8 and the rest runs in FP16 (with the same fp32 pins and fp16 KV). ``int8`` on an
+unquantized bundle is refused (TensorRT's implicit calibration is deprecated): run ``flashvl calibrate``
+first.
+
+The build serializes each engine straight to its file (``engine_bytes_from_network`` + ``save_bytes``):
+the plan is never deserialized in the builder's process, which on Jetson's shared memory would be one
+more copy of the weights at the peak. TensorRT's own error messages are captured with an error recorder
+on the builder, so an out-of-memory build is reported as one.
 
 The real build writes ``BUNDLE/engines/<gpu>_sm<cc>_trt<version>/<build-id>/`` through a staging directory
 renamed at the end (a failed or out-of-memory build leaves nothing where the runtime looks); only the
@@ -47,9 +61,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from flashvl_edge.runtime.backends.trt import parse_version
+from flashvl_edge.runtime.backends.trt import LLM_PROFILES, engine_kv_dtype, parse_version
 from flashvl_edge.runtime.bundle import Bundle, finalize_manifest, staging_dir
-from flashvl_edge.runtime.contract import EngineEntry, EngineGraph, EngineLimits, Manifest, TensorSpec
+from flashvl_edge.runtime.contract import (PAST_PREFIX, PRESENT_PREFIX, EngineEntry, EngineGraph, EngineLimits,
+                                           Manifest, TensorSpec)
 from flashvl_edge.runtime.errors import BackendError, BundleError, ExportError
 
 PRECISIONS = ("fp16", "int8", "best")
@@ -57,6 +72,8 @@ DEFAULT_WORKSPACE_GB = 4.0
 # the profiles' "opt" point: a typical 4:3 photo (tiled by the runtime's own grid choice) plus a short question
 TYPICAL_IMAGE_SIZE = (1024, 768)
 TYPICAL_TEXT_TOKENS = 64
+# the extend profile's largest seq (see _dim_ranges)
+EXTEND_MAX_SEQ = 256
 
 
 # --------------------------------------------------------------------------------------------
@@ -101,11 +118,20 @@ def _dim_ranges(limits: EngineLimits, manifest: Manifest) -> dict[str, dict[str,
     c = limits.max_context
     opt_past = max(1, min(c - 1, opt_seq + 128))
     batch = (1, 1, limits.max_batch)
+    # extend: its max is (past c - E, seq E, total c). What lands on a cache is mostly short (a follow-up
+    # question, the rest of a prompt after a cached prefix) on a long past (a first turn with a tiled image
+    # is thousands of tokens), so E is capped: longer runs go in E-token chunks, and past reaches c - E.
+    ext_seq = max(1, min(limits.max_input_len, EXTEND_MAX_SEQ, c // 2))
+    ext_past_max = c - ext_seq
+    ext_opt_seq = min(ext_seq, TYPICAL_TEXT_TOKENS)
+    ext_opt_past = max(0, min(ext_past_max, opt_past, c - ext_opt_seq))
     return {
         "vision": {"num_tiles": (1, opt_tiles, vision_batch)},
         "prefill": {"batch": batch, "seq": (1, opt_seq, limits.max_input_len), "past": (0, 0, 0),
                     "total": (1, opt_seq, limits.max_input_len)},
         "decode": {"batch": batch, "seq": (1, 1, 1), "past": (1, opt_past, c - 1), "total": (2, opt_past + 1, c)},
+        "extend": {"batch": batch, "seq": (1, ext_opt_seq, ext_seq), "past": (0, ext_opt_past, ext_past_max),
+                   "total": (1, ext_opt_past + ext_opt_seq, c)},
     }
 
 
@@ -127,10 +153,11 @@ def _profile(name: str, inputs: Sequence[TensorSpec], ranges: dict[str, tuple[in
 
 
 def graph_profiles(manifest: Manifest, limits: EngineLimits) -> dict[str, list[dict[str, Any]]]:
-    """``{"vision": [profile], "llm": [prefill, decode]}``; each profile ``{"name", "shapes": {input: (min, opt, max)}}``."""
+    """``{"vision": [profile], "llm": [prefill, decode, extend]}``; each profile ``{"name", "shapes": {input:
+    (min, opt, max)}}``. The LLM's profile order is the engine's profile index (0 stays prefill)."""
     ranges = _dim_ranges(limits, manifest)
     out = {"vision": [_profile("vision", manifest.graph("vision").inputs, ranges["vision"])]}
-    out["llm"] = [_profile(role, manifest.graph("llm").inputs, ranges[role]) for role in ("prefill", "decode")]
+    out["llm"] = [_profile(role, manifest.graph("llm").inputs, ranges[role]) for role in LLM_PROFILES]
     return out
 
 
@@ -159,6 +186,13 @@ class BuildPlan:
     profiles: dict[str, list[dict[str, Any]]]
     graphs: dict[str, str] = field(default_factory=dict)   # graph -> onnx file (relative to bundle)
     notes: list[str] = field(default_factory=list)
+    # weakly typed fp16 builds: per graph, the layers pinned to FP32 ({"kind", "node", "tensor"}), obeyed
+    # through precision constraints
+    fp32_layers: dict[str, list[dict[str, str]]] = field(default_factory=dict)
+    precision_constraints: str | None = None
+    # per graph, network I/O tensors whose type the build sets ({name: "float16"}): the KV cache
+    io_dtypes: dict[str, dict[str, str]] = field(default_factory=dict)
+    kv_dtype: str = "float16"   # the engine's past/present tensors, as built
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -176,6 +210,12 @@ class BuildPlan:
             cmd += ["--fp16"] if self.fp16 else []
             cmd += ["--int8"] if self.int8 else []
             cmd += ["--tf32"] if self.tf32 else []
+        if self.precision_constraints and self.fp32_layers.get(graph):
+            cmd += ["--precision-constraints", self.precision_constraints, "--layer-precisions"]
+            cmd += [f"{layer['node']}:float32" for layer in self.fp32_layers[graph]]
+        if self.io_dtypes.get(graph):
+            cmd.append("--tensor-datatypes")
+            cmd += [f"{name}:{dtype}" for name, dtype in self.io_dtypes[graph].items()]
         for which, key in (("min", 0), ("opt", 1), ("max", 2)):
             for p in self.profiles[graph]:
                 cmd.append(f"--trt-{which}-shapes")
@@ -228,18 +268,37 @@ def plan_build(bundle: Bundle, precision: str, trt_target: str, limits: EngineLi
     if int4 and not trt10:
         raise ExportError("the bundle's LLM is INT4 (block-quantized DequantizeLinear), which needs TensorRT 10 "
                           f"(target {trt_target}); use JetPack 6.1+ or calibrate with --llm int8")
-    strongly = quantized and trt10 and (m.dtype == "fp16" or int4)
+    # An fp16 graph builds strongly typed on TensorRT 10 (its fp32 casts for rotary angles and RMSNorm
+    # statistics are then obeyed, and its KV tensors are fp16 already); so does INT4. Everything else is
+    # weakly typed with the FP16 flag: those layers are pinned to FP32 and the KV I/O set to fp16.
+    strongly = trt10 and (m.dtype == "fp16" or int4)
     notes = []
     if strongly and m.dtype != "fp16":
-        notes.append("strongly typed on an fp32 graph: layers without Q/DQ run in FP32; export with --dtype fp16 "
-                     "before calibrating for faster engines")
+        notes.append("strongly typed on an fp32 graph: layers without Q/DQ run in FP32 and the KV cache is float32 "
+                     "(twice the bytes); export with --dtype fp16 before calibrating for faster, smaller engines")
+    llm_past = [t for t in m.graph("llm").inputs if t.name.startswith(PAST_PREFIX)]
+    graph_kv = llm_past[0].dtype if llm_past else "float16"
+    kv_dtype = engine_kv_dtype(graph_kv, strongly)
+    io_dtypes: dict[str, dict[str, str]] = {}
+    if kv_dtype != graph_kv:
+        present = [t.name for t in m.graph("llm").outputs if t.name.startswith(PRESENT_PREFIX)]
+        kv_io = [t.name for t in llm_past] + present
+        io_dtypes["llm"] = {name: kv_dtype for name in kv_io}
+    fp32_layers: dict[str, list[dict[str, str]]] = {}
+    if not strongly:
+        from .trt_support import fp32_layers_of
+
+        fp32_layers = {g: [vars(layer) for layer in fp32_layers_of(bundle.graph_path(g))] for g in m.graphs}
+        fp32_layers = {g: layers for g, layers in fp32_layers.items() if layers}
     return BuildPlan(
         bundle=str(bundle.root), precision=precision, trt_target=trt_target, quantized=quantized,
         strongly_typed=strongly, fp16=not strongly, int8=quantized and not strongly,
         tf32=not strongly, builder_optimization_level=opt_level, hardware_compatibility=hardware_compat,
         version_compatible=version_compatible, workspace_bytes=int(workspace_gb * (1 << 30)),
         timing_cache=str(timing_cache or default_timing_cache(cache_name)), limits=limits,
-        profiles=graph_profiles(m, limits), graphs={g: e.file for g, e in m.graphs.items()}, notes=notes)
+        profiles=graph_profiles(m, limits), graphs={g: e.file for g, e in m.graphs.items()}, notes=notes,
+        fp32_layers=fp32_layers, precision_constraints="obey" if fp32_layers else None, io_dtypes=io_dtypes,
+        kv_dtype=kv_dtype)
 
 
 def lint_for_plan(bundle: Bundle, plan: BuildPlan) -> dict[str, list]:
@@ -270,7 +329,24 @@ def format_plan(plan: BuildPlan, engine_dir: str) -> str:
         f"  limits              batch<={plan.limits.max_batch} input_len<={plan.limits.max_input_len} "
         f"context<={plan.limits.max_context} tiles<={plan.limits.max_tiles}",
         f"  output              {engine_dir}/",
-    ] + [f"  note                {n}" for n in plan.notes]
+    ]
+    if plan.strongly_typed:
+        lines.append("  fp32 layers         the graph's own types: its casts keep rotary angles and RMSNorm "
+                     "statistics in FP32")
+    elif plan.fp32_layers:
+        for g, layers in plan.fp32_layers.items():
+            kinds: dict[str, int] = {}
+            for layer in layers:
+                kinds[layer["kind"]] = kinds.get(layer["kind"], 0) + 1
+            lines.append(f"  fp32 layers         {g}: {len(layers)} layers pinned to FP32 (precision constraints "
+                         f"{plan.precision_constraints}): " + ", ".join(f"{k} {n}" for k, n in kinds.items()))
+    else:
+        lines.append("  fp32 layers         none found to pin (no rotary embedding or normalization pattern)")
+    kv_how = "set on the past/present I/O tensors" if plan.io_dtypes.get("llm") else "the graph's type"
+    lines.append(f"  KV cache            {plan.kv_dtype} ({kv_how})")
+    lines.append("  llm profile choice  per call, from the shapes: prefill when past = 0, decode when seq = 1, "
+                 "extend for seq > 1 on a cache (longer runs in chunks)")
+    lines += [f"  note                {n}" for n in plan.notes]
     for g, profs in plan.profiles.items():
         for i, p in enumerate(profs):
             lines.append(f"profile {g}[{i}] {p['name']}:")
@@ -287,13 +363,91 @@ def format_plan(plan: BuildPlan, engine_dir: str) -> str:
 # The real build (needs tensorrt + a GPU)
 
 
-_OOM_HINTS = ("out of memory", "outofmemory", "insufficient memory", "workspace", "cudaerrormemoryallocation",
-              "failed to allocate", "could not find any implementation")
+# How TensorRT words an out-of-memory build (its own messages: Polygraphy replaces a failed build with a
+# fixed "Invalid Engine" text), e.g. "Requested amount of GPU memory (N bytes) could not be allocated",
+# "Error Code 2: OutOfMemory (no further information)", "[virtualMemoryBuffer.cpp::resizePhysical] ...
+# cudaErrorMemoryAllocation"
+_OOM_HINTS = ("out of memory", "outofmemory", "insufficient memory", "could not be allocated",
+              "cudaerrormemoryallocation", "failed to allocate", "memory allocation", "workspace")
+
+
+def _error_recorder(trt):
+    """An ``IErrorRecorder`` that keeps every error TensorRT reports (code and text) for the message.
+
+    Set on the builder, it receives the errors of the network, the parser and the build: with it set,
+    TensorRT reports errors to it rather than only to the logger."""
+
+    class Recorder(trt.IErrorRecorder):
+        def __init__(self) -> None:
+            trt.IErrorRecorder.__init__(self)
+            self.errors: list[tuple[Any, str]] = []
+
+        def clear(self) -> None:
+            self.errors = []
+
+        def get_num_errors(self) -> int:
+            return len(self.errors)
+
+        def get_error_code(self, index: int):
+            return self.errors[index][0]
+
+        def get_error_desc(self, index: int) -> str:
+            return self.errors[index][1]
+
+        def has_overflowed(self) -> bool:
+            return False
+
+        def report_error(self, code, desc) -> bool:
+            self.errors.append((code, str(desc)))
+            return False  # False: the error is not fatal to the process; TensorRT fails the call itself
+
+        def messages(self) -> list[str]:
+            return [f"{getattr(code, 'name', code)}: {' '.join(desc.split())}" for code, desc in self.errors]
+
+    return Recorder()
+
+
+def _is_oom(trt, recorder, text: str) -> bool:
+    failed_alloc = getattr(getattr(trt, "ErrorCode", None), "FAILED_ALLOCATION", object())
+    return any(code == failed_alloc for code, _ in recorder.errors) or any(h in text.lower() for h in _OOM_HINTS)
+
+
+def _shape_network(trt, network, pinned: list[dict[str, str]], io_dtypes: dict[str, str]) -> int:
+    """Set the I/O types ``io_dtypes`` ({tensor: "float16"}) and pin the ``pinned`` layers to FP32: a layer
+    is pinned when it is named after a pinned ONNX node or produces a pinned ONNX tensor and all its
+    outputs are floating point (shape and index layers are left alone). Returns the layers pinned."""
+    types = {"float16": trt.float16, "float32": trt.float32}
+    io = {}
+    for i in range(network.num_inputs):
+        io[network.get_input(i).name] = network.get_input(i)
+    for i in range(network.num_outputs):
+        io[network.get_output(i).name] = network.get_output(i)
+    for name, dtype in io_dtypes.items():
+        if name not in io:
+            raise ExportError(f"the network has no I/O tensor {name!r}; re-export the bundle")
+        io[name].dtype = types[dtype]
+    nodes = {p["node"] for p in pinned}
+    tensors = {p["tensor"] for p in pinned}
+    floats = (trt.float32, trt.float16)
+    n = 0
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        outs = [layer.get_output(j) for j in range(layer.num_outputs)]
+        if not outs or not (layer.name in nodes or any(o.name in tensors for o in outs)):
+            continue
+        if not all(o.dtype in floats for o in outs):
+            continue
+        layer.precision = trt.float32
+        for j in range(layer.num_outputs):
+            layer.set_output_type(j, trt.float32)
+        n += 1
+    return n
 
 
 def _build_one(plan: BuildPlan, graph: str, onnx_path: Path, engine_path: Path) -> None:
     import tensorrt as trt
-    from polygraphy.backend.trt import CreateConfig, Profile, engine_from_network, network_from_onnx_path, save_engine
+    from polygraphy.backend.common import save_bytes
+    from polygraphy.backend.trt import CreateConfig, Profile, engine_bytes_from_network, network_from_onnx_path
     from polygraphy.exception import PolygraphyException
 
     profiles = []
@@ -311,17 +465,37 @@ def _build_one(plan: BuildPlan, graph: str, onnx_path: Path, engine_path: Path) 
         kwargs["hardware_compatibility_level"] = trt.HardwareCompatibilityLevel.AMPERE_PLUS
     if not plan.strongly_typed:
         kwargs.update(fp16=plan.fp16, int8=plan.int8, tf32=plan.tf32)
+    pinned = plan.fp32_layers.get(graph, [])
+    if pinned and plan.precision_constraints:
+        kwargs["precision_constraints"] = plan.precision_constraints
+    recorder = _error_recorder(trt)
     try:
-        network = network_from_onnx_path(str(onnx_path), strongly_typed=plan.strongly_typed or None)
-        engine = engine_from_network(network, config=CreateConfig(**kwargs), save_timing_cache=plan.timing_cache)
-        save_engine(engine, path=str(engine_path))
-    except PolygraphyException as e:
-        text = str(e).lower()
-        if any(h in text for h in _OOM_HINTS):
+        builder, network, parser = network_from_onnx_path(str(onnx_path), strongly_typed=plan.strongly_typed or None)
+        builder.error_recorder = network.error_recorder = recorder
+        _shape_network(trt, network, pinned, plan.io_dtypes.get(graph, {}))
+        # the serialized plan goes straight to the file: deserializing it here only to serialize it again
+        # would hold one more copy of the weights at the build's peak
+        data = engine_bytes_from_network((builder, network, parser), config=CreateConfig(**kwargs),
+                                         save_timing_cache=plan.timing_cache)
+        save_bytes(data, str(engine_path))
+    except (PolygraphyException, RuntimeError, MemoryError) as e:
+        said = recorder.messages()
+        text = " ".join([str(e)] + said)
+        why = f" (TensorRT: {said[-1][:300]})" if said else ""
+        if isinstance(e, MemoryError) or _is_oom(trt, recorder, text):
             raise ExportError(f"building the {graph} engine ran out of memory (workspace "
-                              f"{plan.workspace_bytes / 2**30:g} GiB): close other GPU programs, lower --max-context/"
-                              "--max-input-len/--max-tiles, or raise --workspace-gb") from None
-        raise ExportError(f"TensorRT could not build the {graph} engine: {' '.join(str(e).split())[:400]}") from None
+                              f"{plan.workspace_bytes / 2**30:g} GiB){why}: close other GPU programs, lower "
+                              "--max-context/--max-input-len/--max-tiles, or raise --workspace-gb") from None
+        detail = "; ".join(said) if said else " ".join(str(e).split())
+        raise ExportError(f"TensorRT could not build the {graph} engine: {detail[:400]}") from None
+
+
+def check_device(gpu, hardware_compat: str | None) -> None:
+    """Builder options this GPU cannot honour: hardware-compatible engines are not supported on Jetson's
+    integrated GPUs (TensorRT developer guide, Hardware Compatibility)."""
+    if hardware_compat and gpu is not None and getattr(gpu, "integrated", False):
+        raise ExportError(f"--hardware-compat {hardware_compat}: TensorRT does not support hardware-compatible "
+                          f"engines on Jetson ({gpu.name}); build without it")
 
 
 @dataclass(frozen=True)
@@ -350,7 +524,8 @@ class BuildOptions:
 
 
 def build(bundle_path: str, opts: BuildOptions = BuildOptions()) -> Path:
-    from flashvl_edge.runtime.backends.trt import engine_dir_name, gpu_info, require_tensorrt, trt_version
+    from flashvl_edge.runtime.backends.trt import (engine_dir_name, gpu_info, host_platform, require_tensorrt,
+                                                   trt_version)
 
     bundle = Bundle.load(bundle_path)
     require_tensorrt()  # the one-line install hint when TensorRT is missing
@@ -359,6 +534,7 @@ def build(bundle_path: str, opts: BuildOptions = BuildOptions()) -> Path:
         raise BackendError("no NVIDIA GPU is visible (the CUDA driver library libcuda could not enumerate a device); "
                            "TensorRT engines must be built on the GPU that will run them")
     ver = trt_version()
+    check_device(gpu, opts.hardware_compat)
     name = engine_dir_name(gpu.name, gpu.compute_capability, ver)
     plan = opts.plan(bundle, ver, name)
     limits = plan.limits
@@ -386,9 +562,11 @@ def build(bundle_path: str, opts: BuildOptions = BuildOptions()) -> Path:
         precision=plan.precision, strongly_typed=plan.strongly_typed,
         hardware_compatibility=plan.hardware_compatibility, version_compatible=plan.version_compatible,
         limits=limits, profiles=plan.to_json()["profiles"], graphs=graphs_entry,
-        builder={k: v for k, v in plan.to_json().items() if k in (
-            "fp16", "int8", "tf32", "builder_optimization_level", "workspace_bytes")},
+        builder={**{k: v for k, v in plan.to_json().items() if k in (
+            "fp16", "int8", "tf32", "builder_optimization_level", "workspace_bytes", "precision_constraints")},
+                 "fp32_layers": {g: len(layers) for g, layers in plan.fp32_layers.items()}},
         built_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        platform=host_platform(), kv_dtype=plan.kv_dtype,
     )
     manifest = bundle.manifest.replace(engines=engines)
     live = {e.dir for e in engines.values()}
@@ -449,6 +627,7 @@ def run(args: argparse.Namespace) -> int:
     target = args.trt_version or trt_version(import_module=False) or "10.3"
     target_v = resolve_trt_version(target)
     gpu = gpu_info()
+    check_device(gpu, opts.hardware_compat)
     name = engine_dir_name(gpu.name, gpu.compute_capability, target) if gpu else f"<gpu>_sm<cc>_trt{target}"
     plan = opts.plan(bundle, target_v, name)
     results = lint_for_plan(bundle, plan)

@@ -9,11 +9,15 @@ The table of supported operators lives in ``export/data/trt_onnx_ops.json`` (wit
   bite exported transformers (constant ``axes`` for Reduce/Slice/Squeeze/Unsqueeze, LayerNormalization with
   more than one output, Resize modes);
 - QDQ placement: every QuantizeLinear feeds a DequantizeLinear, no dangling Q or DQ, zero points 0 (TensorRT
-  only does symmetric quantization), weights of Conv/MatMul/Gemm quantized per channel on the output-channel
-  axis, INT4 / block quantization only from TensorRT 10;
+  only does symmetric quantization), INT4 / block quantization only from TensorRT 10; weights of
+  Conv/MatMul/Gemm quantized per tensor or off the output-channel axis are warnings (TensorRT builds them,
+  less accurately);
 - graph inputs against the manifest's declared shapes and the engine builder's optimization profiles
   (a dimension the profile varies must be dynamic in the graph, static dims must agree);
 - INT64 inputs (TensorRT 8.6 casts them to INT32, so the runtime must bind int32 buffers).
+
+:func:`fp32_layers` finds the nodes a weakly typed fp16 build must keep in fp32 (rotary angles,
+normalization statistics); ``flashvl build`` pins them.
 
 Models are opened with ``load_external_data=False``: a full-size graph lints without reading its weights
 (only zero-point tensors are read, and only when they were stored externally).
@@ -80,7 +84,8 @@ def _vkey(version: str) -> tuple[int, ...]:
 
 
 def resolve_trt_version(trt: str) -> str:
-    """``"10"`` -> ``"10.3"`` (what JetPack 6.1/6.2 ship), ``"8"`` -> ``"8.6"``; full versions pass through."""
+    """``"10"`` -> ``"10.3"`` (what JetPack 6.1/6.2 ship), ``"8"`` -> ``"8.6"``, ``"jetpack7"`` -> ``"10.13"``
+    (the table's ``alias_sources`` cite the release notes); full versions pass through."""
     table = support_table()
     v = table["aliases"].get(str(trt).lower(), str(trt))
     if _vkey(v) < (8, 6):
@@ -349,8 +354,11 @@ def _check_weight_dq(g: _Graph, node: onnx.NodeProto, label: str, consumers: lis
         scale_rank = len(scale.dims) if scale is not None else 0
         scale_len = int(scale.dims[0]) if scale is not None and scale_rank == 1 else 1
         if scale_rank == 0 or scale_len == 1:
-            out.append(Finding(ERROR, "qdq-per-tensor-weight", f"{c.op_type} weight {node.input[0]!r} is quantized "
-                               "per tensor (one scale); quantize weights per output channel", label))
+            # TensorRT's parser and builder accept a per-tensor weight scale (one scale for the whole
+            # matrix); it costs accuracy, it does not fail the build
+            out.append(Finding(WARNING, "qdq-per-tensor-weight", f"{c.op_type} weight {node.input[0]!r} is quantized "
+                               "per tensor (one scale): TensorRT builds it, but per output channel is more accurate",
+                               label))
             continue
         axis = _attr(node, "axis", 1)
         rank = len(weight.dims)
@@ -416,6 +424,116 @@ def _check_inputs(model: onnx.ModelProto, graph_entry: GraphSpec | None,
     if int64 and _vkey(version) < (9, 0):
         out.append(Finding(INFO, "int64", f"inputs {', '.join(int64)} are int64: TensorRT {version} casts INT64 to "
                                           "INT32, so the runtime binds int32 buffers for them"))
+
+
+# --------------------------------------------------------------------------------------------
+# Layers that must stay fp32 in a weakly typed fp16 build
+
+
+@dataclass(frozen=True)
+class Fp32Layer:
+    """One node whose result must be computed in fp32: ``kind`` is "rope" (rotary angles and their
+    cos/sin: position x frequency reaches tens of thousands, where fp16 has a spacing of 8 to 32),
+    "rmsnorm" (the mean of squares, which overflows fp16 for activations above ~256) or "layernorm"."""
+
+    kind: str
+    node: str     # the ONNX node name (TensorRT names the node's layer after it)
+    tensor: str   # its output (TensorRT keeps ONNX tensor names on the layer outputs)
+
+
+_FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16}
+
+
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    graph = model.graph
+    try:  # the graph's structure only (weights are not loaded), so this is cheap even for full-size graphs
+        graph = onnx.shape_inference.infer_shapes(model, strict_mode=False).graph
+    except Exception:
+        pass
+    types = {t.name: t.data_type for t in graph.initializer}
+    for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
+        if vi.type.tensor_type.elem_type:
+            types[vi.name] = vi.type.tensor_type.elem_type
+    for n in graph.node:  # a Cast's output type is its "to" attribute, known without inference
+        if n.op_type == "Cast" and n.output:
+            types.setdefault(n.output[0], _attr(n, "to", 0))
+    return types
+
+
+def fp32_layers(model: onnx.ModelProto) -> list[Fp32Layer]:
+    """The nodes of ``model`` that compute rotary position angles or normalization statistics.
+
+    Found by pattern, as the exporter writes them: RMSNorm as ``x / sqrt(mean(x^2) + eps)`` (or with
+    Reciprocal/Mul), with the cast that feeds it when the graph is fp16; ``LayerNormalization`` nodes; and
+    every float node from the position ids up to the ``Cos``/``Sin`` of the rotary embedding. A weakly
+    typed fp16 TensorRT build may run these in fp16; ``flashvl build`` pins them to fp32."""
+    g = _Graph(model.graph)
+    types = _elem_types(model)
+    seen: set[str] = set()
+    out: list[Fp32Layer] = []
+
+    def add(kind: str, node: onnx.NodeProto) -> None:
+        label = _node_label(node)
+        if node.output and label not in seen:
+            seen.add(label)
+            out.append(Fp32Layer(kind, node.name or label, node.output[0]))
+
+    def is_float(node: onnx.NodeProto) -> bool:
+        return bool(node.output) and all(types.get(o) == TensorProto.FLOAT for o in node.output if o)
+
+    for node in model.graph.node:
+        if node.op_type == "LayerNormalization":
+            add("layernorm", node)
+        elif node.op_type == "ReduceMean":
+            sq = g.producer.get(node.input[0])
+            if sq is None or sq.op_type not in ("Pow", "Mul"):
+                continue
+            base = sq.input[0]
+            if sq.op_type == "Mul" and sq.input[1] != base:
+                continue
+            chain, cur, closed = [sq, node], node, False
+            while True:
+                nxt = g.consumers.get(cur.output[0], [])
+                if len(nxt) != 1:
+                    break
+                cur = nxt[0]
+                chain.append(cur)
+                if cur.op_type in ("Div", "Mul") and base in cur.input:
+                    closed = True
+                    break
+                if cur.op_type not in ("Add", "Sqrt", "Reciprocal"):
+                    break
+            if not closed:
+                continue
+            up = g.producer.get(base)
+            if up is not None and up.op_type == "Cast" and _attr(up, "to", 0) == TensorProto.FLOAT:
+                chain.insert(0, up)
+            for n in chain:
+                add("rmsnorm", n)
+    rope: set[str] = set()
+    todo = [n for n in model.graph.node if n.op_type in ("Cos", "Sin")]
+    while todo:
+        node = todo.pop()
+        if node.op_type == "Constant" or not is_float(node) or _node_label(node) in rope:
+            continue
+        rope.add(_node_label(node))
+        todo += [g.producer[i] for i in node.input if i and i in g.producer]
+    for node in model.graph.node:  # graph order
+        if _node_label(node) in rope:
+            add("rope", node)
+    return out
+
+
+def fp32_layers_of(onnx_path: str | Path) -> list[Fp32Layer]:
+    """:func:`fp32_layers` of an ONNX file (its weights are not read)."""
+    path = Path(onnx_path)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except FileNotFoundError:
+        raise LintError(f"ONNX file {str(path)!r} does not exist") from None
+    except Exception as e:
+        raise LintError(f"{str(path)!r} is not a readable ONNX model ({type(e).__name__}: {e})") from None
+    return fp32_layers(model)
 
 
 # --------------------------------------------------------------------------------------------

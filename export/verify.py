@@ -201,7 +201,8 @@ def verify_against(bundle_path, loaded: "LoadedModel", greedy_steps: int = 32, d
     if getattr(vlm, "image_token_id", image_token_id) != image_token_id:
         raise BundleError(f"the bundle's image token id {image_token_id} differs from the model's "
                           f"{vlm.image_token_id}: this bundle was not exported from this model")
-    pipe = pipeline or Pipeline.from_bundle(bundle_path, backend="ort", device="cpu")
+    pipe = pipeline or Pipeline.from_bundle(bundle_path, backend="ort", device="cpu", image_cache_bytes=0,
+                                            kv_cache_bytes=0)
     try:
         return _checks(pipe, manifest, vlm, greedy_steps, decode_steps, test_photo() if image is None else image)
     finally:

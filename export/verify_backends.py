@@ -74,15 +74,18 @@ def compare_runners(reference, candidate, ref_feed: dict[str, np.ndarray], rtol:
     Returns (all outputs within rtol/atol, max |difference| per output).
     """
     from polygraphy.comparator import Comparator, CompareFunc, IterationResult, RunResults
+    from polygraphy.datatype import DataType
     from polygraphy.logger import G_LOGGER
 
     results = RunResults()
     with G_LOGGER.verbosity(G_LOGGER.INFO if verbose else G_LOGGER.ERROR + 1):  # Polygraphy is chatty
         for runner in (reference, candidate):
             with runner:
-                meta = runner.get_input_metadata()
-                feed = {k: (v.astype(meta[k].dtype) if k in meta and meta[k].dtype is not None
-                            and v.dtype.kind == "i" and np.dtype(meta[k].dtype) != v.dtype else v)
+                # Polygraphy DataTypes (NumPy dtypes from this call are deprecated, and go in 0.60), as NumPy
+                meta = {k: DataType.to_dtype(DataType.from_dtype(m.dtype), "numpy") if m.dtype is not None else None
+                        for k, m in runner.get_input_metadata(use_numpy_dtypes=False).items()}
+                feed = {k: (v.astype(meta[k]) if meta.get(k) is not None and v.dtype.kind == "i"
+                            and np.dtype(meta[k]) != v.dtype else v)
                         for k, v in ref_feed.items()}
                 outputs = runner.infer(feed)
                 results.append((runner.name, [IterationResult(outputs, runner_name=runner.name)]))
@@ -152,9 +155,9 @@ def run(bundle_path: str, backends: list[str]) -> int:
         print(f"  {graph:6s} {'PASS' if res.passed else 'FAIL'} (rtol/atol {TOLERANCES[precision][graph]}): {worst}")
     from flashvl_edge.runtime.pipeline import Pipeline
 
-    with Pipeline.from_bundle(bundle_path, backend="trt") as trt_pipe:
+    with Pipeline.from_bundle(bundle_path, backend="trt", image_cache_bytes=0, kv_cache_bytes=0) as trt_pipe:
         trt_tokens = greedy_tokens(trt_pipe)
-    with Pipeline.from_bundle(bundle_path, backend="ort") as ort_pipe:
+    with Pipeline.from_bundle(bundle_path, backend="ort", image_cache_bytes=0, kv_cache_bytes=0) as ort_pipe:
         ort_tokens = greedy_tokens(ort_pipe)
         div = next((i for i, (a, b) in enumerate(zip(ort_tokens, trt_tokens)) if a != b), None)
         step = div if div is not None else min(len(ort_tokens), len(trt_tokens))

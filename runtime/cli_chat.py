@@ -4,13 +4,16 @@
     flashvl chat bundles/fvl --image photo.jpg --prompt "Describe the image." --json
     flashvl chat bundles/fvl --image a.jpg --image b.jpg --prompt "What differs?"
     flashvl chat bundles/fvl --image photo.jpg          # multi-turn; /image PATH, /reset, /exit
+    flashvl chat bundles/fvl --image photo.jpg --prompt "Who is it?" --json-schema person.json
 
 Several ``--image`` flags send several images with the question, in order: one ``<image>``
 placeholder each in the prompt where it goes, or none, and then the images come first.
 
 The answer goes to stdout, timings to stderr (so ``> answer.txt`` keeps only the answer); ``--json``
 prints one JSON object per answer on stdout instead. Interactive mode reads one question per line and
-works the same when stdin is a pipe. Never imports torch.
+works the same when stdin is a pipe. ``--json-schema FILE`` makes every answer JSON valid against the
+schema in FILE, ``--json-object`` any JSON object (runtime/structured.py; the 'structured' extra).
+Never imports torch.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from __future__ import annotations
 import json
 import sys
 
-from .errors import FlashVLError, one_line
+from .errors import FlashVLError, PromptError, one_line
 
 
 def add_arguments(p) -> None:
@@ -35,6 +38,9 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling (reproducible output)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop when the answer contains TEXT (repeatable; TEXT is not printed)")
+    p.add_argument("--json-schema", metavar="FILE", default=None,
+                   help="constrain every answer to JSON valid against the JSON Schema in FILE")
+    p.add_argument("--json-object", action="store_true", help="constrain every answer to a JSON object")
     p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     p.add_argument("--json", action="store_true", help="print one JSON object per answer (text, token ids, timings)")
     p.add_argument("--backend", choices=["ort", "trt"], default="ort",
@@ -49,7 +55,24 @@ def add_arguments(p) -> None:
 
 def _sampling(args) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+                top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
+                json_schema=getattr(args, "schema", None), json_object=getattr(args, "json_object", False))
+
+
+def _load_schema(path: str | None) -> dict | None:
+    """The JSON Schema in ``path`` (read once, before the bundle loads), or None."""
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            schema = json.load(f)
+    except OSError as e:
+        raise PromptError(f"cannot read --json-schema {path}: {e.strerror or e}") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise PromptError(f"--json-schema {path} is not JSON ({one_line(str(e))})") from None
+    if not isinstance(schema, dict):
+        raise PromptError(f"--json-schema {path} must hold a JSON Schema object, not a JSON {type(schema).__name__}")
+    return schema
 
 
 def _metrics_line(r) -> str:
@@ -130,11 +153,16 @@ def run(args) -> int:
 
     if args.stream and args.json:
         raise FlashVLError("--stream and --json cannot be combined: --json prints one object per answer")
-    SamplingParams(**_sampling(args)).validate()  # bad flags fail before the bundle loads
+    args.schema = _load_schema(args.json_schema)
+    params = SamplingParams(**_sampling(args)).validate()  # bad flags and schemas fail before the bundle loads
     options = {"device": args.device} if args.backend == "ort" else {}
     pipe = Pipeline.from_bundle(args.bundle, backend=args.backend, max_image_pixels=args.max_image_pixels,
                                 max_tiles=args.max_tiles, max_images=args.max_images, **options)
     try:
+        if params.constrained:
+            from .structured import StructuredOutput
+
+            StructuredOutput.for_pipeline(pipe)  # the generator's constraint factory for this bundle
         if args.prompt is None:
             return _interactive(pipe, args)
         _answer(pipe.session(args.system).stream(args.prompt, images=args.image or [], **_sampling(args)), args)

@@ -574,6 +574,10 @@ class EngineEntry:
     profiles: dict[str, Any] = field(default_factory=dict)  # the optimization profiles' shapes, as built
     builder: dict[str, Any] = field(default_factory=dict)
     built_at: str = ""
+    # "linux-aarch64", "linux-x86_64": plans do not cross platforms; "" where the builder did not record it
+    platform: str = ""
+    # the dtype of the engine's past/present KV tensors ("float16"); "" where the builder did not record it
+    kv_dtype: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {"dir": self.dir, "gpu": self.gpu, "compute_capability": self.compute_capability,
@@ -581,7 +585,7 @@ class EngineEntry:
                 "hardware_compatibility": self.hardware_compatibility, "version_compatible": self.version_compatible,
                 "limits": self.limits.to_json(), "profiles": self.profiles,
                 "graphs": {k: g.to_json() for k, g in self.graphs.items()}, "builder": self.builder,
-                "built_at": self.built_at}
+                "built_at": self.built_at, "platform": self.platform or None, "kv_dtype": self.kv_dtype or None}
 
     @classmethod
     def from_json(cls, data: Any, where: str) -> "EngineEntry":
@@ -589,13 +593,15 @@ class EngineEntry:
         graphs = r.section("graphs")
         return cls(
             dir=r.file("dir"), gpu=r.str("gpu"), compute_capability=str(r.raw("compute_capability") or ""),
-            trt_version=r.str("trt_version"), precision=r.str("precision", choices=("fp16", "int8", "fp32")),
+            trt_version=r.str("trt_version"), precision=r.str("precision", choices=("fp16", "int8", "best", "fp32")),
             strongly_typed=bool(r.raw("strongly_typed", False)),
             hardware_compatibility=r.str("hardware_compatibility", optional=True),
             version_compatible=bool(r.raw("version_compatible", False)),
             limits=EngineLimits.from_json(r.raw("limits"), f"{where}.limits"),
             graphs={k: EngineGraph.from_json(v, f"{where}.graphs.{k}") for k, v in graphs.data.items()},
-            profiles=r.dict("profiles"), builder=r.dict("builder"), built_at=str(r.raw("built_at") or ""))
+            profiles=r.dict("profiles"), builder=r.dict("builder"), built_at=str(r.raw("built_at") or ""),
+            platform=r.str("platform", optional=True) or "",
+            kv_dtype=r.str("kv_dtype", optional=True, choices=("float16", "float32")) or "")
 
 
 @dataclass(frozen=True)

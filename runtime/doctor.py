@@ -4,7 +4,8 @@ fits in each Jetson's memory at each precision.
 Never imports torch (it ships in the runtime). The memory budget is computed from the bundle's real
 bytes: every weight tensor of both graphs (ONNX initializers, read with ``load_external_data=False``, so
 GBs are not loaded; without the ``onnx`` package the graph file sizes are used), the KV cache at the
-context the engines are built for, and an activation estimate. See docs/jetson.md for the table of the
+context and in the dtype the engines are built with (the bundle's built engine set when it has one,
+else what ``flashvl build`` builds), and an activation estimate. See docs/jetson.md for the table of the
 full-size presets and the assumptions.
 """
 
@@ -21,7 +22,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .contract import LLMSpec, Manifest
+from .contract import PAST_PREFIX, EngineEntry, LLMSpec, Manifest
+from .errors import FlashVLError
 
 GiB = 1 << 30
 # name, memory in bytes (shared CPU/GPU on Jetson), note
@@ -206,9 +208,35 @@ def weight_bytes(inv: WeightInventory, scheme: str) -> int:
     raise ValueError(scheme)
 
 
-def kv_cache_bytes(llm: LLMSpec, context: int, copies: int = 2) -> int:
-    """fp16 K and V for every layer at ``context`` tokens; ``copies`` = 2: the TensorRT backend's ping-pong."""
-    return 2 * llm.num_layers * llm.num_kv_heads * llm.head_dim * context * 2 * copies
+_ITEMSIZE = {"float16": 2, "float32": 4}
+
+
+def kv_cache_bytes(llm: LLMSpec, context: int, copies: int = 2, itemsize: int = 2) -> int:
+    """K and V for every layer at ``context`` tokens, ``itemsize`` bytes each (2: the fp16 KV that
+    ``flashvl build`` builds); ``copies`` = 2: the TensorRT backend's ping-pong."""
+    return 2 * llm.num_layers * llm.num_kv_heads * llm.head_dim * context * itemsize * copies
+
+
+def planned_kv_dtypes(manifest: Manifest) -> dict[str, str]:
+    """The KV dtype ``flashvl build`` gives each precision's engines for this bundle: fp16, except where the
+    build is strongly typed (INT4) and keeps the graph's type (float32 for an fp32 bundle)."""
+    from .backends.trt import engine_kv_dtype
+
+    past = [t for t in manifest.graph("llm").inputs if t.name.startswith(PAST_PREFIX)]
+    graph_kv = past[0].dtype if past else "float16"
+    return {p: engine_kv_dtype(graph_kv, strongly_typed=(p == "int4")) for p in PRECISIONS}
+
+
+def budget_engine(manifest: Manifest, gpu=None, trt_ver: str | None = None) -> tuple[str, EngineEntry] | None:
+    """The engine set the budget describes: the one that runs on this machine, else the newest built."""
+    from .backends.trt import select_engine
+
+    if not manifest.engines:
+        return None
+    try:
+        return select_engine(manifest, gpu, trt_ver)
+    except FlashVLError:
+        return max(manifest.engines.items(), key=lambda kv: kv[1].built_at)
 
 
 def activation_bytes(m: Manifest, vision_batch: int, max_input_len: int) -> int:
@@ -224,30 +252,49 @@ def activation_bytes(m: Manifest, vision_batch: int, max_input_len: int) -> int:
 
 
 def budget(manifest: Manifest, inventories: dict[str, WeightInventory], context: int | None = None,
-           max_tiles: int | None = None, max_input_len: int | None = None) -> dict[str, dict[str, int]]:
+           max_tiles: int | None = None, max_input_len: int | None = None,
+           kv_dtypes: dict[str, str] | None = None) -> dict[str, dict[str, int]]:
     """Per precision: weights (vision + llm), kv, activations, runtime reserve, total bytes.
-    ``max_tiles``: crop tiles (default the bundle's budget); the thumbnail is added as preprocessing adds it."""
+    ``max_tiles``: crop tiles (default the bundle's budget); the thumbnail is added as preprocessing adds it.
+    ``kv_dtypes``: the KV dtype per precision (default: what ``flashvl build`` builds, :func:`planned_kv_dtypes`)."""
     tiles = manifest.preprocess.vision_batch(max_tiles)
     ctx = context or manifest.max_context
     inp = max_input_len or min(ctx, tiles * manifest.image.tokens_per_tile + 256)
+    kv_dtypes = {**planned_kv_dtypes(manifest), **(kv_dtypes or {})}
     out = {}
     for p in PRECISIONS:
         vision_scheme = "fp16" if p == "fp16" else "int8"   # INT4 is for the LLM's weights only
         w = weight_bytes(inventories["vision"], vision_scheme) + weight_bytes(inventories["llm"], p)
-        kv = kv_cache_bytes(manifest.llm, ctx)
+        kv = kv_cache_bytes(manifest.llm, ctx, itemsize=_ITEMSIZE[kv_dtypes[p]])
         act = activation_bytes(manifest, tiles, inp)
         out[p] = {"weights": w, "kv_cache": kv, "activations": act, "cuda_reserve": CUDA_RESERVE,
                   "total": w + kv + act + CUDA_RESERVE}
     return out
 
 
-def bundle_budget(bundle, context: int | None = None) -> tuple[dict[str, dict[str, int]], dict[str, WeightInventory]]:
+def engine_row(manifest: Manifest, entry: EngineEntry) -> str:
+    """The budget row an engine set is: fp16, or its quantized LLM's scheme (int8 or int4)."""
+    quant = manifest.quantization
+    if entry.precision == "fp16" or not quant:
+        return "fp16"
+    return "int4" if quant.llm == "int4" else "int8"
+
+
+def bundle_budget(bundle, context: int | None = None, engine: tuple[str, EngineEntry] | None = None
+                  ) -> tuple[dict[str, dict[str, int]], dict[str, WeightInventory]]:
+    """The budget of ``bundle``. With ``engine`` (a built engine set), its limits are the default context,
+    tiles and input length, and the KV bytes of its precision's row are its recorded KV dtype."""
     inv = {g: graph_inventory(bundle.graph_path(g)) for g in ("vision", "llm")}
     for g in ("vision", "llm"):
         ext = bundle.graph(g).external_data
         if ext and bundle.path(ext).exists() and inv[g].bytes_on_disk == 0:
             inv[g].bytes_on_disk = bundle.path(ext).stat().st_size
-    return budget(bundle.manifest, inv, context), inv
+    if engine is None:
+        return budget(bundle.manifest, inv, context), inv
+    _, entry = engine
+    lim = entry.limits
+    kv = {engine_row(bundle.manifest, entry): entry.kv_dtype} if entry.kv_dtype else None
+    return budget(bundle.manifest, inv, context or lim.max_context, lim.max_tiles, lim.max_input_len, kv), inv
 
 
 def format_budget(b: dict[str, dict[str, int]], context: int) -> str:
@@ -290,11 +337,20 @@ def run(args: argparse.Namespace) -> int:
     if args.bundle:
         from .bundle import Bundle
 
+        from .backends.trt import gpu_info
+
         bundle = Bundle.load(args.bundle, verify="none")
-        ctx = args.context or bundle.manifest.max_context
-        b, inv = bundle_budget(bundle, ctx)
+        engine = budget_engine(bundle.manifest, gpu_info(), info["tensorrt"])
+        ctx = args.context or (engine[1].limits.max_context if engine else bundle.manifest.max_context)
+        b, inv = bundle_budget(bundle, ctx, engine)
         report["budget"] = {"context": ctx, "per_precision": b,
-                            "inventory": {g: vars(i) for g, i in inv.items()}}
+                            "inventory": {g: vars(i) for g, i in inv.items()},
+                            "kv_dtype": {**planned_kv_dtypes(bundle.manifest),
+                                         **({engine_row(bundle.manifest, engine[1]): engine[1].kv_dtype}
+                                            if engine and engine[1].kv_dtype else {})},
+                            "engine": None if engine is None else {
+                                "name": engine[0], "precision": engine[1].precision,
+                                "kv_dtype": engine[1].kv_dtype or None, "limits": engine[1].limits.to_json()}}
     if args.json:
         print(json.dumps(report, indent=2, default=str))
         return 0
@@ -320,5 +376,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"bundle       {args.bundle}: vision {inv['vision']['matrix_params'] + inv['vision']['other_params']:,} params, "
               f"llm {inv['llm']['matrix_params'] + inv['llm']['other_params']:,} params")
         print(f"model        {model_line(bundle.manifest.source)}")
+        eng = report["budget"]["engine"]
+        if eng:
+            print(f"engines      {eng['name']} ({eng['precision']}, KV {eng['kv_dtype'] or 'not recorded'}): "
+                  "the budget uses its limits")
+        print("kv cache     " + ", ".join(f"{p} {d}" for p, d in report["budget"]["kv_dtype"].items())
+              + " (what 'flashvl build' builds; INT4 engines keep the graph's type)")
         print(format_budget(report["budget"]["per_precision"], report["budget"]["context"]))
     return 0

@@ -65,6 +65,10 @@ EXTRA_MODULES: dict[str, tuple[str, ...]] = {
     "bench": ("matplotlib", "psutil", "skimage", "onnx"),
     "export": ("torch", "transformers", "onnx", "onnxscript", "onnx_ir", "safetensors", "skimage"),
     "compare": ("onnxruntime_genai",),
+    # json_schema / json_object decoding (runtime/structured.py)
+    "structured": ("llguidance",),
+    # flashvl serve (starlette and pydantic come with fastapi; openai is the client the tests and docs use)
+    "serve": ("fastapi", "starlette", "pydantic", "uvicorn", "prometheus_client", "openai", "llguidance"),
 }
 # TensorRT itself is in no extra: JetPack installs it on a Jetson, NVIDIA's index elsewhere.
 TENSORRT_HINT = ("TensorRT comes with JetPack on a Jetson (sudo apt install nvidia-tensorrt); elsewhere "

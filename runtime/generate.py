@@ -8,7 +8,9 @@
    growing by one. ``greedy`` and ``teacher_forced`` run the same ``prefill`` / ``step`` and also return
    the logits, for ``flashvl verify``, calibration reports and benchmarks: one LLM path for every tool.
 3. ``sample``: repetition penalty, then greedy (temperature 0) or temperature / top-k / top-p sampling
-   with a seeded numpy Generator (same order as transformers' logits processors and warpers).
+   with a seeded numpy Generator (same order as transformers' logits processors and warpers). A
+   request with ``json_schema`` / ``json_object`` first masks the logits to the tokens that keep its
+   answer valid JSON (``runtime/structured.py``); an unconstrained one never touches that code.
 4. ``TextAssembler``: generated ids -> text pieces as they become printable (``StreamingDetokenizer``
    never emits half a UTF-8 character) and cut at the first user stop string.
 """
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -41,6 +43,15 @@ class SamplingParams:
     seed: int | None = None
     stop: Sequence[str] = ()
     ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
+    # Structured output (runtime/structured.py, the 'structured' extra): the answer is JSON valid
+    # against ``json_schema``, or any JSON object with ``json_object``; at most one of the two.
+    json_schema: dict | None = None
+    json_object: bool = False
+
+    @property
+    def constrained(self) -> bool:
+        """Whether decoding is constrained to a JSON structure."""
+        return self.json_schema is not None or bool(self.json_object)
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "SamplingParams":
@@ -77,6 +88,14 @@ class SamplingParams:
         self.stop = tuple(self.stop or ())
         if any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop strings must be non-empty strings")
+        if not isinstance(self.json_object, (bool, np.bool_)):
+            bad(f"json_object must be True or False, got {self.json_object!r}")
+        if self.json_schema is not None and self.json_object:
+            bad("pass json_schema (JSON valid against a schema) or json_object (any JSON object), not both")
+        if self.constrained:
+            from .structured import check_sampling
+
+            check_sampling(self)  # an invalid or unsupported schema fails here, before any graph runs
         return self
 
 
@@ -131,6 +150,9 @@ class Generator:
     image_token_id: int
     stop_token_ids: frozenset = field(default_factory=frozenset)
     max_context: int = 32768
+    # builds each constrained request's Constraint (runtime/structured.py StructuredOutput.for_pipeline
+    # attaches it); None until then, and unconstrained decoding never looks at it
+    structured: Any = field(default=None, repr=False)
 
     def embed(self, token_ids: Sequence[int], image_embeds: np.ndarray | None = None,
               image_mask: Sequence[bool] | None = None) -> np.ndarray:
@@ -163,6 +185,15 @@ class Generator:
                 f"context is {self.max_context}; shorten the prompt, use a smaller image or fewer tiles, "
                 "or start a new session")
 
+    def constraint(self, params: SamplingParams):
+        """The request's JSON constraint (runtime/structured.py ``Constraint``), None when unconstrained."""
+        if not params.constrained:
+            return None
+        if self.structured is None:
+            raise PromptError("structured output (json_schema / json_object) needs the bundle's tokenizer: "
+                              "attach it with StructuredOutput.for_pipeline(pipeline)")
+        return self.structured.constraint(params)
+
     # -- the LLM path: chat, verification, calibration and benchmarks all run these -------------
     def prefill(self, cache: KVCache, ids: Sequence[int] = (), image_embeds: np.ndarray | None = None,
                 image_mask: Sequence[bool] | None = None, inputs_embeds: np.ndarray | None = None) -> np.ndarray:
@@ -187,8 +218,13 @@ class Generator:
 
         The last id yielded is *not* fed to the model (nothing needs its logits), so after the loop
         ``cache.length == old length + len(new_ids) + (tokens yielded - 1)``.
+
+        With ``params.json_schema`` / ``json_object`` each step samples only among the tokens that keep
+        the answer valid JSON (``Constraint.apply``); once the JSON is complete only a stop token can
+        follow, so the answer ends with one as usual.
         """
         self.check_context(cache.length, len(new_ids))
+        constraint = self.constraint(params)  # before the prefill: a request's own error costs no graph run
         rng = np.random.default_rng(params.seed)
         stop_ids = frozenset() if params.ignore_eos else self.stop_token_ids
         seen = list(seen_ids) + list(new_ids)
@@ -196,34 +232,62 @@ class Generator:
 
         step = self.step
         logits = self.prefill(cache, new_ids, image_embeds, image_mask)
+        if constraint is None:
+            for i in range(budget):
+                token = sample(logits, seen, params, rng)
+                yield token
+                if token in stop_ids or i == budget - 1:
+                    return
+                seen.append(token)
+                logits = step(cache, token)
+            return
+        # a separate loop, so that unconstrained decoding does no per-token work for the constraint
         for i in range(budget):
-            token = sample(logits, seen, params, rng)
+            token = sample(constraint.apply(logits), seen, params, rng)
+            constraint.advance(token)
             yield token
-            if token in stop_ids or i == budget - 1:
+            if token in stop_ids or i == budget - 1 or constraint.done:
                 return
             seen.append(token)
             logits = step(cache, token)
 
     def greedy(self, cache: KVCache, ids: Sequence[int] = (), image_embeds: np.ndarray | None = None,
                image_mask: Sequence[bool] | None = None, n_tokens: int = 32, stop: bool = True,
-               inputs_embeds: np.ndarray | None = None) -> tuple[list[int], np.ndarray]:
+               inputs_embeds: np.ndarray | None = None, json_schema: dict | None = None,
+               json_object: bool = False) -> tuple[list[int], np.ndarray]:
         """:meth:`generate` at temperature 0, also returning the logits that chose each token.
 
         ``stop``: end at the first stop token (included, as generate yields it); else exactly
-        ``n_tokens`` (context permitting). Returns (tokens, logits [len(tokens), vocab] float32)."""
-        params = SamplingParams(max_new_tokens=n_tokens, ignore_eos=not stop).validate()
+        ``n_tokens`` (context permitting), or until a constrained answer (``json_schema`` /
+        ``json_object``, as in :class:`SamplingParams`) has ended. Returns (tokens, logits
+        [len(tokens), vocab] float32); constrained, the logits are the masked ones (-inf where the
+        structure allowed no token)."""
+        params = SamplingParams(max_new_tokens=n_tokens, ignore_eos=not stop, json_schema=json_schema,
+                                json_object=json_object).validate()
         n_new = len(ids) if inputs_embeds is None else inputs_embeds.shape[1]
         self.check_context(cache.length, n_new)
+        constraint = self.constraint(params)
         stop_ids = self.stop_token_ids if stop else frozenset()
         budget = min(n_tokens, self.max_context - cache.length - n_new)
         tokens: list[int] = []
         rows: list[np.ndarray] = []
         logits = self.prefill(cache, ids, image_embeds, image_mask, inputs_embeds)
-        for i in range(budget):
-            token = sample(logits, (), params, None)  # greedy: no rng, no repetition penalty
+        if constraint is None:
+            for i in range(budget):
+                token = sample(logits, (), params, None)  # greedy: no rng, no repetition penalty
+                tokens.append(token)
+                rows.append(np.asarray(logits, np.float32))
+                if token in stop_ids or i == budget - 1:
+                    break
+                logits = self.step(cache, token)
+            return tokens, np.stack(rows)
+        for i in range(budget):  # as above, sampling only among the tokens the structure allows
+            logits = constraint.apply(logits)
+            token = sample(logits, (), params, None)
+            constraint.advance(token)
             tokens.append(token)
             rows.append(np.asarray(logits, np.float32))
-            if token in stop_ids or i == budget - 1:
+            if token in stop_ids or i == budget - 1 or constraint.done:
                 break
             logits = self.step(cache, token)
         return tokens, np.stack(rows)

@@ -25,13 +25,17 @@ A server that already has the whole conversation uses the same steps in two call
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from .backends.base import KVCache
 from .bundle import Bundle
+from .cache import (DEFAULT_IMAGE_CACHE_BYTES, DEFAULT_KV_CACHE_BYTES, ImageEmbeddingCache, PrefixKVCache, block_keys,
+                    image_key, join_blocks)
 from .contract import Manifest
 from .errors import BundleError, ImageError, PromptError
 from .generate import Generator, SamplingParams, TextAssembler
@@ -52,6 +56,7 @@ class ChatResult:
     ttft_s: float
     decode_tokens_per_s: float  # tokens after the first / time they took (0.0 when fewer than 2)
     prefill_tokens: int = 0  # tokens actually run in this turn's prefill (the rest were in the KV cache)
+    cached_tokens: int = 0  # of those in the KV cache, how many came from the prefix cache (other requests)
     prefill_s: float = 0.0
     n_tiles: int = 0
     finish_reason: str = "length"  # "stop" (eos / stop token / stop string) or "length"
@@ -75,6 +80,7 @@ class _EncodedImage:
     n_tiles: int
     embeds: np.ndarray | None = None  # [n_tokens, hidden] once the vision graph has run
     preprocessed: Any = None  # images.PreprocessedImage until then (dropped after, to free the pixels)
+    key: bytes = b""  # content address: decoded pixels + everything that changes the embeddings
 
 
 @dataclass
@@ -116,7 +122,8 @@ class Pipeline:
 
     def __init__(self, bundle: Bundle, vision, llm, prompts: PromptBuilder, embed_table: np.ndarray,
                  max_image_pixels: int | None = None, max_tiles: int | None = None,
-                 max_images: int = DEFAULT_MAX_IMAGES, max_vision_batch: int | None = None) -> None:
+                 max_images: int = DEFAULT_MAX_IMAGES, max_vision_batch: int | None = None,
+                 image_cache_bytes: int = DEFAULT_IMAGE_CACHE_BYTES, kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES) -> None:
         self.bundle = bundle
         self.manifest = bundle.manifest
         self.vision = vision
@@ -150,18 +157,34 @@ class Pipeline:
                 stop_ids.add(tid)
         max_context = gen.max_context if llm.limits is None else min(gen.max_context, llm.limits.max_context)
         self.generator = Generator(llm, embed_table, prompts.image_token_id, frozenset(stop_ids), max_context)
+        # structured output (json_schema / json_object); cheap: llguidance loads on first constrained use
+        from .structured import StructuredOutput
+
+        self.generator.structured = StructuredOutput.from_bundle(bundle, self.generator.stop_token_ids)
+        # Reuse across requests (runtime/cache.py). The salts hold everything besides the content
+        # that changes what is cached: the graphs' file hashes, the preprocessing, the tile budget.
+        files = self.manifest.files
+        vision_file, llm_file = self.manifest.graph("vision").file, self.manifest.graph("llm").file
+        self._image_salt = hashlib.sha256(repr((files[vision_file].sha256 if vision_file in files else vision_file,
+                                                self.preprocess_config, self.max_tiles)).encode()).digest()
+        self._prefix_salt = hashlib.sha256(repr((files[llm_file].sha256 if llm_file in files else llm_file,
+                                                 self._image_salt)).encode()).digest()
+        self.image_cache = ImageEmbeddingCache(image_cache_bytes)
+        self.prefix_cache = PrefixKVCache(kv_cache_bytes if llm.supports_cache_arrays else 0)
 
     @classmethod
     def from_bundle(cls, path, backend: str = "ort", max_image_pixels: int | None = None,
                     max_tiles: int | None = None, verify: str = "cached", max_images: int = DEFAULT_MAX_IMAGES,
-                    max_vision_batch: int | None = None, **backend_options) -> "Pipeline":
+                    max_vision_batch: int | None = None, image_cache_bytes: int = DEFAULT_IMAGE_CACHE_BYTES,
+                    kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES, **backend_options) -> "Pipeline":
         """Load ``path`` (integrity-checked), open both graphs on ``backend`` ("ort" or "trt").
 
         ``max_image_pixels`` overrides the bundle's decode limit; ``max_tiles`` lowers its tile budget
         per image (dynamic bundles); ``max_images`` caps the images of one request (default 8);
         ``max_vision_batch`` caps the tiles of one vision-graph run (default: an engine's limit, or
-        every tile of a request at once on ONNX Runtime); ``backend_options`` go to the backend
-        (ort: ``device``, ``threads``)."""
+        every tile of a request at once on ONNX Runtime); ``image_cache_bytes`` / ``kv_cache_bytes``
+        bound the image-embedding and prompt-prefix KV caches (0 disables one; runtime/cache.py);
+        ``backend_options`` go to the backend (ort: ``device``, ``threads``)."""
         from .backends import open_runners
 
         _positive_int(max_images, "max_images")  # a bad option fails before the graphs load
@@ -191,7 +214,7 @@ class Pipeline:
             raise
         try:
             return cls(bundle, vision, llm, prompts, table, max_image_pixels, max_tiles, max_images,
-                       max_vision_batch)
+                       max_vision_batch, image_cache_bytes, kv_cache_bytes)
         except Exception:
             for runner in (vision, llm):
                 runner.deactivate()
@@ -230,7 +253,8 @@ class Pipeline:
         generation. For calibration capture, verification and debugging."""
         sources = _image_sources(image, images)
         self.check_image_count(len(sources))
-        prepared = self.prepare_prompt([self.prompts.user_message(prompt, len(sources))], sources)
+        # the pixels are part of the answer here, so a cached image is decoded and preprocessed again
+        prepared = self.prepare_prompt([self.prompts.user_message(prompt, len(sources))], sources, use_cache=False)
         tiles = [im.preprocessed.pixel_values for im in prepared.images]
         pixels = (tiles[0] if len(tiles) == 1 else np.concatenate(tiles)) if tiles else None
         image_embeds = self.encode_prompt_images(prepared)
@@ -241,7 +265,7 @@ class Pipeline:
 
     # -- a whole conversation at once (the server) ---------------------------------------------
     def prepare_prompt(self, messages: Sequence[Mapping[str, str]], images: Sequence = (), *,
-                       add_generation_prompt: bool = True) -> PreparedPrompt:
+                       add_generation_prompt: bool = True, use_cache: bool = True) -> PreparedPrompt:
         """Everything before the vision graph for a conversation given whole, with every check.
 
         ``messages``: ``[{"role": "system" | "user" | "assistant", "content": str}, ...]`` (other keys
@@ -258,7 +282,7 @@ class Pipeline:
         self.check_image_count(len(images))
         clean = self._check_messages(messages, len(images))
         text = self.prompts.render(clean, add_generation_prompt=add_generation_prompt)
-        return self._expand(text, self.prepare_images(images))
+        return self._expand(text, self.prepare_images(images, use_cache=use_cache))
 
     def encode_prompt_images(self, prepared: PreparedPrompt) -> np.ndarray | None:
         """Run the vision graph on the prompt's images not encoded yet (:meth:`encode_images`) and
@@ -269,6 +293,66 @@ class Pipeline:
         self.encode_images(prepared.images)
         embeds = [im.embeds for im in prepared.images]
         return embeds[0] if len(embeds) == 1 else np.concatenate(embeds)
+
+    # -- prefill with prefix reuse --------------------------------------------------------------
+    def prefix_keys(self, token_ids: Sequence[int], image_mask: Sequence[bool],
+                    images: Sequence[_EncodedImage]) -> list[bytes]:
+        """The prompt's block keys (runtime/cache.py): image positions are tagged with their image's
+        content address and index, so two images behind the same token ids never share KV."""
+        if not self.prefix_cache.enabled:
+            return []
+        tags: list[bytes | None] = [None] * len(token_ids)
+        positions = [i for i, m in enumerate(image_mask) if m]
+        k = 0
+        for im in images:
+            for j in range(im.n_tokens):
+                tags[positions[k]] = im.key + j.to_bytes(4, "little")
+                k += 1
+        return block_keys(token_ids, tags, self._prefix_salt, self.prefix_cache.block)
+
+    def reuse_prefix(self, prepared: PreparedPrompt) -> tuple[KVCache, int, list[bytes]]:
+        """A cache holding the longest cached prefix of the prompt (at least one token is left to
+        prefill, whose logits start the answer), its length, and the prompt's block keys."""
+        keys = self.prefix_keys(prepared.token_ids, prepared.image_mask, prepared.images)
+        blocks = self.prefix_cache.longest(keys, (len(prepared.token_ids) - 1) // self.prefix_cache.block) \
+            if keys else []
+        if not blocks:
+            return self.llm.new_cache(), 0, keys
+        hit = len(blocks) * self.prefix_cache.block
+        return self.llm.cache_from_arrays(join_blocks(blocks), hit), hit, keys
+
+    def embeds_after(self, prepared: PreparedPrompt, cached: int) -> np.ndarray | None:
+        """Embeddings of the image positions after the first ``cached`` prompt positions, running the
+        vision graph only for images that have positions there."""
+        before = sum(prepared.image_mask[:cached])
+        needed, start, offset = [], 0, 0
+        for im in prepared.images:  # images in prompt order; positions offset .. offset + n_tokens
+            if offset + im.n_tokens > before:
+                start = offset if not needed else start
+                needed.append(im)
+            offset += im.n_tokens
+        if not needed:
+            return None
+        self.encode_images(needed)
+        embeds = np.concatenate([im.embeds for im in needed]) if len(needed) > 1 else needed[0].embeds
+        return embeds[before - start:]
+
+    def remember_prefix(self, keys: list[bytes], cache: KVCache, cached: int) -> None:
+        """Store the prompt's full blocks beyond the ``cached`` ones from ``cache`` (which holds the
+        prompt as its first positions)."""
+        first = cached // self.prefix_cache.block
+        if keys and first < len(keys):
+            self.prefix_cache.store(keys, self.llm.cache_arrays(cache), first_block=first)
+
+    def prefill_prompt(self, prepared: PreparedPrompt) -> tuple[KVCache, np.ndarray, int]:
+        """Prefill a prepared prompt on a fresh cache, reusing its longest cached prefix: the cache,
+        the last position's logits and how many prompt tokens were reused."""
+        self.generator.check_context(0, len(prepared.token_ids))
+        cache, cached, keys = self.reuse_prefix(prepared)
+        logits = self.generator.prefill(cache, prepared.token_ids[cached:], self.embeds_after(prepared, cached),
+                                        prepared.image_mask[cached:])
+        self.remember_prefix(keys, cache, cached)
+        return cache, logits, cached
 
     def check_image_count(self, n_images: int) -> None:
         """PromptError when one request brings more images than ``max_images``."""
@@ -312,24 +396,30 @@ class Pipeline:
                               sum(im.n_tiles for im in images))
 
     # -- images ------------------------------------------------------------------------------
-    def prepare_image(self, image) -> _EncodedImage:
-        """Decode and preprocess (cheap, host side): how many tokens the image will take."""
+    def prepare_image(self, image, use_cache: bool = True) -> _EncodedImage:
+        """Decode and preprocess (cheap, host side): how many tokens the image will take. An image
+        whose embeddings are cached (same pixels, same bundle and preprocessing) skips preprocessing
+        and, later, the vision graph."""
         from . import images
 
-        pre = images.preprocess(images.load_image(image, self.preprocess_config.max_image_pixels),
-                                self.preprocess_config, max_tiles=self.max_tiles)
-        return _EncodedImage(int(pre.n_image_tokens), int(pre.pixel_values.shape[0]), preprocessed=pre)
+        decoded = images.load_image(image, self.preprocess_config.max_image_pixels)
+        key = image_key(np.asarray(decoded), self._image_salt)
+        hit = self.image_cache.get_image(key) if use_cache else None
+        if hit is not None:
+            return _EncodedImage(hit.n_tokens, hit.n_tiles, embeds=hit.embeds, key=key)
+        pre = images.preprocess(decoded, self.preprocess_config, max_tiles=self.max_tiles)
+        return _EncodedImage(int(pre.n_image_tokens), int(pre.pixel_values.shape[0]), preprocessed=pre, key=key)
 
-    def prepare_images(self, images: Sequence) -> list[_EncodedImage]:
+    def prepare_images(self, images: Sequence, use_cache: bool = True) -> list[_EncodedImage]:
         """:meth:`prepare_image` for each of one request's images (at most ``max_images``); an image
         that cannot be read is named by its place in the list."""
         self.check_image_count(len(images))
         if len(images) == 1:
-            return [self.prepare_image(images[0])]
+            return [self.prepare_image(images[0], use_cache)]
         out = []
         for i, image in enumerate(images):
             try:
-                out.append(self.prepare_image(image))
+                out.append(self.prepare_image(image, use_cache))
             except ImageError as e:
                 raise ImageError(f"image {i + 1} of {len(images)}: {e}") from None
         return out
@@ -359,6 +449,7 @@ class Pipeline:
                 raise BundleError(f"the vision graph gave {embeds.shape[0]} image tokens, preprocessing "
                                   f"expected {e.n_tokens}; the bundle's manifest and graph disagree")
             e.embeds, e.preprocessed = embeds, None
+            self.image_cache.put_image(e.key, embeds, e.n_tiles)
 
     def _run_vision(self, pixel_values: np.ndarray) -> np.ndarray:
         out = np.asarray(self.vision.infer({"pixel_values": pixel_values})["image_embeds"])
@@ -638,23 +729,24 @@ class ChatSession:
             prepared = pipe._expand(full_text[len(self.rendered):], new_images, cached=len(self.token_ids),
                                     prefix_ids=self.pending)
             history, history_mask = list(self.token_ids), list(self.image_mask)
-            cache = self.cache
+            cache, cached, keys = self.cache, 0, []
         else:
             prepared = pipe._expand(full_text, self.images + new_images)
             history, history_mask = [], []
-            cache = pipe.llm.new_cache()
+            # another request may have left this prompt's prefix in the prefix cache
+            cache, cached, keys = pipe.reuse_prefix(prepared)
         new_ids, new_mask = prepared.token_ids, prepared.image_mask
 
         t = time.perf_counter()
-        embeds = pipe.encode_prompt_images(prepared)  # runs the graph for the new images only
+        embeds = pipe.embeds_after(prepared, cached)  # runs the graph for new, not cached images only
         if new_images:
             turn.vision_s += time.perf_counter() - t
         turn.n_tiles = sum(im.n_tiles for im in new_images)
 
         try:
-            yield from turn.stream(cache, new_ids, history + new_ids, embeds,
+            yield from turn.stream(cache, new_ids[cached:], history + new_ids, embeds,
                                    n_image_tokens=sum(im.n_tokens for im in new_images),
-                                   seen_ids=history, image_mask=new_mask)
+                                   seen_ids=history + new_ids[:cached], image_mask=new_mask[cached:])
         finally:
             if turn.result is None and cache is self.cache and cache.length != len(history):
                 # abandoned or failed mid-turn after the cache grew: forget the cache, keep the
@@ -663,6 +755,8 @@ class ChatSession:
 
         # The turn is complete: remember what the cache now holds.
         res = turn.result
+        res.cached_tokens = cached
+        pipe.remember_prefix(keys, cache, cached)  # the prompt is the cache's first positions
         generated = res.token_ids
         self.cache = cache
         self.token_ids = history + new_ids + generated[:-1]

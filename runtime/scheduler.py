@@ -132,7 +132,9 @@ class _Row:
     budget: int = 0  # tokens this request may generate in all (max_tokens and the context)
     stop_ids: frozenset = field(default_factory=frozenset)
     done: bool = False
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     cache: object = None  # its own KV cache between prefill and joining the batch
+    constraint: object = None  # runtime/structured.py Constraint of a json_schema / json_object request
 
 
 class Scheduler:
@@ -234,15 +236,16 @@ class Scheduler:
             raise
         finally:
             for row in self.rows:
-                self._finish(row.handle, "cancelled", row.text.finish(), row.prompt_tokens, row.generated)
+                self._finish(row.handle, "cancelled", row.text.finish(), row.prompt_tokens, row.generated,
+                             cached=row.cached_tokens)
             while self.waiting:
                 h = self.waiting.popleft()
                 self._finish(h, "cancelled", "", len(h.request.prepared.token_ids), 0)
             self.rows, self.batch = [], None
 
     def _finish(self, handle: RequestHandle, reason: str, text: str, prompt_tokens: int, generated: int,
-                error: str | None = None) -> None:
-        handle._emit(FinishEvent(reason, text, Usage(prompt_tokens, generated), time.perf_counter(), error))
+                error: str | None = None, cached: int = 0) -> None:
+        handle._emit(FinishEvent(reason, text, Usage(prompt_tokens, generated, cached), time.perf_counter(), error))
 
     def _admit(self, handle: RequestHandle) -> None:
         """Vision + prefill alone, the first token, then the request joins the batch."""
@@ -253,44 +256,57 @@ class Scheduler:
             self._finish(handle, "cancelled", "", len(ids), 0)
             return
         try:
-            gen.check_context(0, len(ids))
-            embeds = pipe.encode_prompt_images(prepared)
-            cache = pipe.llm.new_cache()
-            logits = gen.prefill(cache, ids, embeds, prepared.image_mask)
+            constraint = None
+            if params.constrained:  # built before the graphs run: a schema error costs no prefill
+                from .structured import StructuredOutput
+
+                constraint = StructuredOutput.for_pipeline(pipe).constraint(params)
+            cache, logits, cached = pipe.prefill_prompt(prepared)
         except FlashVLError as e:  # this request's own problem: the others carry on
             self._finish(handle, "error", "", len(ids), 0, str(e))
             return
         row = _Row(handle=handle, params=params, rng=np.random.default_rng(params.seed),
                    text=TextAssembler(pipe.prompts.decode, params.stop), seen=ids, prompt_tokens=len(ids),
                    last_token=-1, budget=min(params.max_new_tokens, gen.max_context - len(ids)),
-                   stop_ids=frozenset() if params.ignore_eos else gen.stop_token_ids)
-        row.cache = cache
-        if not self._take(row, sample(logits, row.seen, params, row.rng)):
+                   stop_ids=frozenset() if params.ignore_eos else gen.stop_token_ids, constraint=constraint)
+        row.cache, row.cached_tokens = cache, cached
+        if not self._take(row, self._sample(row, logits)):
             if self.batch is None:
                 self.batch = pipe.llm.new_batch()
             pipe.llm.batch_add(self.batch, cache)
             self.rows.append(row)
         row.cache = None
 
+    @staticmethod
+    def _sample(row: _Row, logits: np.ndarray) -> int:
+        """The row's next token: its own parameters and generator, within its JSON structure if any."""
+        if row.constraint is not None:
+            logits = row.constraint.apply(logits)
+        return sample(logits, row.seen, row.params, row.rng)
+
     def _take(self, row: _Row, token: int) -> bool:
         """Record a sampled token; True when the request is finished (it then gets its FinishEvent)."""
         now = time.perf_counter()
         row.generated += 1
         row.last_token = token
+        if row.constraint is not None:
+            row.constraint.advance(token)
         if token in row.stop_ids:
             reason = "stop"
         else:
             row.seen.append(token)
             piece = row.text.push(token)
             row.handle._emit(TokenEvent(token, piece, now))
-            if row.text.stopped:
+            # a finished structure ends the row as a stop token does (it is one, unless eos is ignored)
+            if row.text.stopped or (row.constraint is not None and row.constraint.done):
                 reason = "stop"
             elif row.generated >= row.budget:
                 reason = "length"
             else:
                 return False
         row.done = True
-        self._finish(row.handle, reason, row.text.finish(), row.prompt_tokens, row.generated)
+        self._finish(row.handle, reason, row.text.finish(), row.prompt_tokens, row.generated,
+                     cached=row.cached_tokens)
         return True
 
     def _decode_step(self) -> None:
@@ -300,7 +316,7 @@ class Scheduler:
         logits = self.pipe.llm.forward_batch(x, self.batch)
         self.steps += 1
         for i, row in enumerate(self.rows):
-            self._take(row, sample(logits[i], row.seen, row.params, row.rng))
+            self._take(row, self._sample(row, logits[i]))
 
     def _retire(self) -> None:
         """Finished and cancelled rows leave the batch now."""
@@ -309,7 +325,8 @@ class Scheduler:
             if row.done:
                 continue
             if row.handle.cancelled.is_set():
-                self._finish(row.handle, "cancelled", row.text.finish(), row.prompt_tokens, row.generated)
+                self._finish(row.handle, "cancelled", row.text.finish(), row.prompt_tokens, row.generated,
+                             cached=row.cached_tokens)
                 continue
             keep.append(i)
         if len(keep) != len(self.rows):

@@ -61,17 +61,24 @@ def _check_profiles_against_manifest(manifest, plan):
                         assert (lo, hi) == (1, manifest.preprocess.vision_batch(lim["max_tiles"]))
                     elif d == "batch":
                         assert (lo, hi) == (1, lim["max_batch"])
-    pre, dec = plan["profiles"]["llm"]
-    assert [pre["name"], dec["name"]] == ["prefill", "decode"]
+    pre, dec, ext = plan["profiles"]["llm"]
+    assert [pre["name"], dec["name"], ext["name"]] == ["prefill", "decode", "extend"]  # index 0 stays prefill
     past = next(n for n in pre["shapes"] if n.startswith("past_key_values."))
     assert pre["shapes"][past]["min"][2] == pre["shapes"][past]["max"][2] == 0
     assert pre["shapes"]["inputs_embeds"]["max"][1] == lim["max_input_len"]
     assert pre["shapes"]["attention_mask"]["max"] == pre["shapes"]["position_ids"]["max"]  # total == seq
     assert dec["shapes"]["inputs_embeds"]["min"][1] == dec["shapes"]["inputs_embeds"]["max"][1] == 1
-    for k in ("min", "opt", "max"):  # decode: total = past + 1
-        assert dec["shapes"]["attention_mask"][k][1] == dec["shapes"][past][k][2] + 1
     assert dec["shapes"]["attention_mask"]["max"][1] == lim["max_context"]
     assert dec["shapes"][past]["min"][2] == 1
+    # extend: seq 1..E on a cache from 0 up to max_context - E; every point a shape the graph can take
+    ext_seq = min(lim["max_input_len"], 256, lim["max_context"] // 2)
+    assert ext["shapes"]["inputs_embeds"]["max"][1] == ext_seq
+    assert ext["shapes"][past]["min"][2] == 0 and ext["shapes"][past]["max"][2] == lim["max_context"] - ext_seq
+    assert ext["shapes"]["attention_mask"]["max"][1] == lim["max_context"]
+    for prof in (pre, dec, ext):
+        for k in ("min", "opt", "max"):  # total = past + seq
+            assert (prof["shapes"]["attention_mask"][k][1]
+                    == prof["shapes"][past][k][2] + prof["shapes"]["inputs_embeds"][k][1]), (prof["name"], k)
 
 
 @pytest.mark.parametrize("which", ["tiny_static_bundle", "tiny_dynamic_bundle"])
@@ -102,10 +109,15 @@ def test_dry_run_options_and_text(tiny_dynamic_bundle, capsys):
     assert rc == 0
     assert "context<=512" in out and "tiles<=3" in out and "input_len<=200" in out
     assert "profile llm[0] prefill:" in out and "profile llm[1] decode:" in out and "profile vision[0] vision:" in out
+    assert "profile llm[2] extend:" in out and "llm profile choice" in out
+    assert "KV cache            float16 (set on the past/present I/O tensors)" in out
+    assert "layers pinned to FP32 (precision constraints obey)" in out and "rope" in out and "rmsnorm" in out
+    assert "--tensor-datatypes past_key_values.0.key:float16" in out and "--layer-precisions" in out
     assert "--builder-optimization-level 5" in out and "--hardware-compatibility-level ampere_plus" in out
     assert "--version-compatible" in out and "workspace:2147483648" in out and "/tmp/x.cache" in out
-    # the numbers in the text are the profile's: 3 crop tiles + the thumbnail = 4 images max, past 511 max in decode
-    assert f"max [{pre.vision_batch(3)},3," in out and pre.vision_batch(3) == 4 and ",511," in out
+    # the numbers in the text are the profile's: 3 crop tiles + the thumbnail = 4 images max, past 511 max in
+    # decode, 512 - 200 = 312 in extend
+    assert f"max [{pre.vision_batch(3)},3," in out and pre.vision_batch(3) == 4 and ",511," in out and ",312," in out
 
 
 def test_dry_run_for_trt86_reports_opset18_nodes(tiny_static_bundle):
@@ -202,3 +214,223 @@ def test_plan_for_quantized_bundles(tiny_static_bundle):
         plan("int8", "int4", trt="8.6")
     with pytest.raises(ExportError, match="quantized"):
         plan("int8", "int8", precision="fp16")
+
+
+# ---------------------------------------------------------------------------------------------
+# fp16 precision, KV I/O, and the real build's TensorRT calls against stand-ins
+
+
+def test_plan_keeps_fp32_layers_and_fp16_kv(tiny_static_bundle, tiny_static_fp16_bundle):
+    """fp16 numerics + item 5, on the exported graphs: an fp32 bundle builds weakly typed with its rotary
+    and RMSNorm layers pinned to FP32 (precision constraints "obey") and fp16 KV I/O; an fp16 bundle builds
+    strongly typed on TensorRT 10 (its casts obeyed, KV already fp16), and pinned on 8.6 (no strong typing)."""
+    from flashvl_edge.export.engines import plan_build
+
+    fp32 = Bundle.load(tiny_static_bundle)
+    plan = plan_build(fp32, "fp16", "10.3", default_limits(fp32.manifest))
+    assert not plan.strongly_typed and plan.fp16 and plan.precision_constraints == "obey"
+    kinds = {g: {layer["kind"] for layer in layers} for g, layers in plan.fp32_layers.items()}
+    assert kinds == {"llm": {"rope", "rmsnorm"}, "vision": {"layernorm"}}
+    llm = plan.fp32_layers["llm"]
+    n_norms = 2 * fp32.manifest.llm.num_layers + 1
+    assert sum(layer["kind"] == "rmsnorm" for layer in llm) == 5 * n_norms  # pow, mean, add, sqrt, div
+    assert {"Cos", "Sin"} <= {layer["node"].split("_")[1].capitalize() for layer in llm if layer["kind"] == "rope"}
+    kv = [t.name for t in fp32.manifest.graph("llm").inputs if t.name.startswith("past_key_values.")]
+    assert plan.kv_dtype == "float16" and fp32.manifest.graph("llm").inputs[-1].dtype == "float32"
+    assert set(plan.io_dtypes["llm"]) == set(kv) | {k.replace("past_key_values.", "present.") for k in kv}
+    assert set(plan.io_dtypes["llm"].values()) == {"float16"} and "vision" not in plan.io_dtypes
+
+    fp16 = Bundle.load(tiny_static_fp16_bundle)
+    strong = plan_build(fp16, "fp16", "10.3", default_limits(fp16.manifest))
+    assert strong.strongly_typed and not strong.fp16 and strong.fp32_layers == {} and strong.io_dtypes == {}
+    assert strong.kv_dtype == "float16"
+    weak = plan_build(fp16, "fp16", "8.6", default_limits(fp16.manifest))
+    assert not weak.strongly_typed and weak.io_dtypes == {}
+    # the fp16 graph's own up-cast into each RMSNorm is pinned too
+    assert sum(layer["kind"] == "rmsnorm" for layer in weak.fp32_layers["llm"]) == 6 * n_norms
+
+
+class _Tensor:
+    def __init__(self, name, dtype):
+        self.name, self.dtype = name, dtype
+
+
+class _Layer:
+    def __init__(self, name, outputs):
+        self.name, self._outputs, self.precision, self.output_types = name, outputs, None, {}
+
+    num_outputs = property(lambda self: len(self._outputs))
+
+    def get_output(self, j):
+        return self._outputs[j]
+
+    def set_output_type(self, j, dtype):
+        self.output_types[j] = dtype
+
+
+class _Network:
+    """A stand-in ``INetworkDefinition``: I/O tensors and layers by name."""
+
+    def __init__(self, inputs, outputs, layers):
+        self.inputs, self.outputs, self.layers, self.error_recorder = inputs, outputs, layers, None
+
+    num_inputs = property(lambda self: len(self.inputs))
+    num_outputs = property(lambda self: len(self.outputs))
+    num_layers = property(lambda self: len(self.layers))
+
+    def get_input(self, i):
+        return self.inputs[i]
+
+    def get_output(self, i):
+        return self.outputs[i]
+
+    def get_layer(self, i):
+        return self.layers[i]
+
+
+@pytest.fixture
+def fake_builder(monkeypatch):
+    """Stand-ins for ``tensorrt`` and Polygraphy's TensorRT loaders (no TensorRT here): the network is built
+    from the plan's graph interface; ``state["build"]`` decides what ``engine_bytes_from_network`` does.
+    ``engine_from_network``/``save_engine`` must not be called (they deserialize the plan again)."""
+    import types
+
+    import polygraphy.backend.trt as pg_trt
+
+    class IErrorRecorder:
+        def __init__(self):
+            pass
+
+    trt = types.SimpleNamespace(
+        float16="HALF", float32="FLOAT", int64="INT64", IErrorRecorder=IErrorRecorder,
+        ErrorCode=types.SimpleNamespace(FAILED_ALLOCATION="FAILED_ALLOCATION", INTERNAL_ERROR="INTERNAL_ERROR"),
+        MemoryPoolType=types.SimpleNamespace(WORKSPACE="WORKSPACE"),
+        HardwareCompatibilityLevel=types.SimpleNamespace(AMPERE_PLUS="AMPERE_PLUS"))
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    state = {"configs": [], "networks": [], "build": lambda builder, network: b"serialized-plan"}
+
+    def network_from_onnx_path(path, strongly_typed=None):
+        graph = "llm" if path.endswith("llm.onnx") else "vision"
+        m = state["manifest"].graph(graph)
+        dtype = lambda t: "HALF" if t.dtype == "float16" else ("INT64" if t.dtype == "int64" else "FLOAT")  # noqa: E731
+        pinned = getattr(state["plan"], "fp32_layers", {}).get(graph, [])
+        layers = [_Layer(p["node"], [_Tensor(p["tensor"], "FLOAT")]) for p in pinned]
+        layers.append(_Layer("node_MatMul_other", [_Tensor("other_out", "FLOAT")]))
+        if pinned:  # an index computation with a pinned output name stays as it is
+            layers.append(_Layer("node_shape", [_Tensor(pinned[0]["tensor"], "INT64")]))
+        net = _Network([_Tensor(t.name, dtype(t)) for t in m.inputs], [_Tensor(t.name, dtype(t)) for t in m.outputs],
+                       layers)
+        builder = types.SimpleNamespace(error_recorder=None)
+        state["networks"].append((graph, builder, net, strongly_typed))
+        return builder, net, None
+
+    def engine_bytes_from_network(network, config=None, save_timing_cache=None):
+        builder, net, _ = network
+        return state["build"](builder, net)
+
+    def forbidden(*a, **k):
+        raise AssertionError("the build must not deserialize the plan (engine_from_network / save_engine)")
+
+    state["deserializing"] = forbidden
+    monkeypatch.setattr(pg_trt, "network_from_onnx_path", network_from_onnx_path)
+    monkeypatch.setattr(pg_trt, "engine_bytes_from_network", engine_bytes_from_network)
+    monkeypatch.setattr(pg_trt, "engine_from_network", lambda *a, **k: state["deserializing"](*a, **k))
+    monkeypatch.setattr(pg_trt, "save_engine", forbidden)
+    monkeypatch.setattr(pg_trt, "CreateConfig", lambda **kw: state["configs"].append(kw) or kw)
+    return trt, state
+
+
+def _plan_for(bundle_dir, state, trt_version="10.3"):
+    from flashvl_edge.export.engines import plan_build
+
+    bundle = Bundle.load(bundle_dir)
+    plan = plan_build(bundle, "fp16", trt_version, default_limits(bundle.manifest), timing_cache="/tmp/unused.cache")
+    state.update(plan=plan, manifest=bundle.manifest)
+    return bundle, plan
+
+
+def test_build_sets_kv_io_pins_fp32_and_writes_the_serialized_plan(tiny_static_bundle, fake_builder, tmp_path):
+    """Items 5 and 6 and the fp16 pins, against stand-ins for TensorRT's network and Polygraphy's loaders:
+    the KV I/O tensors become fp16, the pinned layers run FP32 (floating outputs only) under "obey", and the
+    bytes engine_bytes_from_network returns are written as they are, with no deserialization."""
+    from flashvl_edge.export.engines import _build_one
+
+    trt, state = fake_builder
+    bundle, plan = _plan_for(tiny_static_bundle, state)
+    out = tmp_path / "llm.engine"
+    _build_one(plan, "llm", bundle.graph_path("llm"), out)
+    assert out.read_bytes() == b"serialized-plan"
+    graph, builder, net, strongly = state["networks"][-1]
+    assert strongly is None and state["configs"][-1]["precision_constraints"] == "obey"
+    assert state["configs"][-1]["fp16"] is True
+    kv = {t.name: t.dtype for t in net.inputs + net.outputs if t.name.startswith(("past_key_values.", "present."))}
+    assert kv and set(kv.values()) == {"HALF"}
+    assert {t.name: t.dtype for t in net.inputs}["inputs_embeds"] == "FLOAT"  # only the KV changes
+    pinned = [layer for layer in net.layers if layer.precision == "FLOAT"]
+    assert len(pinned) == len(plan.fp32_layers["llm"]) and all(layer.output_types == {0: "FLOAT"} for layer in pinned)
+    assert {layer.name for layer in net.layers if layer.precision is None} == {"node_MatMul_other", "node_shape"}
+    assert builder.error_recorder is not None and net.error_recorder is builder.error_recorder
+
+
+def test_build_out_of_memory_is_reported_from_tensorrts_own_messages(tiny_static_bundle, fake_builder, tmp_path):
+    """Item 7: Polygraphy replaces a failed build with "Invalid Engine"; the error recorder on the builder
+    keeps what TensorRT said, so an allocation failure gets the out-of-memory hint (stand-in builder)."""
+    from polygraphy.exception import PolygraphyException
+
+    from flashvl_edge.export.engines import _build_one
+    from flashvl_edge.runtime.errors import ExportError
+
+    trt, state = fake_builder
+    bundle, plan = _plan_for(tiny_static_bundle, state)
+
+    def oom(builder, network):
+        if builder.error_recorder is not None:  # without one TensorRT tells only its logger
+            builder.error_recorder.report_error(trt.ErrorCode.FAILED_ALLOCATION, "Requested amount of GPU memory "
+                                                "(8589934592 bytes) could not be allocated. There may not be "
+                                                "enough free memory for allocation to succeed.")
+        raise PolygraphyException("Invalid Engine. Please ensure the engine was built correctly")
+
+    state["build"] = oom
+    state["deserializing"] = lambda network, config=None, save_timing_cache=None: oom(network[0], network[1])
+    with pytest.raises(ExportError) as e:
+        _build_one(plan, "llm", bundle.graph_path("llm"), tmp_path / "llm.engine")
+    msg = str(e.value)
+    assert "ran out of memory" in msg and "8589934592 bytes" in msg and "--workspace-gb" in msg
+    assert not (tmp_path / "llm.engine").exists()
+
+    def other(builder, network):
+        builder.error_recorder.report_error(trt.ErrorCode.INTERNAL_ERROR, "Could not find any implementation for "
+                                            "node /MatMul_7 [ElementWise]")
+        raise PolygraphyException("Invalid Engine. Please ensure the engine was built correctly")
+
+    state["build"] = other
+    with pytest.raises(ExportError) as e:
+        _build_one(plan, "llm", bundle.graph_path("llm"), tmp_path / "llm.engine")
+    assert "could not build the llm engine" in str(e.value) and "/MatMul_7" in str(e.value)
+    assert "ran out of memory" not in str(e.value)
+
+
+def test_strongly_typed_build_of_an_fp16_bundle(tiny_static_fp16_bundle, fake_builder, tmp_path):
+    """fp16 numerics: the fp16 bundle's network is parsed strongly typed, without precision flags, pins or
+    I/O type changes (stand-ins)."""
+    from flashvl_edge.export.engines import _build_one
+
+    _, state = fake_builder
+    bundle, plan = _plan_for(tiny_static_fp16_bundle, state)
+    _build_one(plan, "llm", bundle.graph_path("llm"), tmp_path / "llm.engine")
+    graph, builder, net, strongly = state["networks"][-1]
+    cfg = state["configs"][-1]
+    assert strongly is True and "fp16" not in cfg and "precision_constraints" not in cfg
+    assert all(layer.precision is None for layer in net.layers)
+
+
+def test_hardware_compat_is_refused_on_jetson():
+    """Item 9: TensorRT does not support hardware-compatible engines on Jetson's integrated GPUs."""
+    from flashvl_edge.export.engines import check_device
+    from flashvl_edge.runtime.backends.trt import GpuInfo
+    from flashvl_edge.runtime.errors import ExportError
+
+    with pytest.raises(ExportError, match="Jetson"):
+        check_device(GpuInfo("Orin", "8.7", 8 << 30, integrated=True), "ampere+")
+    check_device(GpuInfo("NVIDIA H100", "9.0", 80 << 30), "ampere+")
+    check_device(GpuInfo("Orin", "8.7", 8 << 30, integrated=True), None)

@@ -79,3 +79,70 @@ def test_doctor_names_the_checkpoints_a_preset_stands_for():
     dynamic = preset_reference("flashvl-2b-dynamic-iss")
     assert dynamic == {"llm": "Qwen/Qwen2-1.5B-Instruct", "vision": "apple/aimv2-huge-patch14-448"}
     assert doctor.model_line(SourceSpec("/ckpt/FlashVL-2B", None, None)) == "/ckpt/FlashVL-2B"
+
+
+def test_budget_counts_the_kv_dtype_that_is_built(tiny_dynamic_bundle):
+    """Item 5: the KV budget is the dtype the engines have. flashvl build gives fp16 KV to fp16 and int8
+    engines whatever the bundle's dtype; INT4 engines are strongly typed and keep the graph's (fp32 here).
+    A built engine set's recorded KV dtype and limits replace the plan for its row."""
+    from flashvl_edge.runtime.contract import EngineEntry, EngineLimits
+
+    bundle = Bundle.load(tiny_dynamic_bundle)
+    m = bundle.manifest
+    llm = m.llm
+    per_token = 2 * llm.num_layers * llm.num_kv_heads * llm.head_dim * 2  # K+V, ping-pong copies
+    assert doctor.planned_kv_dtypes(m) == {"fp16": "float16", "int8": "float16", "int4": "float32"}
+    plan, _ = doctor.bundle_budget(bundle)
+    assert plan["fp16"]["kv_cache"] == per_token * m.max_context * 2
+    assert plan["int4"]["kv_cache"] == per_token * m.max_context * 4
+
+    def built(kv_dtype):
+        entry = EngineEntry(dir="engines/x/1", gpu="Orin", compute_capability="8.7", trt_version="10.3.0",
+                            precision="fp16", strongly_typed=False, hardware_compatibility=None,
+                            version_compatible=False, limits=EngineLimits(1, 100, 512, 2), graphs={},
+                            kv_dtype=kv_dtype)
+        return doctor.bundle_budget(bundle, engine=("orin_sm87_trt10.3.0", entry))[0]["fp16"]
+
+    assert built("float16")["kv_cache"] == per_token * 512 * 2   # its context, not the manifest's
+    assert built("float32")["kv_cache"] == per_token * 512 * 4   # an engine whose KV I/O stayed fp32
+    assert built("float16")["activations"] == doctor.activation_bytes(m, m.preprocess.vision_batch(2), 100)
+
+
+def test_budget_engine_prefers_the_set_that_runs_here():
+    from factories import as_manifest
+    from flashvl_edge.runtime.backends.trt import GpuInfo
+    from flashvl_edge.runtime.contract import EngineEntry, EngineLimits
+
+    def entry(gpu, cc, built_at):
+        return EngineEntry(dir="engines/x/1", gpu=gpu, compute_capability=cc, trt_version="10.3.0", precision="fp16",
+                           strongly_typed=False, hardware_compatibility=None, version_compatible=False,
+                           limits=EngineLimits(1, 64, 128, 1), graphs={}, built_at=built_at)
+
+    m = as_manifest({}).replace(engines={"a": entry("Orin", "8.7", "2025-01-01"),
+                                         "b": entry("H100", "9.0", "2026-01-01")})
+    assert doctor.budget_engine(m, GpuInfo("Orin", "8.7", 8 << 30, True), "10.3.0")[0] == "a"
+    assert doctor.budget_engine(m, None, None)[0] == "b"  # nothing runs here: the newest
+    assert doctor.budget_engine(as_manifest({}), None, None) is None
+
+
+def test_jetson_dockerfile_takes_onnxruntime_gpu_from_the_l4t_index_only():
+    """Item 10: the ONNX Runtime GPU wheel's index is chosen per L4T tag (JetPack 6.0 / r36.3 is CUDA 12.2,
+    6.1-6.2 / r36.4 CUDA 12.6) and that one package is installed with --index-url (no other index is
+    consulted) and --no-deps; an unknown tag stops the build."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docker" / "Dockerfile.jetson").read_text()
+    code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    run = " ".join(code.replace("\\\n", " ").split())
+    assert re.search(r"r36\.3\*\) index=https://pypi\.jetson-ai-lab\.io/jp6/cu122 ;;", run)
+    assert re.search(r"r36\.4\*\) index=https://pypi\.jetson-ai-lab\.io/jp6/cu126 ;;", run)
+    assert re.search(r'\*\) echo "no onnxruntime-gpu index known for L4T \$\{L4T_TAG\}.*exit 1', run)
+    steps = re.split(r" (?=(?:RUN|WORKDIR|COPY|ENV|ARG|FROM|ENTRYPOINT|CMD) )", run)  # one instruction each
+    installs = [i.strip() for step in steps for i in re.findall(r"pip install ([^;&]*)", step)]
+    ort = [i for i in installs if "onnxruntime-gpu" in i]
+    assert ort == ['--no-deps --index-url "$index" onnxruntime-gpu']
+    assert "--extra-index-url" not in text
+    assert not any("onnxruntime" in i for i in installs if i not in ort)  # no other line pulls an ORT wheel
+    assert '"polygraphy>=0.53,<0.54"' in run  # as pyproject's tensorrt extra
+    assert "CUDAExecutionProvider" in run and "! python3 -m pip show onnxruntime" in run

@@ -86,7 +86,8 @@ def _one_line(extra: str, module: str, command: str) -> str:
     (["verify", "{bundle}", "--against", "tiny-static"], "export", "torch"),
     (["calibrate", "{bundle}", "--out", "{tmp}/q", "--llm", "int8"], "calibration", "onnx"),
     (["build", "{bundle}", "--dry-run"], "tensorrt", "onnx"),
-], ids=["export", "verify --against", "calibrate", "build --dry-run"])
+    (["serve", "{bundle}", "--port", "0"], "serve", "fastapi"),
+], ids=["export", "verify --against", "calibrate", "build --dry-run", "serve"])
 def test_commands_needing_an_extra_name_it_in_one_line(runtime_only, tiny_static_bundle, tmp_path, argv, extra, module):
     argv = [a.format(tmp=tmp_path, bundle=tiny_static_bundle) for a in argv]
     p, _ = runtime_only(*argv)
@@ -148,7 +149,7 @@ def test_tensorrt_commands_say_what_to_install_without_torch(runtime_only, tiny_
 # distribution -> import name, for the requirements of the extras
 IMPORT_NAMES = {"scikit-image": "skimage", "onnxruntime-genai": "onnxruntime_genai"}
 # modules an extra gets through one of its requirements
-TRANSITIVE = {"onnx_ir": "onnxscript"}
+TRANSITIVE = {"onnx_ir": "onnxscript", "starlette": "fastapi", "pydantic": "fastapi"}
 
 
 def _extras() -> dict[str, set[str]]:

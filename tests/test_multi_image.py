@@ -23,7 +23,10 @@ GREEDY = dict(max_new_tokens=8, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def pipes(tiny_static_bundle, tiny_dynamic_bundle):
-    return {"static": Pipeline.from_bundle(tiny_static_bundle), "dynamic": Pipeline.from_bundle(tiny_dynamic_bundle)}
+    # no reuse caches: these tests count vision runs and prefill lengths (tests/test_cache.py covers reuse)
+    off = dict(image_cache_bytes=0, kv_cache_bytes=0)
+    return {"static": Pipeline.from_bundle(tiny_static_bundle, **off),
+            "dynamic": Pipeline.from_bundle(tiny_dynamic_bundle, **off)}
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +76,8 @@ def mask_runs(mask) -> list[int]:
 
 def same_pipeline(pipe, **options) -> Pipeline:
     """Another Pipeline over ``pipe``'s already open runners (cheap: no graph is loaded again)."""
-    return Pipeline(pipe.bundle, pipe.vision, pipe.llm, pipe.prompts, pipe.generator.embed_table, **options)
+    return Pipeline(pipe.bundle, pipe.vision, pipe.llm, pipe.prompts, pipe.generator.embed_table,
+                    **{"image_cache_bytes": 0, "kv_cache_bytes": 0, **options})
 
 
 # --------------------------------------------------------------------------------------------

@@ -93,3 +93,26 @@ def test_cli_chats_without_torch(no_torch_env, tiny_static_bundle):
     # user errors are still one line and exit 2
     p = _run(env, base + ["--prompt", "x", "--top-k", "-2"])
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "top_k" in p.stderr
+
+
+def test_the_server_imports_without_torch(no_torch_env, tiny_static_bundle):
+    """The HTTP server (FastAPI, uvicorn, prometheus-client) on top of the runtime: no torch either."""
+    pytest.importorskip("fastapi")
+    env, _ = no_torch_env
+    code = textwrap.dedent(f"""
+        import json, sys
+        from flashvl_edge.runtime import cli_serve, server
+        from flashvl_edge.runtime.pipeline import Pipeline
+        from flashvl_edge.runtime.scheduler import Scheduler
+        pipe = Pipeline.from_bundle({str(tiny_static_bundle)!r}, device="cpu")
+        app = server.create_app(Scheduler(pipe), pipe, server.ServeOptions(model_name="tiny"))
+        cli_serve.make_server(app, 1.0)
+        bad = [m for m in sys.modules if m.split(".")[0] in ("torch", "transformers")
+               or m.startswith(("flashvl_edge.export", "flashvl_edge.calibration"))]
+        print(json.dumps({{"bad": bad, "routes": sorted(r.path for r in app.routes)}}))
+    """)
+    p = _run(env, ["-c", code])
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["bad"] == []
+    assert "/v1/chat/completions" in out["routes"] and "/health" in out["routes"]

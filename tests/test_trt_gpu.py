@@ -1,17 +1,22 @@
 """GPU-side TensorRT tests (``pytest -m trt`` / ``make test-gpu``): build real engines for the tiny bundles
-and compare them with ONNX Runtime per graph and end to end. Skipped, with the reason, where TensorRT or an
-NVIDIA GPU is missing; they never pretend."""
+and compare them with ONNX Runtime per graph and end to end, and check on the real stack what the CPU tests
+check against stand-ins (tests/test_trt_backend.py, tests/test_engines.py): return codes as errors, engine
+limits up front, the extend profile, fp16 KV, no device allocation per token. Skipped, with the reason,
+where TensorRT or an NVIDIA GPU is missing (``make test-gpu`` sets FLASHVL_REQUIRE_TRT=1, which turns that
+skip into a failure); they never pretend."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 
 import numpy as np
 import pytest
 
 pytestmark = pytest.mark.trt
+MAX_CONTEXT, MAX_INPUT_LEN = 256, 128
 
 
 def _skip_reason() -> str | None:
@@ -28,24 +33,46 @@ def _skip_reason() -> str | None:
 def built_static(tmp_path_factory, request):
     reason = _skip_reason()
     if reason:
+        if os.environ.get("FLASHVL_REQUIRE_TRT") == "1":
+            pytest.fail(f"make test-gpu needs TensorRT and a GPU: {reason}")
         pytest.skip(reason)
     from flashvl_edge.main import main
 
     tiny_static_bundle = request.getfixturevalue("tiny_static_bundle")  # only exported when it will be used
     bundle = tmp_path_factory.mktemp("trt") / "tiny-static"
     shutil.copytree(tiny_static_bundle, bundle)
-    assert main(["build", str(bundle), "--precision", "fp16", "--max-context", "256", "--opt-level", "1"]) == 0
+    # max_input_len < max_context, so the extend profile covers past 0..128
+    assert main(["build", str(bundle), "--precision", "fp16", "--max-context", str(MAX_CONTEXT),
+                 "--max-input-len", str(MAX_INPUT_LEN), "--opt-level", "1"]) == 0
     return bundle
 
 
+@pytest.fixture
+def runners(built_static):
+    from flashvl_edge.runtime.backends import open_runners
+    from flashvl_edge.runtime.bundle import Bundle
+
+    b = Bundle.load(built_static)
+    vision, llm = open_runners(b, "trt")
+    yield b, vision, llm
+    vision.deactivate(), llm.deactivate()
+
+
+def _embeds(b, llm, ids):
+    table = np.load(b.path(b.manifest.embeddings.file), mmap_mode="r")
+    return np.asarray(table[np.asarray(ids)], llm.embeds_dtype)[None]
+
+
 def test_build_records_engines_in_manifest(built_static):
-    from flashvl_edge.runtime.backends.trt import gpu_info, trt_version
+    from flashvl_edge.runtime.backends.trt import gpu_info, host_platform, trt_version
     from flashvl_edge.runtime.bundle import Bundle
 
     b = Bundle.load(built_static, verify="full")
     (name, entry), = b.manifest.engines.items()
     assert entry.trt_version == trt_version() and entry.compute_capability == gpu_info().compute_capability
-    assert entry.graphs["llm"].profiles == ("prefill", "decode")
+    assert entry.graphs["llm"].profiles == ("prefill", "decode", "extend")
+    assert entry.platform == host_platform() and entry.kv_dtype == "float16"
+    assert entry.builder["precision_constraints"] == "obey" and entry.builder["fp32_layers"]["llm"] > 0
     for g in ("vision", "llm"):
         assert entry.graphs[g].sha256 == b.manifest.files[b.graph(g).file].sha256
         assert b.path(entry.graphs[g].file).stat().st_size > 0
@@ -95,3 +122,116 @@ def test_engine_from_other_trt_version_is_refused(built_static, tmp_path):
     finalize_manifest(copy, m)
     with pytest.raises(EngineMismatchError, match="7.0.0"):
         open_runners(Bundle.load(copy), "trt")
+
+
+def test_engine_from_another_platform_is_refused(built_static, tmp_path):
+    """Item 9: the recorded platform is checked at load."""
+    from flashvl_edge.runtime.backends import open_runners
+    from flashvl_edge.runtime.bundle import Bundle, finalize_manifest
+    from flashvl_edge.runtime.errors import EngineMismatchError
+
+    copy = tmp_path / "b"
+    shutil.copytree(built_static, copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    for e in m["engines"].values():
+        e["platform"] = "windows-x86_64"
+    finalize_manifest(copy, m)
+    with pytest.raises(EngineMismatchError, match="windows-x86_64"):
+        open_runners(Bundle.load(copy), "trt")
+
+
+def test_status_codes_become_clear_errors(runners):
+    """Item 2: a shape outside the profile is refused by TensorRT's set_input_shape, reported naming the
+    input, the shape and the profile's range; the runner stays usable."""
+    from flashvl_edge.runtime.errors import BackendError
+
+    b, vision, llm = runners
+    meta = vision.get_input_metadata()["pixel_values"]
+    _, _, hi = vision.profile_range("pixel_values", 0)
+    too_many = np.zeros((hi[0] + 1, *hi[1:]), meta.dtype)
+    with pytest.raises(BackendError) as e:
+        vision.infer({"pixel_values": too_many})
+    msg = str(e.value)
+    assert "'pixel_values'" in msg and str(list(too_many.shape)) in msg and str(list(hi)) in msg
+    ok = vision.infer({"pixel_values": np.zeros((1, *hi[1:]), meta.dtype)})
+    assert np.isfinite(ok["image_embeds"]).all()
+
+
+def test_engine_limits_reach_the_pipeline(built_static):
+    """Item 3: the pipeline's context is the engine's; a longer chat is refused before any engine call."""
+    from flashvl_edge.runtime.errors import PromptError
+    from flashvl_edge.runtime.pipeline import Pipeline
+
+    with Pipeline.from_bundle(built_static, backend="trt") as pipe:
+        assert pipe.llm.limits.max_context == MAX_CONTEXT and pipe.generator.max_context <= MAX_CONTEXT
+        calls = pipe.llm.start_timeline(), pipe.vision.start_timeline()
+        with pytest.raises(PromptError, match=f"context is {pipe.generator.max_context}"):
+            pipe.chat("describe " * MAX_CONTEXT, max_new_tokens=2)
+        assert calls == ([], [])
+
+
+def test_extend_profile_matches_a_full_prefill(runners):
+    """Item 4: a later turn (4 tokens on a 6-token cache) is one engine call in the extend profile; a prompt
+    longer than max_input_len runs in chunks; both agree with one full prefill / ONNX Runtime."""
+    import onnxruntime as ort
+
+    from flashvl_edge.export.verify_backends import TOLERANCES
+
+    b, _, llm = runners
+    rtol, atol = TOLERANCES["fp16"]["llm"]
+    x = _embeds(b, llm, np.arange(5, 15))
+    cache = llm.new_cache()
+    llm.forward(x[:, :6], cache)
+    calls = llm.start_timeline()
+    later = llm.forward(x[:, 6:], cache)
+    llm.stop_timeline()
+    assert [c.size for c in calls] == [4] and llm._profile == llm.profile_index["extend"]
+    np.testing.assert_allclose(later, llm.forward(x, llm.new_cache()), rtol=rtol, atol=atol)
+
+    n = MAX_INPUT_LEN + 40
+    long = _embeds(b, llm, np.arange(n) % 100 + 5)
+    calls = llm.start_timeline()
+    chunked = llm.forward(long, llm.new_cache())
+    llm.stop_timeline()
+    assert [c.size for c in calls] == [MAX_INPUT_LEN, 40]
+    sess = ort.InferenceSession(str(b.graph_path("llm")), providers=["CPUExecutionProvider"])
+    feed = b.manifest.llm_feed(long.astype(np.float32))
+    ref = sess.run(["logits"], feed)[0][0, -1]
+    np.testing.assert_allclose(chunked, ref, rtol=rtol, atol=atol)
+
+
+def test_kv_cache_is_fp16_as_budgeted(runners):
+    """Item 5: the engine's KV inputs/outputs are fp16 although the bundle is fp32, and doctor budgets
+    exactly those bytes for the built engine set."""
+    from flashvl_edge.runtime import doctor
+    from flashvl_edge.runtime.backends.trt import gpu_info, trt_version
+
+    b, _, llm = runners
+    assert b.manifest.dtype == "fp32"
+    for past in llm.past_names:
+        assert llm.dtypes[past] == np.float16 and llm.dtypes[llm.present_of[past]] == np.float16
+    engine = doctor.budget_engine(b.manifest, gpu_info(), trt_version())
+    budget, _ = doctor.bundle_budget(b, engine=engine)
+    m = b.manifest.llm
+    assert budget["fp16"]["kv_cache"] == 2 * m.num_layers * m.num_kv_heads * m.head_dim * MAX_CONTEXT * 2 * 2
+    cache = llm.new_cache()
+    llm.forward(_embeds(b, llm, [5, 6, 7]), cache)
+    assert all(buf.allocated_nbytes == m.num_kv_heads * MAX_CONTEXT * m.head_dim * 2 for buf in cache.buffers.values())
+
+
+def test_decode_allocates_no_device_memory_per_token(runners, monkeypatch):
+    """Item 8: after the first decode step, 20 more tokens make no cudaMalloc or cudaFree."""
+    from polygraphy import cuda
+
+    b, _, llm = runners
+    cache = llm.new_cache()
+    llm.forward(_embeds(b, llm, np.arange(5, 12)), cache)
+    llm.forward(_embeds(b, llm, [12]), cache)
+    calls = []
+    w = cuda.wrapper()
+    malloc, free = w.malloc, w.free
+    monkeypatch.setattr(w, "malloc", lambda n: calls.append(("malloc", n)) or malloc(n))
+    monkeypatch.setattr(w, "free", lambda ptr: calls.append(("free", ptr)) or free(ptr))
+    for t in range(20):
+        llm.forward(_embeds(b, llm, [13 + t]), cache)
+    assert calls == [] and cache.length == 28

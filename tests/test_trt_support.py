@@ -72,6 +72,70 @@ def test_support_table_is_data_with_its_source():
     assert op_status("MatMulInteger", "10.3")[0] == "unsupported"
 
 
+def test_jetpack_aliases_follow_the_release_notes():
+    """JetPack 7.0 / 7.1 (Jetson Linux r38.2 / r38.4, Thor) ship TensorRT 10.13, JetPack 6.1 / 6.2 10.3,
+    JetPack 6.0 8.6; each alias cites where that comes from."""
+    table = trt_support.support_table()
+    assert resolve_trt_version("jetpack7") == resolve_trt_version("jetpack7.1") == "10.13"
+    assert resolve_trt_version("jetpack6") == resolve_trt_version("jetpack6.2") == "10.3"
+    assert resolve_trt_version("jetpack6.0") == "8.6"
+    for alias in ("jetpack7", "jetpack6", "jetpack6.0"):
+        assert "JetPack" in table["alias_sources"][alias] and "https://" in table["alias_sources"][alias]
+    assert trt_support._version_entry("10.13")["opset_max"] == 20  # the newest documented range at or below it
+
+
+def _rms_norm_graph(tmp_path, fp16=False, name="rms.onnx"):
+    """x -> [Cast to float] -> x / sqrt(mean(x^2) + eps) -> * w, and position_ids -> Cast -> * inv_freq ->
+    Concat -> Cos/Sin: the exporter's RMSNorm and rotary forms (an fp16 graph casts around them)."""
+    ft = TensorProto.FLOAT16 if fp16 else TensorProto.FLOAT
+    inits = [numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+             numpy_helper.from_array(np.array([-1], np.int64), "axes"),
+             numpy_helper.from_array(np.array(1e-6, np.float32), "eps"),
+             numpy_helper.from_array(np.ones(4, np.float16 if fp16 else np.float32), "w"),
+             numpy_helper.from_array(np.ones((1, 1, 2), np.float32), "inv_freq")]
+    nodes = []
+    x = "x"
+    if fp16:
+        nodes.append(helper.make_node("Cast", ["x"], ["x32"], to=TensorProto.FLOAT, name="up"))
+        x = "x32"
+    nodes += [helper.make_node("Pow", [x, "two"], ["sq"], name="pow"),
+              helper.make_node("ReduceMean", ["sq", "axes"], ["ms"], name="mean"),
+              helper.make_node("Add", ["ms", "eps"], ["mse"], name="add_eps"),
+              helper.make_node("Sqrt", ["mse"], ["rms"], name="sqrt"),
+              helper.make_node("Div", [x, "rms"], ["normed"], name="div")]
+    if fp16:
+        nodes.append(helper.make_node("Cast", ["normed"], ["normed16"], to=TensorProto.FLOAT16, name="down"))
+    nodes += [helper.make_node("Mul", ["w", "normed16" if fp16 else "normed"], ["y"], name="scale"),
+              helper.make_node("Unsqueeze", ["position_ids", "axes"], ["pos3"], name="pos_unsqueeze"),
+              helper.make_node("Cast", ["pos3"], ["posf"], to=TensorProto.FLOAT, name="pos_cast"),
+              helper.make_node("Mul", ["posf", "inv_freq"], ["freqs"], name="freqs"),
+              helper.make_node("Concat", ["freqs", "freqs"], ["emb"], axis=-1, name="emb"),
+              helper.make_node("Cos", ["emb"], ["cos"], name="cos"),
+              helper.make_node("Sin", ["emb"], ["sin"], name="sin")]
+    return _save(tmp_path, nodes, [_vi("x", [1, 3, 4], ft), _vi("position_ids", [1, 3], TensorProto.INT64)],
+                 [_vi("y", [1, 3, 4], ft), _vi("cos", [1, 3, 4]), _vi("sin", [1, 3, 4])], inits, name=name)
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_fp32_layers_are_the_rope_and_rmsnorm_statistics(tmp_path, fp16):
+    """The layers a weakly typed fp16 build pins: the RMSNorm chain (with its up-cast in an fp16 graph), the
+    float part of the rotary angles; not the weight multiply, the down-cast, or index ops."""
+    found = trt_support.fp32_layers_of(_rms_norm_graph(tmp_path, fp16))
+    by_kind = {k: [f.node for f in found if f.kind == k] for k in ("rmsnorm", "rope")}
+    assert by_kind["rmsnorm"] == (["up"] if fp16 else []) + ["pow", "mean", "add_eps", "sqrt", "div"]
+    assert by_kind["rope"] == ["pos_cast", "freqs", "emb", "cos", "sin"]
+    assert {f.tensor for f in found if f.node == "div"} == {"normed"}
+
+
+def test_fp32_layers_need_the_whole_rmsnorm_pattern(tmp_path):
+    """A ReduceMean that is not a mean of squares closed by a division (or multiply) by x is left alone."""
+    nodes = [helper.make_node("ReduceMean", ["x", "axes"], ["m"], name="plain_mean"),
+             helper.make_node("Relu", ["m"], ["y"], name="relu")]
+    axes = numpy_helper.from_array(np.array([-1], np.int64), "axes")
+    path = _save(tmp_path, nodes, [_vi("x", [2, 4])], [_vi("y", [2, 1])], [axes])
+    assert trt_support.fp32_layers_of(path) == []
+
+
 # ---------------------------------------------------------------------------------------------
 # graphs with one defect each
 
@@ -135,9 +199,12 @@ def test_qdq_dangling_quantize(tmp_path):
     assert {(f.code, f.node) for f in found} == {("qdq-dangling", "dangling")}
 
 
-def test_qdq_per_tensor_weight(tmp_path):
-    found = errors(lint(_qdq_matmul(tmp_path, per_channel=False), "10"))
-    assert [(f.code, f.node) for f in found] == [("qdq-per-tensor-weight", "w_dq")]
+def test_qdq_per_tensor_weight_is_a_warning(tmp_path):
+    """TensorRT's parser and builder accept one scale for a whole weight matrix (less accurate, not an
+    error), so the lint warns and the build goes on."""
+    found = lint(_qdq_matmul(tmp_path, per_channel=False), "10")
+    assert errors(found) == []
+    assert [(f.code, f.node) for f in found if f.severity == "warning"] == [("qdq-per-tensor-weight", "w_dq")]
 
 
 def test_qdq_weight_on_the_wrong_axis_warns(tmp_path):

@@ -180,6 +180,17 @@ class DecoderRunner(Runner):
     def embeds_dtype(self) -> np.dtype:
         """The float dtype the graph wants for ``inputs_embeds`` (float32 or float16)."""
 
+    # -- the cache as host arrays (prefix reuse across requests) -------------------------------
+    supports_cache_arrays: bool = False
+
+    def cache_arrays(self, cache: KVCache) -> list[np.ndarray]:
+        """The cache's past tensors as numpy copies, [1, kv_heads, length, head_dim] each, past order."""
+        raise BackendError(f"the {self.name} runner cannot export its KV cache (no prefix reuse)")
+
+    def cache_from_arrays(self, arrays: list[np.ndarray], length: int) -> KVCache:
+        """A cache holding ``arrays`` (as :meth:`cache_arrays` gives them) as its first ``length`` positions."""
+        raise BackendError(f"the {self.name} runner cannot import a KV cache (no prefix reuse)")
+
     # -- batched decoding (continuous batching) -----------------------------------------------
     # Sequences are prefilled alone with ``forward`` and then joined into one batched cache whose
     # rows are left padded to a common length; one ``forward_batch`` decodes a token for every row

@@ -269,6 +269,21 @@ class OrtDecoder(OrtRunner, DecoderRunner):
     def infer_impl(self, feed: Mapping[str, Any]) -> dict[str, np.ndarray]:
         return OrtRunner.infer_impl(self, feed)
 
+    # -- the cache as host arrays ------------------------------------------------------------
+    supports_cache_arrays = True
+
+    def cache_arrays(self, cache: OrtKVCache) -> list[np.ndarray]:
+        return [v.numpy() for v in cache.tensors()]
+
+    def cache_from_arrays(self, arrays: list[np.ndarray], length: int) -> OrtKVCache:
+        ort = _ort()
+        dtypes = [self._past_meta[n].dtype for n in self.past_names]
+        wrappers = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a, dtype=d), self._ort_device, 0)
+                    for a, d in zip(arrays, dtypes)]
+        cache = OrtKVCache([w._get_c_value() for w in wrappers], length)
+        cache.hold = wrappers  # keeps the numpy buffers alive until the first run replaces the values
+        return cache
+
     # -- batched decoding ---------------------------------------------------------------------
     supports_batching = True
 

@@ -6,15 +6,23 @@ What is specific to TensorRT:
 
 - **Engine choice and refusal.** ``manifest["engines"]`` maps an engine directory
   (``engines/<gpu>_sm<cc>_trt<version>/``) to what it was built for. :func:`select_engine` picks the entry
-  that matches this GPU and TensorRT; an entry built for another GPU, compute capability or TensorRT
-  version is refused with :class:`EngineMismatchError` naming both sides (TensorRT plans are not portable
-  unless built hardware-/version-compatible, which the entry records).
+  that matches this machine; an entry built for another platform (x86_64 vs aarch64), GPU, compute
+  capability or TensorRT version is refused with :class:`EngineMismatchError` naming both sides. A
+  version-compatible engine runs on the same or a newer TensorRT only; a hardware-compatible (Ampere+) one
+  on a discrete Ampere-or-newer GPU only (TensorRT does not support hardware compatibility on Jetson).
 - **KV cache stays on the GPU.** Each :class:`TrtKVCache` owns two device buffer sets sized for
   ``max_context`` and the decoder ping-pongs between them: a step reads ``past`` from one set and writes
   ``present`` into the other, then they swap. Only the last-position logits cross to the host.
-- **One CUDA stream, two optimization profiles** on one execution context: the prefill profile
-  (past = 0) and the decode profile (seq = 1). New tokens on a non-empty cache with seq > 1 (a later
-  turn of a session) run token by token through the decode profile: exact, just not batched.
+- **One CUDA stream, up to three optimization profiles** on one execution context, chosen from the shapes
+  of each call (:func:`profile_steps`): **prefill** (past = 0), **decode** (seq = 1) and **extend** (seq > 1
+  on a non-empty cache: a later turn, a reused prefix, a sequence joining a batch). A prompt longer than
+  the prefill profile goes in chunks (prefill, then extend). Engines built before the extend profile
+  existed run such tokens one at a time through decode: exact, just not batched.
+- **No allocation per call.** Input buffers are allocated once at the largest shape of the engine's
+  profiles and bound as views; the attention mask (all ones) is uploaded once at ``max_context``.
+- **Every TensorRT status is checked**: a shape outside the profile, a failed profile switch or an
+  execution context that cannot be created (out of device memory) is a :class:`BackendError` naming what
+  was asked and what the engine allows.
 - **INT64 on TensorRT 8.6.** 8.6 casts INT64 inputs to INT32: int64 host arrays are converted before upload.
 
 ``tensorrt`` and ``polygraphy`` are imported lazily: this module imports on a machine without them, and
@@ -25,6 +33,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import platform
 import re
 from dataclasses import dataclass
 from time import perf_counter
@@ -38,6 +47,13 @@ from .base import DecoderRunner, KVCache, Runner, TensorMeta, feed_size
 
 PAST_PREFIX = "past_key_values."
 PRESENT_PREFIX = "present."
+# the LLM engine's optimization profiles, in build order (profile 0 stays prefill, 1 decode)
+LLM_PROFILES = ("prefill", "decode", "extend")
+# Version-compatible engines run on the same or a newer TensorRT of the same major version, and across
+# these (built, runtime) major versions: "engines built with TensorRT 8 work with TensorRT 9 and TensorRT
+# 10 runtimes" (TensorRT 10 developer guide, Version Compatibility) and TensorRT 10 with 11 (the 11.x
+# support matrix). Never on an older runtime.
+VC_CROSS_MAJOR = frozenset({(8, 9), (8, 10), (10, 11)})
 
 INSTALL_HINT = (
     "TensorRT is not installed: on a Jetson it comes with JetPack (sudo apt install nvidia-tensorrt, "
@@ -54,6 +70,14 @@ class GpuInfo:
     name: str
     compute_capability: str   # "8.7"
     total_bytes: int
+    integrated: bool = False  # an iGPU sharing memory with the CPU: Jetson (JetPack)
+
+
+def host_platform() -> str:
+    """This machine's platform as engines record it: ``"linux-aarch64"``, ``"linux-x86_64"``."""
+    machine = platform.machine().lower()
+    machine = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+    return f"{platform.system().lower() or 'unknown'}-{machine or 'unknown'}"
 
 
 def gpu_info() -> GpuInfo | None:
@@ -80,7 +104,10 @@ def gpu_info() -> GpuInfo | None:
     lib.cuDeviceGetAttribute(ctypes.byref(minor), 76, dev)  # ..._MINOR
     total = ctypes.c_size_t()
     lib.cuDeviceTotalMem_v2(ctypes.byref(total), dev)
-    return GpuInfo(buf.value.decode(errors="replace"), f"{major.value}.{minor.value}", int(total.value))
+    integrated = ctypes.c_int()
+    lib.cuDeviceGetAttribute(ctypes.byref(integrated), 18, dev)  # CU_DEVICE_ATTRIBUTE_INTEGRATED
+    return GpuInfo(buf.value.decode(errors="replace"), f"{major.value}.{minor.value}", int(total.value),
+                   bool(integrated.value))
 
 
 # the distributions a TensorRT Python package can be installed as (pip wheels; JetPack's python3-libnvinfer
@@ -139,15 +166,22 @@ def engine_dir_name(gpu_name: str, compute_capability: str, trt_ver: str) -> str
     return f"{slug}_sm{compute_capability.replace('.', '')}_trt{trt_ver}"
 
 
-def engine_mismatch(entry: EngineEntry, gpu: GpuInfo | None, trt_ver: str | None) -> str | None:
+def engine_mismatch(entry: EngineEntry, gpu: GpuInfo | None, trt_ver: str | None,
+                    host: str | None = None) -> str | None:
     """Why the engine ``entry`` cannot run here (one line naming both sides), or None if it can.
 
-    Exact TensorRT version is required unless the engine was built version-compatible (then same major);
-    the same compute capability is required unless built with a hardware-compatibility level (Ampere+,
-    then any cc >= 8.0).
+    - platform: a plan runs only on the platform that built it (``host``, default :func:`host_platform`);
+    - TensorRT: the exact version, unless built version-compatible: then the same or a newer runtime of
+      the same major version (or of a major in :data:`VC_CROSS_MAJOR`), never an older one;
+    - GPU: the same compute capability, unless built hardware-compatible (Ampere+): then any discrete GPU
+      with cc >= 8.0; TensorRT does not support hardware compatibility on Jetson's integrated GPUs.
     """
     built = (f"built for {entry.gpu} (sm{(entry.compute_capability or '?').replace('.', '')}) "
              f"with TensorRT {entry.trt_version}")
+    host = host or host_platform()
+    if entry.platform and entry.platform != host:
+        return (f"engine {built} on {entry.platform}; this machine is {host}: TensorRT engines do not run "
+                "across platforms; rebuild with 'flashvl build' on this device")
     if gpu is None:
         return f"engine {built}, but no NVIDIA GPU is visible on this machine"
     here = f"this machine has {gpu.name} (sm{gpu.compute_capability.replace('.', '')}) with TensorRT {trt_ver or 'not installed'}"
@@ -155,13 +189,20 @@ def engine_mismatch(entry: EngineEntry, gpu: GpuInfo | None, trt_ver: str | None
         return f"engine {built}; {here}"
     ev = entry.trt_version
     if entry.version_compatible:
-        major = parse_version(ev)[:1]
-        if major != parse_version(trt_ver)[:1]:
-            return f"engine {built} (version-compatible within TensorRT {major[0] if major else ev}.x); {here}"
+        b, r = parse_version(ev)[:3], parse_version(trt_ver)[:3]
+        if not b or not r or r < b:
+            return (f"engine {built} (version-compatible: runs on TensorRT {ev} or newer); {here}: "
+                    "rebuild with 'flashvl build'")
+        if b[0] != r[0] and (b[0], r[0]) not in VC_CROSS_MAJOR:
+            return (f"engine {built} (version-compatible within TensorRT {b[0]}.x); {here}: "
+                    "rebuild with 'flashvl build'")
     elif ev != trt_ver:
         return f"engine {built}; {here}: rebuild with 'flashvl build'"
     cc = entry.compute_capability
     if entry.hardware_compatibility == "ampere+":
+        if gpu.integrated:
+            return (f"engine {built} (hardware-compatible, Ampere+); {here}, an integrated Jetson GPU, where "
+                    "TensorRT does not support hardware-compatible engines: rebuild without --hardware-compat")
         if parse_version(gpu.compute_capability)[:2] < (8, 0):
             return f"engine {built} (Ampere+ compatible); {here}, which is older than Ampere"
     elif cc != gpu.compute_capability:
@@ -169,7 +210,8 @@ def engine_mismatch(entry: EngineEntry, gpu: GpuInfo | None, trt_ver: str | None
     return None
 
 
-def select_engine(manifest: Manifest, gpu: GpuInfo | None, trt_ver: str | None) -> tuple[str, EngineEntry]:
+def select_engine(manifest: Manifest, gpu: GpuInfo | None, trt_ver: str | None,
+                  host: str | None = None) -> tuple[str, EngineEntry]:
     """The manifest's engine entry that runs here; EngineMismatchError naming both sides otherwise."""
     engines = manifest.engines
     if not engines:
@@ -177,12 +219,41 @@ def select_engine(manifest: Manifest, gpu: GpuInfo | None, trt_ver: str | None) 
                            "'flashvl build BUNDLE --precision fp16'")
     reasons = []
     for name, entry in engines.items():
-        why = engine_mismatch(entry, gpu, trt_ver)
+        why = engine_mismatch(entry, gpu, trt_ver, host)
         if why is None:
             return name, entry
         reasons.append(why)
     raise EngineMismatchError(reasons[0] if len(reasons) == 1 else
                               f"none of the {len(reasons)} engine sets matches this machine: " + "; ".join(reasons))
+
+
+def engine_kv_dtype(graph_kv_dtype: str, strongly_typed: bool) -> str:
+    """The KV dtype of an engine built from a graph whose past/present tensors are ``graph_kv_dtype``:
+    a strongly typed build keeps the graph's types; every other build sets the KV inputs/outputs to
+    float16 (``flashvl build`` does, so the cache is half the bytes of an fp32 graph's)."""
+    return graph_kv_dtype if strongly_typed else "float16"
+
+
+def profile_steps(past: int, seq: int, ranges: Mapping[str, tuple[int, int, int]]) -> list[tuple[str, int]]:
+    """How ``seq`` new tokens on a cache of ``past`` run: ``[(profile, tokens), ...]`` in order.
+
+    ``ranges``: per profile of the engine, (largest seq, smallest past, largest past). Prefill takes an
+    empty cache, extend seq > 1 on a cache within its past range, decode one token; a run longer than
+    a profile's seq goes in chunks. Without an extend profile (older engines), tokens on a cache go one
+    at a time through decode.
+    """
+    steps: list[tuple[str, int]] = []
+    while seq > 0:
+        role = "decode"
+        if past == 0 and "prefill" in ranges:
+            role = "prefill"
+        elif seq > 1 and "extend" in ranges and ranges["extend"][1] <= past <= ranges["extend"][2]:
+            role = "extend"
+        n = max(1, min(seq, ranges[role][0]))
+        steps.append((role, n))
+        past += n
+        seq -= n
+    return steps
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,15 +264,27 @@ def _np_dtype(trt, dt) -> np.dtype:
     return np.dtype(trt.nptype(dt))
 
 
-class TrtRunner(Runner):
-    """One engine, one execution context, one CUDA stream."""
+def _dims(d) -> tuple[int, ...]:
+    return tuple(int(x) for x in d)
 
-    def __init__(self, engine_path, name: str, version_compatible: bool = False) -> None:
+
+class TrtRunner(Runner):
+    """One engine, one execution context, one CUDA stream.
+
+    Device buffers are allocated once per input at the largest shape the engine's profiles allow and
+    reused for every call (an array's size is its capacity; each call binds the first elements), so a
+    call never frees and reallocates device memory (a ``cudaFree`` synchronizes the whole device)."""
+
+    def __init__(self, engine_path, name: str, version_compatible: bool = False,
+                 profiles: list[str] | tuple[str, ...] | None = None) -> None:
         super().__init__(name)
         self.engine_path = engine_path
         self.version_compatible = version_compatible
+        self.profile_names = list(profiles or [name])
         self.engine = self.context = self.stream = None
         self._buffers: dict[str, Any] = {}
+        self._capacity: dict[str, int] = {}   # elements each buffer in _buffers holds
+        self._profile = 0                     # the context's optimization profile
 
     # -- lifecycle ------------------------------------------------------------------------------
     def activate_impl(self) -> None:
@@ -224,7 +307,16 @@ class TrtRunner(Runner):
         if self.engine is None:
             raise EngineMismatchError(f"TensorRT {trt.__version__} could not load {self.engine_path}: it was built "
                                       "with another TensorRT version or for another GPU; rebuild with 'flashvl build'")
+        # None when the activation memory (the engine's device memory) cannot be allocated
         self.context = self.engine.create_execution_context()
+        if self.context is None:
+            need = getattr(self.engine, "device_memory_size", None)
+            self.engine = None
+            raise BackendError(
+                f"TensorRT could not create an execution context for {self.engine_path}: out of device memory"
+                + (f" (the engine needs {int(need) / 2**20:.0f} MiB for activations)" if need else "")
+                + "; close other GPU programs, or rebuild with a smaller --max-context/--max-input-len/--max-tiles")
+        self._profile = 0
         self.stream = cuda.Stream()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
@@ -234,7 +326,7 @@ class TrtRunner(Runner):
     def deactivate_impl(self) -> None:
         for b in self._buffers.values():
             b.free()
-        self._buffers = {}
+        self._buffers, self._capacity = {}, {}
         if self.stream is not None:
             self.stream.free()
         self.context = self.engine = self.stream = None
@@ -249,18 +341,34 @@ class TrtRunner(Runner):
     def get_output_metadata(self) -> dict[str, TensorMeta]:
         return self._meta(self.outputs)
 
+    # -- profiles -------------------------------------------------------------------------------
+    def profile_range(self, name: str, profile: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """(min, opt, max) shape of input ``name`` in optimization profile ``profile``."""
+        lo, opt, hi = self.engine.get_tensor_profile_shape(name, profile)
+        return _dims(lo), _dims(opt), _dims(hi)
+
+    def _profile_label(self, profile: int) -> str:
+        return f"{profile} ({self.profile_names[profile]!r})" if profile < len(self.profile_names) else str(profile)
+
+    def _max_elements(self, name: str) -> int:
+        """Elements of input ``name`` at the largest shape any profile allows (its static shape if it has one)."""
+        shape = _dims(self.engine.get_tensor_shape(name))
+        if all(d >= 0 for d in shape):
+            return int(np.prod(shape))
+        return max(int(np.prod(self.profile_range(name, p)[2])) for p in range(self.engine.num_optimization_profiles))
+
     # -- binding --------------------------------------------------------------------------------
-    def _buffer(self, key: str, shape: tuple[int, ...], dtype):
-        """A device buffer reused across calls (grows when needed); empty tensors get a valid address."""
+    def _device(self, key: str, elements: int, dtype):
+        """The device buffer ``key`` holding at least ``elements`` (allocated once, grown only if it must)."""
         from polygraphy import cuda
 
-        shape = tuple(int(d) for d in shape)
-        alloc = shape if int(np.prod(shape)) else (1,)
+        elements = max(1, int(elements))  # empty tensors still get a valid address
         buf = self._buffers.get(key)
-        if buf is None:
-            buf = self._buffers[key] = cuda.DeviceArray(shape=alloc, dtype=dtype)
-        else:
-            buf.resize(alloc)  # reallocates only when it must grow
+        if buf is None or self._capacity[key] < elements:
+            if buf is not None:
+                buf.free()
+            buf = self._buffers[key] = cuda.DeviceArray(shape=(elements,), dtype=dtype)
+            self._capacity[key] = elements
         return buf
 
     def _host(self, name: str, value) -> np.ndarray:
@@ -272,25 +380,45 @@ class TrtRunner(Runner):
             arr = np.ascontiguousarray(arr.astype(want))  # e.g. int64 -> int32 on TensorRT 8.6
         return arr
 
+    def _set_shape(self, name: str, shape: tuple[int, ...]) -> None:
+        shape = tuple(int(d) for d in shape)
+        if not self.context.set_input_shape(name, shape):
+            lo, _, hi = self.profile_range(name, self._profile)
+            raise BackendError(
+                f"the {self.name} engine does not take input {name!r} of shape {list(shape)}: its optimization "
+                f"profile {self._profile_label(self._profile)} allows {list(lo)} to {list(hi)} "
+                f"({self.engine_path}); rebuild with 'flashvl build' for larger limits")
+
+    def _set_address(self, name: str, ptr: int) -> None:
+        if not self.context.set_tensor_address(name, ptr):
+            raise BackendError(f"TensorRT refused the device address of {name!r} for the {self.name} engine")
+
     def _bind_input(self, name: str, value) -> None:
         arr = self._host(name, value)
-        buf = self._buffer(name, arr.shape, arr.dtype)
+        self._set_shape(name, arr.shape)  # refused before anything is uploaded
+        if name not in self._buffers:
+            self._device(name, self._max_elements(name), arr.dtype)
+        buf = self._device(name, arr.size, arr.dtype)
         buf.copy_from(arr, stream=self.stream)
-        self.context.set_input_shape(name, arr.shape)
-        self.context.set_tensor_address(name, buf.ptr)
+        self._set_address(name, buf.ptr)
 
     def _bind_output(self, name: str):
-        shape = tuple(self.context.get_tensor_shape(name))
-        buf = self._buffer(name, shape, self.dtypes[name])
-        self.context.set_tensor_address(name, buf.ptr)
+        shape = _dims(self.context.get_tensor_shape(name))
+        if any(d < 0 for d in shape):
+            raise BackendError(f"TensorRT could not infer the shape of output {name!r} of the {self.name} "
+                               f"engine ({list(shape)}) from the input shapes")
+        buf = self._device(name, int(np.prod(shape)), self.dtypes[name])
+        self._set_address(name, buf.ptr)
         return buf, shape
 
     def _execute(self) -> None:
         if not self.context.execute_async_v3(self.stream.ptr):
             raise BackendError(f"TensorRT execution failed for {self.engine_path}")
 
-    def _fetch(self, buf, shape) -> np.ndarray:
-        host = np.empty(shape, dtype=buf.dtype)
+    def _fetch(self, name: str, buf, shape) -> np.ndarray:
+        # the dtype the runner read from the engine: a Polygraphy DeviceView's own ``dtype`` is deprecated
+        # (0.49-0.54 print a warning on every read) and becomes a Polygraphy DataType after that
+        host = np.empty(shape, dtype=self.dtypes[name])
         buf.view(shape).copy_to(host, stream=self.stream)
         return host
 
@@ -304,7 +432,7 @@ class TrtRunner(Runner):
         # the backend call: the execution and the output copies, up to the stream's synchronize
         start = perf_counter()
         self._execute()
-        out = {n: self._fetch(buf, shape) for n, (buf, shape) in bound.items()}
+        out = {n: self._fetch(n, buf, shape) for n, (buf, shape) in bound.items()}
         self.stream.synchronize()
         self._timed(start, feed_size(feed))
         return out
@@ -331,17 +459,18 @@ class TrtKVCache(KVCache):
 
 
 class TrtDecoder(TrtRunner, DecoderRunner):
-    """The LLM engine: prefill/decode profile switch, KV ping-pong between two device buffer sets."""
+    """The LLM engine: profile choice per call, KV ping-pong between two device buffer sets."""
 
     def __init__(self, engine_path, profiles: list[str], max_context: int, max_input_len: int,
                  version_compatible: bool = False) -> None:
-        super().__init__(engine_path, "llm", version_compatible)
+        super().__init__(engine_path, "llm", version_compatible, profiles)
         self.profile_index = {name: i for i, name in enumerate(profiles)}
-        if set(self.profile_index) != {"prefill", "decode"}:
-            raise BackendError("the LLM engine entry does not record prefill and decode profiles; rebuild it")
+        if not {"prefill", "decode"} <= set(self.profile_index) or set(self.profile_index) - set(LLM_PROFILES):
+            raise BackendError(f"the LLM engine entry records profiles {list(profiles)}, expected prefill and "
+                               "decode (and extend); rebuild it")
         self.max_context = int(max_context)
         self.max_input_len = int(max_input_len)
-        self._profile = None
+        self._mask = None
 
     def activate_impl(self) -> None:
         super().activate_impl()
@@ -351,11 +480,22 @@ class TrtDecoder(TrtRunner, DecoderRunner):
             raise BackendError(f"{self.engine_path} does not have the LLM graph interface; rebuild the engines")
         # [batch, kv_heads, past, head_dim]: kv_heads and head_dim are static in the engine
         self.kv_dims = {p: tuple(self.engine.get_tensor_shape(p)) for p in self.past_names}
-        self._profile = None
+        # what each profile takes, read from the engine: (largest seq, smallest past, largest past)
+        self.profile_ranges = {}
+        for role, idx in self.profile_index.items():
+            seq_hi = self.profile_range("inputs_embeds", idx)[2][1]
+            past_lo, _, past_hi = (d[2] for d in self.profile_range(self.past_names[0], idx))
+            self.profile_ranges[role] = (seq_hi, past_lo, past_hi)
+        # the mask is all ones (one unpadded sequence): uploaded once at its largest shape, every call binds
+        # its first ``total`` elements
+        n = self._max_elements("attention_mask")
+        self._mask = self._device("attention_mask", n, self.dtypes["attention_mask"])
+        self._mask.copy_from(np.ones(n, self.dtypes["attention_mask"]), stream=self.stream)
+        self.stream.synchronize()
 
     def deactivate_impl(self) -> None:
         super().deactivate_impl()
-        self._profile = None
+        self._mask = None
 
     @property
     def embeds_dtype(self) -> np.dtype:
@@ -377,7 +517,9 @@ class TrtDecoder(TrtRunner, DecoderRunner):
     def _set_profile(self, role: str) -> None:
         idx = self.profile_index[role]
         if self._profile != idx:
-            self.context.set_optimization_profile_async(idx, self.stream.ptr)
+            if not self.context.set_optimization_profile_async(idx, self.stream.ptr):
+                raise BackendError(f"TensorRT could not switch the llm engine to optimization profile "
+                                   f"{self._profile_label(idx)} ({self.engine_path})")
             self._profile = idx
 
     def forward(self, inputs_embeds: np.ndarray, cache: TrtKVCache) -> np.ndarray:
@@ -387,14 +529,10 @@ class TrtDecoder(TrtRunner, DecoderRunner):
         if cache.length + seq > self.max_context:
             raise BackendError(f"context of {cache.length + seq} tokens exceeds the engines' max_context "
                                f"{self.max_context}; rebuild with a larger --max-context")
-        if cache.length == 0:
-            if seq > self.max_input_len:
-                raise BackendError(f"a prompt of {seq} tokens exceeds the engines' max_input_len "
-                                   f"{self.max_input_len}; rebuild with a larger --max-input-len")
-            return self._step(inputs_embeds, cache, "prefill")
-        logits = None
-        for t in range(seq):  # a later turn: no profile has past > 0 and seq > 1, so one token at a time
-            logits = self._step(inputs_embeds[:, t:t + 1], cache, "decode")
+        logits, pos = None, 0
+        for role, n in profile_steps(cache.length, seq, self.profile_ranges):
+            logits = self._step(inputs_embeds[:, pos:pos + n], cache, role)
+            pos += n
         return logits
 
     def _step(self, embeds: np.ndarray, cache: TrtKVCache, role: str) -> np.ndarray:
@@ -402,21 +540,22 @@ class TrtDecoder(TrtRunner, DecoderRunner):
         seq = embeds.shape[1]
         past, total = cache.length, cache.length + seq
         self._bind_input("inputs_embeds", embeds)
-        self._bind_input("attention_mask", np.ones((1, total), np.int64))
+        self._set_shape("attention_mask", (1, total))
+        self._set_address("attention_mask", self._mask.ptr)
         self._bind_input("position_ids", np.arange(past, total, dtype=np.int64)[None, :])
         read, write = cache.slot, 1 - cache.slot
         for p in self.past_names:
             _, kv_heads, _, head_dim = self.kv_dims[p]
             # the cache is written contiguously as [1, kv, length, hd] at the start of the slot's buffer
-            self.context.set_input_shape(p, (1, kv_heads, past, head_dim))
-            self.context.set_tensor_address(p, self._kv(cache, p, read).ptr)
-            self.context.set_tensor_address(self.present_of[p], self._kv(cache, p, write).ptr)
+            self._set_shape(p, (1, kv_heads, past, head_dim))
+            self._set_address(p, self._kv(cache, p, read).ptr)
+            self._set_address(self.present_of[p], self._kv(cache, p, write).ptr)
         logits_buf, logits_shape = self._bind_output("logits")
         # timed as TrtRunner.infer_impl: execution + logits copy; the bindings above are host overhead.
-        # A multi-token later turn is one engine execution (and one timed call) per token.
+        # A multi-token later turn is one engine execution (and one timed call) per profile step.
         start = perf_counter()
         self._execute()
-        logits = self._fetch(logits_buf, logits_shape)
+        logits = self._fetch("logits", logits_buf, logits_shape)
         self.stream.synchronize()
         self._timed(start, seq)
         cache.slot, cache.length = write, total
@@ -436,7 +575,8 @@ def _engine_set(bundle) -> EngineEntry:
 def open_vision(bundle, device: str = "auto", threads: int | None = None, **_options) -> TrtRunner:
     """The vision engine (``device``/``threads`` are ONNX Runtime options; TensorRT uses GPU 0)."""
     entry = _engine_set(bundle)
-    runner = TrtRunner(bundle.path(entry.graphs["vision"].file), "vision", entry.version_compatible)
+    g = entry.graphs["vision"]
+    runner = TrtRunner(bundle.path(g.file), "vision", entry.version_compatible, list(g.profiles))
     runner.limits = entry.limits  # the pipeline plans images within the tiles the engine was built for
     return runner.activate()
 
