@@ -80,11 +80,13 @@ def one_request(port: int, body: dict) -> dict:
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                usage = chunk["usage"]
-            for choice in chunk.get("choices") or []:
-                if (choice.get("delta") or {}).get("content"):
+            u = chunk.get("usage")
+            if u:
+                # continuous_usage_stats: one chunk per token with the running count (a token's text
+                # may be empty: the random full-size model's ids mostly lie outside its small tokenizer)
+                if chunk.get("choices") and u["completion_tokens"] > len(times):
                     times.append(time.perf_counter())
+                usage = u
     finally:
         conn.close()
     return {"start": t0, "end": time.perf_counter(), "token_times": times, "usage": usage}
@@ -193,7 +195,7 @@ def main() -> int:
     question = make_prompt(Tokenizer.from_file(str(bundle.path(bundle.manifest.tokenizer.file))),
                            args.question_tokens)
     body = {"model": Path(args.bundle).name, "max_tokens": args.new_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}, "ignore_eos": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}, "ignore_eos": True,
             "messages": [{"role": "user", "content": [
                 {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(image).decode()}},
                 {"type": "text", "text": question}]}]}

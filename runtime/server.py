@@ -157,6 +157,9 @@ class ChatRequest:
     max_tokens: int | None
     stream: bool = False
     include_usage: bool = False
+    # vLLM's extension: a chunk for every token (its text may be "") with the usage so far, so a
+    # client can time each token even when its text is held back or empty
+    continuous_usage: bool = False
 
 
 def _is_int(v) -> bool:
@@ -243,7 +246,8 @@ def parse_chat_request(body: Any, options: ServeOptions, placeholder: str) -> Ch
     if opts is not None and not isinstance(opts, dict):
         raise ApiError(400, f"stream_options must be an object, got {opts!r}", param="stream_options")
     include_usage = _bool(opts or {}, "include_usage", "stream_options.include_usage")
-    return ChatRequest(messages, images, params, max_tokens, stream, include_usage)
+    continuous = _bool(opts or {}, "continuous_usage_stats", "stream_options.continuous_usage_stats")
+    return ChatRequest(messages, images, params, max_tokens, stream, include_usage, continuous)
 
 
 def _response_format(fmt: Any) -> tuple[dict | None, bool]:
@@ -700,7 +704,8 @@ def create_app(scheduler, pipeline, options: ServeOptions | Mapping[str, Any]) -
         info.prompt_tokens = len(prepared.token_ids)
         run = _Run(handle, state.metrics, info, rid, options.model_name)
         if chat.stream:
-            return StreamingResponse(run.sse(request.receive, chat.include_usage), media_type="text/event-stream",
+            return StreamingResponse(run.sse(request.receive, chat.include_usage, chat.continuous_usage),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await run.complete(request.receive)
 
@@ -861,14 +866,21 @@ class _Run:
             obj["usage"] = None  # as OpenAI: null on every chunk but the usage chunk
         return f"data: {_dumps(obj)}\n\n"
 
-    async def sse(self, receive, include_usage: bool):
+    async def sse(self, receive, include_usage: bool, continuous_usage: bool = False):
         watcher = asyncio.ensure_future(self._watch(receive))
         try:
             yield self._chunk({"role": "assistant", "content": ""}, usage=include_usage)
+            n_tokens = 0
             async for ev in self.handle:
                 if isinstance(ev, TokenEvent):
                     self._token(ev)
-                    if ev.text:
+                    n_tokens += 1
+                    if continuous_usage:
+                        obj = json.loads(self._chunk({"content": ev.text})[6:])
+                        p = self.info.prompt_tokens
+                        obj["usage"] = {"prompt_tokens": p, "completion_tokens": n_tokens, "total_tokens": p + n_tokens}
+                        yield f"data: {_dumps(obj)}\n\n"
+                    elif ev.text:
                         yield self._chunk({"content": ev.text}, usage=include_usage)
                     continue
                 self._finished(ev)

@@ -931,3 +931,14 @@ def test_response_format_json_schema_end_to_end(served):
     status, _, body = chat(served.port, {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}],
                                          "max_tokens": 3})
     assert status == 200, body  # the server stays healthy
+
+
+def test_continuous_usage_stats_gives_a_chunk_per_token(served):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Count."}], "max_tokens": 7, "temperature": 0,
+            "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    status, _, raw = call(served.port, "POST", "/v1/chat/completions", body)
+    assert status == 200
+    events = sse_events(raw)
+    counts = [e["usage"]["completion_tokens"] for e in events if isinstance(e, dict) and e.get("choices")
+              and e.get("usage")]
+    assert counts == list(range(1, 8))  # one chunk per token, even when its text is empty
