@@ -11,7 +11,7 @@ STAMP := $(VENV)/.flashvl-edge-installed
 endif
 FLASHVL := $(PY) -m flashvl_edge.main
 
-.PHONY: setup test test-gpu demo clean
+.PHONY: setup test test-gpu gpu-check demo clean
 .DEFAULT_GOAL := test
 
 setup: $(STAMP)
@@ -33,6 +33,13 @@ test: setup
 # missing TensorRT or GPU fails the run instead of skipping it (-rs lists any skip and why).
 test-gpu: setup
 	FLASHVL_REQUIRE_TRT=1 $(PY) -m pytest -q -rs -m trt tests/test_trt_gpu.py
+
+# ONNX Runtime CUDA parity (fp16 on the GPU vs fp32 on the CPU) and speed of the tiny and full-size static
+# presets, one JSON (build/gpu-check/gpu_check.json) and a table: scripts/gpu_check.py. For a machine with
+# an NVIDIA GPU; it builds its own venv (build/gpu-venv, pinned onnxruntime-gpu), so it does not need setup.
+# Without a GPU it exits 2 with one line. Extra options: make gpu-check GPU_CHECK_ARGS="--reuse-bundles".
+gpu-check:
+	python3 scripts/gpu_check.py $(GPU_CHECK_ARGS)
 
 # Export the random-init tiny-static preset and chat about a real photo (answer + metrics).
 demo: setup

@@ -86,3 +86,18 @@ def pixel_decodes(monkeypatch):
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", load)
     return calls
+
+
+@pytest.fixture(scope="module")
+def pipes(tiny_static_bundle, tiny_dynamic_bundle):
+    """Both tiny bundles loaded without reuse across requests: tests that count what each turn runs
+    (vision graph calls, prefill lengths) need every request to do its own work (tests/test_cache.py
+    covers reuse)."""
+    from flashvl_edge.runtime.pipeline import Pipeline
+
+    off = dict(image_cache_bytes=0, kv_cache_bytes=0)
+    loaded = {"static": Pipeline.from_bundle(tiny_static_bundle, **off),
+              "dynamic": Pipeline.from_bundle(tiny_dynamic_bundle, **off)}
+    yield loaded
+    for p in loaded.values():
+        p.close()

@@ -177,7 +177,7 @@ def test_each_extra_carries_the_modules_the_error_path_names_it_for():
             assert m in extras[extra] or TRANSITIVE.get(m) in extras[extra], f"[{extra}] does not install {m}"
     # and every optional package an extra installs is known to the error path (tools like pytest aside)
     known = {m for mods in errors.EXTRA_MODULES.values() for m in mods}
-    assert extras["dev"] - {"pytest", "hypothesis"} <= known
+    assert extras["dev"] - {"pytest", "hypothesis", "jsonschema"} <= known  # test tools
     assert set(SUBCOMMAND_EXTRAS) == set(SUBCOMMANDS)
     assert {e for e in SUBCOMMAND_EXTRAS.values() if e} <= set(errors.EXTRA_MODULES)
 

@@ -22,14 +22,6 @@ GREEDY = dict(max_new_tokens=8, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def pipes(tiny_static_bundle, tiny_dynamic_bundle):
-    # no reuse caches: these tests count vision runs and prefill lengths (tests/test_cache.py covers reuse)
-    off = dict(image_cache_bytes=0, kv_cache_bytes=0)
-    return {"static": Pipeline.from_bundle(tiny_static_bundle, **off),
-            "dynamic": Pipeline.from_bundle(tiny_dynamic_bundle, **off)}
-
-
-@pytest.fixture(scope="module")
 def photos():
     return {name: test_photo(name) for name in ("astronaut", "coffee", "chelsea")}
 

@@ -13,18 +13,10 @@ import numpy as np
 import pytest
 import skimage.data
 
-from flashvl_edge.runtime import Pipeline, PromptError
+from flashvl_edge.runtime import PromptError
 from flashvl_edge.runtime import images
 
 N_TOKENS = 32
-
-
-@pytest.fixture(scope="module")
-def pipes(tiny_static_bundle, tiny_dynamic_bundle):
-    # no reuse across requests: these tests count what each turn prefills (tests/test_cache.py covers reuse)
-    off = dict(image_cache_bytes=0, kv_cache_bytes=0)
-    return {"static": Pipeline.from_bundle(tiny_static_bundle, **off),
-            "dynamic": Pipeline.from_bundle(tiny_dynamic_bundle, **off)}
 
 
 @pytest.fixture(scope="module")

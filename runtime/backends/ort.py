@@ -236,18 +236,7 @@ class OrtDecoder(OrtRunner, DecoderRunner):
         mask = self._ones[:, :total]
         positions = np.arange(cache.length, total, dtype=np.int64)[None, :]
         if self.use_vector_run:
-            C = self._C
-            feeds = C.OrtValueVector()
-            feeds.reserve(len(self.feed_names))
-            for array in (embeds, mask, positions):
-                feeds.push_back(C.OrtValue.ortvalue_from_numpy(array, self._cpu_device))
-            for value in cache.tensors():
-                feeds.push_back(value)
-            fetches = C.OrtValueVector()
-            start = perf_counter()
-            self.session.run_with_ortvaluevector(self._run_options, self.feed_names, feeds, self.fetch_names,
-                                                 fetches, self._fetch_devices)
-            self._timed(start, seq)
+            fetches = self._vector_run(embeds, mask, positions, cache.tensors(), seq)
             cache.values, cache.offset, cache.length = fetches, 1, total
             return fetches[0].numpy()[0, -1].astype(np.float32, copy=False)
         io = self.session.io_binding()
@@ -265,6 +254,23 @@ class OrtDecoder(OrtRunner, DecoderRunner):
         out = io.get_outputs()
         cache.values, cache.offset, cache.length = [v._get_c_value() for v in out[1:]], 0, total
         return out[0].numpy()[0, -1].astype(np.float32, copy=False)
+
+    def _vector_run(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list, size: int):
+        """One decoder run through ``run_with_ortvaluevector``: the KV OrtValues go in as they are and the
+        fetches come back as C++ values (logits first, then the presents in past order)."""
+        C = self._C
+        feeds = C.OrtValueVector()
+        feeds.reserve(len(self.feed_names))
+        for array in (embeds, mask, positions):
+            feeds.push_back(C.OrtValue.ortvalue_from_numpy(array, self._cpu_device))
+        for value in past:
+            feeds.push_back(value)
+        fetches = C.OrtValueVector()
+        start = perf_counter()
+        self.session.run_with_ortvaluevector(self._run_options, self.feed_names, feeds, self.fetch_names,
+                                             fetches, self._fetch_devices)
+        self._timed(start, size)
+        return fetches
 
     def infer_impl(self, feed: Mapping[str, Any]) -> dict[str, np.ndarray]:
         return OrtRunner.infer_impl(self, feed)
@@ -343,18 +349,7 @@ class OrtDecoder(OrtRunner, DecoderRunner):
         embeds = np.ascontiguousarray(inputs_embeds, dtype=self._embeds_dtype)
         mask, positions = batch.attention_mask(1), batch.position_ids()
         if self.use_vector_run:
-            C = self._C
-            feeds = C.OrtValueVector()
-            feeds.reserve(len(self.feed_names))
-            for array in (embeds, mask, positions):
-                feeds.push_back(C.OrtValue.ortvalue_from_numpy(array, self._cpu_device))
-            for value in batch.values:
-                feeds.push_back(value)
-            fetches = C.OrtValueVector()
-            start = perf_counter()
-            self.session.run_with_ortvaluevector(self._run_options, self.feed_names, feeds, self.fetch_names,
-                                                 fetches, self._fetch_devices)
-            self._timed(start, rows)
+            fetches = self._vector_run(embeds, mask, positions, batch.values, rows)
             logits = fetches[0].numpy()[:, -1].astype(np.float32, copy=False)
             batch.values = [fetches[i] for i in range(1, len(fetches))]
             batch.hold = [fetches]  # the run's fetch vector owns the new KV tensors
