@@ -9,6 +9,10 @@ Contenders (same preset, same seed, same image, same prompt token ids):
   ortgenai     ONNX Runtime GenAI's model builder int4 CPU decoder (``-p int4 -e cpu``), built offline from
                the same Qwen2 weights saved as a Hugging Face directory; text only (decode speed is what
                is compared, the image-token ids are just ids to it).
+  llamacpp-q4_0, llamacpp-q4_k_m
+               llama.cpp (llama-cpp-python, built from source for this CPU, 2 threads): the same Qwen2
+               directory converted by llama.cpp's own convert_hf_to_gguf.py (f32 GGUF), quantized to Q4_0
+               and Q4_K_M by llama.cpp's quantizer; text only, the same prompt token ids, greedy.
 And the memory-bandwidth limit: weight bytes read per decoded token / bandwidth measured here (a large
 float32 matrix-vector product, best of 5: numpy's, a probe any peer could run, for the targets; and the same
 product through ONNX Runtime, which reads faster here, for a stricter fraction reported next to it).
@@ -57,7 +61,101 @@ def sh(cmd: list[str], **kw) -> None:
 
 def paths(work: Path) -> dict[str, Path]:
     return {"fp32": work / "bundle-fp32", "q": work / "bundle-int8v-int4llm", "hf": work / "hf-qwen2",
-            "genai": work / "ortgenai-int4", "image": work / "image.png"}
+            "genai": work / "ortgenai-int4", "image": work / "image.png",
+            # llama.cpp: the HF dir with a full-size vocabulary (for its converter), its f32 GGUF, the quants
+            "hf_fullvocab": work / "hf-qwen2-fullvocab", "gguf_f32": work / "llamacpp-f32.gguf",
+            "gguf_q4_0": work / "llamacpp-q4_0.gguf", "gguf_q4_k_m": work / "llamacpp-q4_k_m.gguf"}
+
+
+LLAMACPP_QUANTS = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
+
+
+def llama_cpp_source(work: Path, explicit: str | None) -> Path:
+    """The llama.cpp source that the installed llama-cpp-python vendors (its convert_hf_to_gguf.py and the
+    reference vocabularies in models/): ``--llama-cpp-src``, else the sdist of the installed version
+    fetched once with pip into the work dir."""
+    if explicit:
+        return Path(explicit)
+    import importlib.metadata
+    import tarfile
+
+    try:
+        version = importlib.metadata.version("llama_cpp_python")
+    except importlib.metadata.PackageNotFoundError:
+        raise SystemExit("llama-cpp-python is not installed: build it as docs/performance.md "
+                         "'llama.cpp beside us' says, or pass --skip-llamacpp") from None
+    src = work / f"llama_cpp_python-{version}" / "vendor" / "llama.cpp"
+    if not (src / "convert_hf_to_gguf.py").exists():
+        dl = work / "sdist"
+        sh([PY, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", f"llama-cpp-python=={version}",
+            "-d", dl])
+        with tarfile.open(dl / f"llama_cpp_python-{version}.tar.gz") as tar:
+            tar.extractall(work, filter="data")
+    return src
+
+
+def write_fullvocab_hf(hf: Path, out: Path, vocab_gguf: Path) -> None:
+    """A copy of the HF Qwen2 directory (weights linked, not copied) whose tokenizer has the config's
+    vocabulary size. The bundle's tokenizer has 512 entries while the config (and the embedding table) says
+    151,936, which llama.cpp's converter rejects; llama.cpp's own Qwen2 reference vocabulary
+    (models/ggml-vocab-qwen2.gguf: 151,936 tokens, its merges) is written out as a tokenizer.json with
+    Qwen2's pre-tokenizer, so the converter recognises it as "qwen2". Speed does not depend on the
+    vocabulary: the contenders get token ids, and the weights are the same."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(vocab_gguf))
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    types = reader.fields["tokenizer.ggml.token_type"].contents()
+    merges = reader.fields["tokenizer.ggml.merges"].contents()
+    config = json.loads((hf / "config.json").read_text())
+    if len(tokens) != config["vocab_size"]:
+        raise SystemExit(f"{vocab_gguf}: {len(tokens)} tokens, the config says {config['vocab_size']}")
+    normal = int(gguf.TokenType.NORMAL)
+    vocab = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty == normal}
+    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": True}
+             for i, (t, ty) in enumerate(zip(tokens, types)) if ty != normal]
+    qwen2_split = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+    tok = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+           "normalizer": {"type": "NFC"},
+           "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+               {"type": "Split", "pattern": {"Regex": qwen2_split}, "behavior": "Isolated", "invert": False},
+               {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]},
+           "post_processor": None,
+           "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
+           "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
+                     "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                     "vocab": vocab, "merges": merges}}
+    tmp = out.with_name(out.name + ".tmp")
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in hf.iterdir():
+        if f.name not in ("tokenizer.json", "tokenizer_config.json"):
+            os.symlink(f.resolve(), tmp / f.name)
+    (tmp / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False))
+    eos = next(t for t in tokens if t == "<|im_end|>") if "<|im_end|>" in tokens else tokens[-1]
+    (tmp / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "pad_token": "<|endoftext|>",
+         "bos_token": None, "unk_token": None, "model_max_length": 32768,
+         "clean_up_tokenization_spaces": False}, indent=1))
+    os.replace(tmp, out)
+
+
+def llamacpp_quantize(src: Path, dst: Path, quant: str, threads: int) -> None:
+    """llama.cpp's quantizer through the binding (``llama_model_quantize``; no CLI tools needed)."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, LLAMACPP_QUANTS[quant])
+    params.nthread = threads
+    tmp = dst.with_name(dst.name + ".tmp")
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+    if rc != 0:
+        raise SystemExit(f"llama_model_quantize {src} -> {dst} ({quant}) failed: {rc}")
+    os.replace(tmp, dst)
 
 
 def save_hf_qwen2(preset: str, seed: int, out: Path) -> None:
@@ -90,11 +188,36 @@ def prepare(args) -> None:
     if not (p["genai"] / "genai_config.json").exists():
         sh([PY, "-m", "onnxruntime_genai.models.builder", "-i", p["hf"], "-o", p["genai"], "-p", "int4",
             "-e", "cpu", "-c", work / "builder-cache"])
+    if not args.skip_llamacpp:
+        prepare_llamacpp(args, work, p)
     if not p["image"].exists():
         from flashvl_edge.runtime.bench import default_image
 
         default_image()[0].save(p["image"])
     log(f"prepared in {work}")
+
+
+def prepare_llamacpp(args, work: Path, p: dict[str, Path]) -> None:
+    """HF dir -> llama.cpp's convert_hf_to_gguf.py (f32) -> llama.cpp's quantizer (Q4_0, Q4_K_M)."""
+    from flashvl_edge.runtime.backends.ort import physical_cores
+
+    if all(p[f"gguf_{q}"].exists() for q in LLAMACPP_QUANTS):
+        return
+    src = llama_cpp_source(work, args.llama_cpp_src)
+    if not p["gguf_f32"].exists():
+        if not (p["hf_fullvocab"] / "tokenizer.json").exists():
+            write_fullvocab_hf(p["hf"], p["hf_fullvocab"], src / "models" / "ggml-vocab-qwen2.gguf")
+        tmp = p["gguf_f32"].with_name(p["gguf_f32"].name + ".tmp")
+        # the converter imports its own tree's gguf-py (the default, without NO_LOCAL_GGUF): the pinned gguf
+        # package (0.19.0, what this script reads GGUFs with) lacks architectures this converter names
+        # (AttributeError: DFLASH), though both say 0.19.0
+        sh([PY, src / "convert_hf_to_gguf.py", p["hf_fullvocab"], "--outfile", tmp, "--outtype", "f32"])
+        os.replace(tmp, p["gguf_f32"])
+    for q in LLAMACPP_QUANTS:
+        if not p[f"gguf_{q}"].exists():
+            # a subprocess: the quantizer's memory is returned, and a crash names its step
+            sh([PY, __file__, "_quantize", "--src", p["gguf_f32"], "--dst", p[f"gguf_{q}"], "--quant", q,
+                "--threads", str(physical_cores())])
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,6 +303,19 @@ def genai_bytes_per_token(model_dir: Path) -> dict:
             continue
         total += size
     return {"llm_initializer_bytes": total, "embedding_row_bytes": row, "bytes_per_token": total + row}
+
+
+def gguf_bytes_per_token(path: Path) -> dict:
+    """The GGUF's tensor bytes: every tensor is read per decoded token (the embedding table is tied to
+    the LM head, so it is streamed whole by the head's matmul)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    total = sum(int(t.n_bytes) for t in reader.tensors)
+    types = {}
+    for t in reader.tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + int(t.n_bytes)
+    return {"gguf_tensor_bytes": total, "bytes_per_token": total, "bytes_by_type": types}
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,6 +423,46 @@ class OrtGenAI:
                 "decode_tokens_per_s": len(steps) / float(np.sum(steps)), "token_ids": tokens}
 
 
+class LlamaCpp:
+    """llama.cpp through llama-cpp-python: prefill the prompt ids in one batch, then greedy decode one token
+    per ``llama_decode`` (argmax of the last logits; no stop on end-of-generation tokens, so every
+    contender decodes ``new_tokens``)."""
+
+    def __init__(self, name: str, path: Path, threads: int, n_ctx: int):
+        import llama_cpp
+
+        self.name = name
+        self.llama_cpp = llama_cpp
+        t0 = time.perf_counter()
+        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, n_ubatch=512,
+                                   n_threads=threads, n_threads_batch=threads, verbose=False)
+        self.load_s = time.perf_counter() - t0
+        self.n_vocab = self.llm.n_vocab()
+        self.weights = gguf_bytes_per_token(path)
+        self.threads = threads
+
+    def _argmax(self) -> int:
+        ptr = self.llama_cpp.llama_get_logits_ith(self.llm._ctx.ctx, -1)
+        return int(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).argmax())
+
+    def measure(self, prompt, image, new_tokens, prompt_ids) -> dict:
+        llm = self.llm
+        llm.reset()  # n_tokens = 0: eval() then drops the whole KV cache before the prefill
+        t0 = time.perf_counter()
+        llm.eval(list(prompt_ids))  # prefill (one batch: n_batch 512 >= the ~300 prompt tokens)
+        tokens = [self._argmax()]
+        t_first = time.perf_counter()
+        stamps = [t_first]
+        while len(tokens) < new_tokens:
+            llm.eval([tokens[-1]])
+            tokens.append(self._argmax())
+            stamps.append(time.perf_counter())
+        steps = np.diff(stamps)
+        return {"ttft_s": t_first - t0, "prefill_graph_s": t_first - t0,
+                "decode_tokens_per_s": len(steps) / float(np.sum(steps)), "token_ids": tokens,
+                "threads": self.threads}
+
+
 # --------------------------------------------------------------------------------------------
 # run
 
@@ -352,6 +528,13 @@ def run(args) -> None:
     contenders["ours-fp32"] = Ours("ours-fp32", p["fp32"])
     contenders["ours-q"] = Ours("ours-q", p["q"])
     contenders["ortgenai"] = OrtGenAI(p["genai"])
+    if not args.skip_llamacpp:
+        for q in LLAMACPP_QUANTS:
+            if not p[f"gguf_{q}"].exists():
+                raise SystemExit(f"{p[f'gguf_{q}']} is missing; run prepare (or pass --skip-llamacpp)")
+            # 2 threads = the physical cores here (issue 13); n_ctx: the prompt plus the new tokens fit
+            contenders[f"llamacpp-{q}"] = LlamaCpp(f"llamacpp-{q}", p[f"gguf_{q}"], args.llamacpp_threads,
+                                                   n_ctx=2048)
     if not args.skip_torch:
         contenders["torch"] = TorchEager(args.preset, args.seed, physical_cores(), contenders["ours-fp32"].pipe)
     report["load_s"] = {k: c.load_s for k, c in contenders.items()}
@@ -414,11 +597,16 @@ def run(args) -> None:
                 # what this decode streamed, and its fraction of the bandwidth measured around it
                 r["streamed_bytes_per_s"] = r["decode_tokens_per_s"] * w["bytes_per_token"]
                 r["fraction_of_limit"] = r["streamed_bytes_per_s"] / r["local_bandwidth_bytes_per_s"]
+    for name in names:
+        for r in results[name]:
+            if r.get("prefill_graph_s"):
+                r["prefill_tokens_per_s"] = report["prompt_tokens"] / r["prefill_graph_s"]
     summary: dict = {}
     for name in names:
         rs = results[name]
         summary[name] = {k: med([r.get(k) for r in rs]) for k in
-                         ("vision_graph_s", "ttft_s", "prefill_graph_s", "decode_tokens_per_s",
+                         ("vision_graph_s", "ttft_s", "prefill_graph_s", "prefill_tokens_per_s",
+                          "decode_tokens_per_s",
                           "overhead_ms_per_token", "local_bandwidth_bytes_per_s", "streamed_bytes_per_s",
                           "fraction_of_limit")}
         w = weights.get(name)
@@ -445,6 +633,10 @@ def run(args) -> None:
         "ttft_fp32_over_torch": ratio("ours-fp32", "torch", "ttft_s"),
         "ttft_q_over_torch": ratio("ours-q", "torch", "ttft_s"),
         "decode_ortgenai_vs_torch": ratio("ortgenai", "torch", "decode_tokens_per_s"),
+        "decode_int4_vs_llamacpp_q4_0": ratio("ours-q", "llamacpp-q4_0", "decode_tokens_per_s"),
+        "decode_int4_vs_llamacpp_q4_k_m": ratio("ours-q", "llamacpp-q4_k_m", "decode_tokens_per_s"),
+        "prefill_int4_vs_llamacpp_q4_0": ratio("ours-q", "llamacpp-q4_0", "prefill_tokens_per_s"),
+        "prefill_int4_vs_llamacpp_q4_k_m": ratio("ours-q", "llamacpp-q4_k_m", "prefill_tokens_per_s"),
     }
     targets = {
         "decode_fp32_vs_torch": (">=", 1.3), "decode_fp32_fraction_of_limit": (">=", 0.90),
@@ -452,6 +644,8 @@ def run(args) -> None:
         "vision_int8_speedup_vs_fp32": (">=", 2.0), "vision_int8_cosine_per_token_mean": (">=", 0.99),
         "overhead_ms_per_token_fp32": ("<=", 0.5), "overhead_ms_per_token_q": ("<=", 0.5),
         "ttft_fp32_over_torch": ("<=", 0.5), "ttft_q_over_torch": ("<=", 0.5),
+        "decode_int4_vs_llamacpp_q4_0": (">=", 1.0), "decode_int4_vs_llamacpp_q4_k_m": (">=", 1.0),
+        "prefill_int4_vs_llamacpp_q4_0": (">=", 1.0),
     }
     report["summary"] = summary
     report["ratios"] = ratios
@@ -465,13 +659,16 @@ def run(args) -> None:
           f"{bw[0]['bytes_per_s'] / 1e9:.1f} / {bw[1]['bytes_per_s'] / 1e9:.1f} GB/s; ONNX Runtime MatMul: "
           f"{bw_ort[0]['bytes_per_s'] / 1e9:.1f} / {bw_ort[1]['bytes_per_s'] / 1e9:.1f} GB/s; limits below use "
           f"the probes around each measurement ({args.probe_gib:g} GiB)")
-    print(f"{'contender':12s} {'vision s':>9s} {'TTFT s':>8s} {'decode tok/s':>13s} {'limit tok/s':>12s} "
+    print(f"{'contender':16s} {'vision s':>9s} {'TTFT s':>8s} {'prefill tok/s':>14s} {'decode tok/s':>13s} "
+          f"{'bytes/token':>12s} {'limit tok/s':>12s} "
           f"{'of limit':>9s} {'streamed GB/s':>14s} {'local GB/s':>11s} {'overhead ms':>12s}")
     for name in names:
         s = summary[name]
         f = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
         streamed = s.get("streamed_bytes_per_s")
-        print(f"{name:12s} {f(s['vision_graph_s']):>9s} {f(s['ttft_s']):>8s} {f(s['decode_tokens_per_s']):>13s} "
+        bpt = s.get("bytes_per_token")
+        print(f"{name:16s} {f(s['vision_graph_s']):>9s} {f(s['ttft_s']):>8s} {f(s['prefill_tokens_per_s'], 1):>14s} "
+              f"{f(s['decode_tokens_per_s']):>13s} {('-' if bpt is None else f'{bpt / 2**30:.3f} GiB'):>12s} "
               f"{f(s.get('bandwidth_limit_tokens_per_s')):>12s} {f(s.get('fraction_of_limit')):>9s} "
               f"{f(streamed and streamed / 1e9, 1):>14s} "
               f"{f(s.get('local_bandwidth_bytes_per_s') and s['local_bandwidth_bytes_per_s'] / 1e9, 1):>11s} "
@@ -482,6 +679,8 @@ def run(args) -> None:
         print(f"  {k:38s} {('-' if v is None else f'{v:.3f}'):>8s}  target {t['target']:8s} "
               f"{'' if t['met'] is None else ('met' if t['met'] else 'MISSED')}")
     print(f"  {'decode_ortgenai_vs_torch':38s} {ratios['decode_ortgenai_vs_torch'] or 0:>8.3f}  (no target)")
+    if ratios["prefill_int4_vs_llamacpp_q4_k_m"] is not None:
+        print(f"  {'prefill_int4_vs_llamacpp_q4_k_m':38s} {ratios['prefill_int4_vs_llamacpp_q4_k_m']:>8.3f}  (no target)")
     if "chat_peak_rss_int4" in report:
         c = report["chat_peak_rss_int4"]
         print(f"flashvl chat peak RSS on the int4 bundle: {c['peak_rss_bytes'] / 2**20:.0f} MiB = {c['ratio']:.2f}x "
@@ -501,13 +700,14 @@ def markdown(args) -> None:
           f"{probes} GB/s; "
           f"{r['prompt_tokens']} prompt tokens, {r['settings']['new_tokens']} new tokens, "
           f"{r['settings']['reps']} repetitions after {r['settings']['warmup']} warm-up.\n")
-    print("| contender | vision s | TTFT s | decode tok/s | bytes/token | local bandwidth GB/s | limit tok/s | of limit "
+    print("| contender | vision s | TTFT s | prefill tok/s | decode tok/s | bytes/token | local bandwidth GB/s | limit tok/s | of limit "
           "| streamed GB/s | overhead ms/token |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, s in r["summary"].items():
         bpt, streamed = s.get("bytes_per_token"), s.get("streamed_bytes_per_s")
-        print(f"| {name} | {f(s.get('vision_graph_s'))} | {f(s.get('ttft_s'))} | {f(s.get('decode_tokens_per_s'))} | "
-              f"{'-' if bpt is None else f'{bpt / 2**30:.2f} GiB'} | "
+        print(f"| {name} | {f(s.get('vision_graph_s'))} | {f(s.get('ttft_s'))} | {f(s.get('prefill_tokens_per_s'), 1)} | "
+              f"{f(s.get('decode_tokens_per_s'))} | "
+              f"{'-' if bpt is None else f'{bpt / 2**30:.3f} GiB'} | "
               f"{f(s.get('local_bandwidth_bytes_per_s') and s['local_bandwidth_bytes_per_s'] / 1e9, 1)} | "
               f"{f(s.get('bandwidth_limit_tokens_per_s'))} | "
               f"{f(s.get('fraction_of_limit'))} | {f(streamed and streamed / 1e9, 1)} | "
@@ -540,13 +740,26 @@ def main() -> None:
         s.add_argument("--out", default=None, help="report path (default WORK/compare.json)")
         s.add_argument("--skip-torch", action="store_true")
         s.add_argument("--skip-chat-rss", action="store_true")
+        s.add_argument("--skip-llamacpp", action="store_true", help="no llama.cpp contenders (nor their GGUFs)")
+        s.add_argument("--llama-cpp-src", default=None,
+                       help="llama.cpp source tree (convert_hf_to_gguf.py, models/); default: the sdist of the "
+                            "installed llama-cpp-python, fetched once into the work dir")
+        s.add_argument("--llamacpp-threads", type=int, default=2)
         s.add_argument("--probe-gib", type=float, default=1.0,
                        help="size of the bandwidth probe's matrix, kept for the whole run (default 1 GiB)")
     s = sub.add_parser("_save-hf")
     s.add_argument("--preset", required=True)
     s.add_argument("--seed", type=int, required=True)
     s.add_argument("--out", required=True)
+    s = sub.add_parser("_quantize")
+    s.add_argument("--src", required=True)
+    s.add_argument("--dst", required=True)
+    s.add_argument("--quant", required=True, choices=list(LLAMACPP_QUANTS))
+    s.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    if args.cmd == "_quantize":
+        llamacpp_quantize(Path(args.src), Path(args.dst), args.quant, args.threads)
+        return
     if args.cmd == "_save-hf":
         save_hf_qwen2(args.preset, args.seed, Path(args.out))
         return
