@@ -403,8 +403,10 @@ class Pipeline:
         from . import images
 
         decoded = images.load_image(image, self.preprocess_config.max_image_pixels)
-        key = image_key(np.asarray(decoded), self._image_salt)
-        hit = self.image_cache.get_image(key) if use_cache else None
+        # the content address costs a pass over the pixels: only when a cache will use it
+        reuse = self.image_cache.enabled or self.prefix_cache.enabled
+        key = image_key(np.asarray(decoded), self._image_salt) if reuse else b""
+        hit = self.image_cache.get_image(key) if use_cache and reuse else None
         if hit is not None:
             return _EncodedImage(hit.n_tokens, hit.n_tiles, embeds=hit.embeds, key=key)
         pre = images.preprocess(decoded, self.preprocess_config, max_tiles=self.max_tiles)
