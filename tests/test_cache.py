@@ -11,11 +11,12 @@ import asyncio
 import numpy as np
 import pytest
 
+from events import collect
 from flashvl_edge.runtime import cache as C
 from flashvl_edge.runtime.generate import SamplingParams
 from flashvl_edge.runtime.pipeline import Pipeline
 from flashvl_edge.runtime.samples import test_photo as photo
-from flashvl_edge.runtime.scheduler import FinishEvent, GenerationRequest, Scheduler, TokenEvent
+from flashvl_edge.runtime.scheduler import GenerationRequest, Scheduler
 
 GREEDY = dict(max_new_tokens=10, ignore_eos=True)
 SYSTEM = "You are a careful assistant that describes photos for a robot arm. Answer briefly and exactly."
@@ -121,16 +122,7 @@ def test_concurrent_requests_racing_for_the_same_prefix(tiny_dynamic_bundle, off
         sched = Scheduler(pipe, max_batch=4).start()
         try:
             handles = [sched.submit(GenerationRequest(prepared(q), SamplingParams(**GREEDY))) for q in questions]
-            out = []
-            for h in handles:
-                tokens, fin = [], None
-                async for ev in h:
-                    if isinstance(ev, TokenEvent):
-                        tokens.append(ev.token_id)
-                    elif isinstance(ev, FinishEvent):
-                        fin = ev
-                out.append((tokens, fin))
-            return out
+            return [(tokens, fin) for tokens, _, fin in [await collect(h) for h in handles]]
         finally:
             sched.shutdown(5)
     out = asyncio.run(asyncio.wait_for(main(), 120))

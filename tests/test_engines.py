@@ -221,7 +221,7 @@ def test_plan_for_quantized_bundles(tiny_static_bundle):
 
 
 def test_plan_keeps_fp32_layers_and_fp16_kv(tiny_static_bundle, tiny_static_fp16_bundle):
-    """fp16 numerics + item 5, on the exported graphs: an fp32 bundle builds weakly typed with its rotary
+    """fp16 numerics and KV precision, on the exported graphs: an fp32 bundle builds weakly typed with its rotary
     and RMSNorm layers pinned to FP32 (precision constraints "obey") and fp16 KV I/O; an fp16 bundle builds
     strongly typed on TensorRT 10 (its casts obeyed, KV already fp16), and pinned on 8.6 (no strong typing)."""
     from flashvl_edge.export.engines import plan_build
@@ -350,7 +350,7 @@ def _plan_for(bundle_dir, state, trt_version="10.3"):
 
 
 def test_build_sets_kv_io_pins_fp32_and_writes_the_serialized_plan(tiny_static_bundle, fake_builder, tmp_path):
-    """Items 5 and 6 and the fp16 pins, against stand-ins for TensorRT's network and Polygraphy's loaders:
+    """fp16 KV I/O, the serialized plan and the fp16 pins, against stand-ins for the network and loaders:
     the KV I/O tensors become fp16, the pinned layers run FP32 (floating outputs only) under "obey", and the
     bytes engine_bytes_from_network returns are written as they are, with no deserialization."""
     from flashvl_edge.export.engines import _build_one
@@ -373,7 +373,7 @@ def test_build_sets_kv_io_pins_fp32_and_writes_the_serialized_plan(tiny_static_b
 
 
 def test_build_out_of_memory_is_reported_from_tensorrts_own_messages(tiny_static_bundle, fake_builder, tmp_path):
-    """Item 7: Polygraphy replaces a failed build with "Invalid Engine"; the error recorder on the builder
+    """Polygraphy replaces a failed build with "Invalid Engine"; the error recorder on the builder
     keeps what TensorRT said, so an allocation failure gets the out-of-memory hint (stand-in builder)."""
     from polygraphy.exception import PolygraphyException
 
@@ -425,7 +425,7 @@ def test_strongly_typed_build_of_an_fp16_bundle(tiny_static_fp16_bundle, fake_bu
 
 
 def test_hardware_compat_is_refused_on_jetson():
-    """Item 9: TensorRT does not support hardware-compatible engines on Jetson's integrated GPUs."""
+    """TensorRT does not support hardware-compatible engines on Jetson's integrated GPUs."""
     from flashvl_edge.export.engines import check_device
     from flashvl_edge.runtime.backends.trt import GpuInfo
     from flashvl_edge.runtime.errors import ExportError

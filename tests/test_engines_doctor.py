@@ -82,7 +82,7 @@ def test_doctor_names_the_checkpoints_a_preset_stands_for():
 
 
 def test_budget_counts_the_kv_dtype_that_is_built(tiny_dynamic_bundle):
-    """Item 5: the KV budget is the dtype the engines have. flashvl build gives fp16 KV to fp16 and int8
+    """The KV budget is the dtype the engines have. flashvl build gives fp16 KV to fp16 and int8
     engines whatever the bundle's dtype; INT4 engines are strongly typed and keep the graph's (fp32 here).
     A built engine set's recorded KV dtype and limits replace the plan for its row."""
     from flashvl_edge.runtime.contract import EngineEntry, EngineLimits
@@ -126,7 +126,7 @@ def test_budget_engine_prefers_the_set_that_runs_here():
 
 
 def test_jetson_dockerfile_takes_onnxruntime_gpu_from_the_l4t_index_only():
-    """Item 10: the ONNX Runtime GPU wheel's index is chosen per L4T tag (JetPack 6.0 / r36.3 is CUDA 12.2,
+    """The ONNX Runtime GPU wheel's index is chosen per L4T tag (JetPack 6.0 / r36.3 is CUDA 12.2,
     6.1-6.2 / r36.4 CUDA 12.6) and that one package is installed with --index-url (no other index is
     consulted) and --no-deps; an unknown tag stops the build."""
     import re

@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 
+from events import collect
 from flashvl_edge.runtime.backends.base import BatchKVCache
 from flashvl_edge.runtime.generate import SamplingParams
 from flashvl_edge.runtime.pipeline import Pipeline
@@ -53,18 +54,6 @@ def reference(pipe, photos, question, names, **sampling):
 def prepared(pipe, photos, question, names):
     user = pipe.prompts.user_message(question, len(names))
     return pipe.prepare_prompt([user], [photos[n] for n in names])
-
-
-async def collect(handle):
-    tokens, text, finish = [], "", None
-    async for ev in handle:
-        if isinstance(ev, TokenEvent):
-            tokens.append(ev.token_id)
-            text += ev.text
-        else:
-            finish = ev
-            text += ev.text
-    return tokens, text, finish
 
 
 def run_batch(pipe, photos, cases, max_batch=8, **sampling):

@@ -15,12 +15,13 @@ import jsonschema
 import numpy as np
 import pytest
 
+from events import collect
 from flashvl_edge.main import main
 from flashvl_edge.runtime.errors import MissingExtraError, PromptError
 from flashvl_edge.runtime.generate import SamplingParams
 from flashvl_edge.runtime.pipeline import Pipeline
 from flashvl_edge.runtime.samples import test_photo as photo
-from flashvl_edge.runtime.scheduler import FinishEvent, GenerationRequest, Scheduler, TokenEvent
+from flashvl_edge.runtime.scheduler import GenerationRequest, Scheduler
 from flashvl_edge.runtime.structured import StructuredOutput
 
 SCHEMA = {
@@ -245,18 +246,6 @@ def test_cli_json_schema_and_json_object_together_exit_2(tmp_path, capsys):
 # continuous batching
 
 
-async def _collect(handle):
-    tokens, text, finish = [], "", None
-    async for ev in handle:
-        if isinstance(ev, TokenEvent):
-            tokens.append(ev.token_id)
-            text += ev.text
-        else:
-            assert isinstance(ev, FinishEvent)
-            finish, text = ev, text + ev.text
-    return tokens, text, finish
-
-
 def test_scheduler_constrained_rows_equal_pipeline_chat(pipe):
     """Constrained and unconstrained rows in one batch: each gets exactly its answer alone."""
     coffee = photo("coffee")
@@ -280,7 +269,7 @@ def test_scheduler_constrained_rows_equal_pipeline_chat(pipe):
                 prepared = pipe.prepare_prompt([pipe.prompts.user_message(q, len(images))], images)
                 params = SamplingParams(max_new_tokens=MAX_NEW if sampling else 12, **sampling).validate()
                 handles.append(sched.submit(GenerationRequest(prepared, params)))
-            return await asyncio.wait_for(asyncio.gather(*[_collect(h) for h in handles]), 120)
+            return await asyncio.wait_for(asyncio.gather(*[collect(h) for h in handles]), 120)
         finally:
             sched.shutdown(grace_s=5)
 

@@ -54,7 +54,7 @@ def test_no_gpu_or_no_trt_is_refused():
 
 
 def test_compatibility_flags_widen_what_matches():
-    """Item 9: version-compatible engines run on the same or a newer TensorRT (same major, or 8 -> 9/10 and
+    """Version-compatible engines run on the same or a newer TensorRT (same major, or 8 -> 9/10 and
     10 -> 11), never an older one; hardware-compatible (Ampere+) engines on discrete Ampere+ GPUs only
     (TensorRT does not support them on Jetson)."""
     vc = _entry(ORIN, "10.3.0", version_compatible=True)
@@ -73,7 +73,7 @@ def test_compatibility_flags_widen_what_matches():
 
 
 def test_engines_do_not_cross_platforms():
-    """Item 9: an engine records the platform that built it; another platform refuses it naming both."""
+    """An engine records the platform that built it; another platform refuses it naming both."""
     arm = _entry(ORIN, "10.3.0", platform="linux-aarch64")
     assert engine_mismatch(arm, ORIN, "10.3.0", host="linux-aarch64") is None
     why = engine_mismatch(arm, ORIN, "10.3.0", host="linux-x86_64")
@@ -428,7 +428,7 @@ def _reference_logits(embeds):
 
 
 def test_profile_steps_choose_from_the_shapes():
-    """Item 4: prefill on an empty cache, decode for one token, extend for several on a cache; runs longer
+    """Prefill on an empty cache, decode for one token, extend for several on a cache; runs longer
     than a profile's seq go in chunks; without extend (older engines), one token at a time."""
     ranges = {"prefill": (16, 0, 0), "decode": (1, 1, 63), "extend": (16, 0, 48)}
     assert trt_backend.profile_steps(0, 10, ranges) == [("prefill", 10)]
@@ -442,7 +442,7 @@ def test_profile_steps_choose_from_the_shapes():
 
 
 def test_decoder_extend_prefills_a_later_turn_in_one_call(fake_trt):
-    """Item 4 (stand-in engine): a second turn on a cache runs one execution in the extend profile, and its
+    """Stand-in engine. A second turn on a cache runs one execution in the extend profile, and its
     logits equal those of the whole conversation prefilled at once."""
     dec, engine = _toy_decoder(fake_trt)
     x = np.random.default_rng(0).standard_normal((1, 14, ToyDecoder.H)).astype(np.float32)
@@ -471,7 +471,7 @@ def test_decoder_without_extend_profile_goes_token_by_token(fake_trt):
 
 
 def test_decoder_prompt_longer_than_max_input_len_is_chunked(fake_trt):
-    """Item 3 (stand-in engine): a prompt over the engine's max_input_len but within its context prefills
+    """Stand-in engine. A prompt over the engine's max_input_len but within its context prefills
     in chunks (prefill, then extend) instead of failing; past max_context it is refused before any run."""
     dec, engine = _toy_decoder(fake_trt, max_context=64, max_input_len=16)
     x = np.random.default_rng(2).standard_normal((1, 40, ToyDecoder.H)).astype(np.float32)
@@ -487,7 +487,7 @@ def test_decoder_prompt_longer_than_max_input_len_is_chunked(fake_trt):
 
 
 def test_decoder_allocates_nothing_per_token(fake_trt):
-    """Item 8 (stand-in allocator): after the first step, decoding 30 tokens allocates and frees no device
+    """Stand-in allocator. After the first step, decoding 30 tokens allocates and frees no device
     memory (the mask grows every step but is bound as a view of one max_context buffer uploaded once)."""
     cuda, _ = fake_trt
     dec, engine = _toy_decoder(fake_trt, profiles=("prefill", "decode"))
@@ -504,7 +504,7 @@ def test_decoder_allocates_nothing_per_token(fake_trt):
 
 
 def test_outputs_are_fetched_without_reading_device_dtypes(fake_trt, capsys):
-    """Item 1 (stand-in DeviceView): the runner allocates host arrays from the dtypes it read from the engine,
+    """Stand-in DeviceView. The runner allocates host arrays from the dtypes it read from the engine,
     never from ``DeviceView.dtype`` (deprecated in Polygraphy 0.49-0.54 with a stdout line per read, i.e.
     per decoded token; a Polygraphy DataType afterwards, which np.empty rejects)."""
     cuda, _ = fake_trt
@@ -535,7 +535,7 @@ def _toy_vision_engine(cuda, max_tiles=3, **kw):
 
 
 def test_shape_outside_the_profile_is_a_clear_error(fake_trt):
-    """Item 2 (stand-in context returning False from set_input_shape): the error names the input, its shape
+    """Stand-in context returning False from set_input_shape. The error names the input, its shape
     and the profile's range, before anything is uploaded or run."""
     cuda, register = fake_trt
     engine = _toy_vision_engine(cuda, max_tiles=3)
@@ -550,7 +550,7 @@ def test_shape_outside_the_profile_is_a_clear_error(fake_trt):
 
 
 def test_failed_context_and_profile_switch_are_clear_errors(fake_trt):
-    """Item 2 (stand-ins): create_execution_context returning None is "out of device memory"; a refused
+    """Stand-ins. create_execution_context returning None is "out of device memory"; a refused
     profile switch names the profile."""
     cuda, register = fake_trt
     runner = trt_backend.TrtRunner(register(_toy_vision_engine(cuda, context_fails=True)), "vision")
@@ -572,7 +572,7 @@ def test_decoder_refuses_an_entry_without_prefill_and_decode():
 
 
 def test_engine_limits_plan_images_and_refuse_long_chats_up_front(tiny_dynamic_bundle, monkeypatch):
-    """Item 3, with stand-in runners: ONNX Runtime runners carrying the limits an engine set records (what
+    """Stand-in runners. ONNX Runtime runners carrying the limits an engine set records (what
     open_vision/open_llm attach from the manifest's engine entry). A photo that needs more tiles than the
     engine's 2 gets at most 2 crops + the thumbnail, in one vision run; a chat longer than the engine's
     context is refused before any graph runs."""
@@ -611,7 +611,7 @@ def test_engine_limits_plan_images_and_refuse_long_chats_up_front(tiny_dynamic_b
 
 
 def test_parity_feeds_take_polygraphy_datatypes(tiny_static_bundle, recwarn):
-    """Item 1 (``verify --backends``): runner metadata dtypes are read as Polygraphy DataTypes, the only
+    """``verify --backends``: Runner metadata dtypes are read as Polygraphy DataTypes, the only
     kind Polygraphy returns from 0.60 on (NumPy dtypes from ``get_input_metadata()`` are deprecated). A
     stand-in runner (ONNX Runtime, reporting int32 ids as a TensorRT 8.6 engine does) gets its int inputs
     cast, and no deprecation warning is raised."""

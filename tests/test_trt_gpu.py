@@ -109,39 +109,39 @@ def test_trt_decoder_kv_cache_matters(built_static):
         vision.deactivate(), llm.deactivate()
 
 
-def test_engine_from_other_trt_version_is_refused(built_static, tmp_path):
-    from flashvl_edge.runtime.backends import open_runners
+def _engines_recorded_as(built, tmp_path, **fields):
+    """A copy of the built bundle whose engine entries claim ``fields`` (another TensorRT, platform...)."""
     from flashvl_edge.runtime.bundle import Bundle, finalize_manifest
-    from flashvl_edge.runtime.errors import EngineMismatchError
+    from flashvl_edge.runtime.contract import Manifest
 
     copy = tmp_path / "b"
-    shutil.copytree(built_static, copy)
+    shutil.copytree(built, copy)
     m = json.loads((copy / "manifest.json").read_text())
     for e in m["engines"].values():
-        e["trt_version"] = "7.0.0"
-    finalize_manifest(copy, m)
+        e.update(fields)
+    finalize_manifest(copy, Manifest.from_json(m, require_files=False))
+    return Bundle.load(copy)
+
+
+def test_engine_from_other_trt_version_is_refused(built_static, tmp_path):
+    from flashvl_edge.runtime.backends import open_runners
+    from flashvl_edge.runtime.errors import EngineMismatchError
+
     with pytest.raises(EngineMismatchError, match="7.0.0"):
-        open_runners(Bundle.load(copy), "trt")
+        open_runners(_engines_recorded_as(built_static, tmp_path, trt_version="7.0.0"), "trt")
 
 
 def test_engine_from_another_platform_is_refused(built_static, tmp_path):
-    """Item 9: the recorded platform is checked at load."""
+    """The recorded platform is checked at load."""
     from flashvl_edge.runtime.backends import open_runners
-    from flashvl_edge.runtime.bundle import Bundle, finalize_manifest
     from flashvl_edge.runtime.errors import EngineMismatchError
 
-    copy = tmp_path / "b"
-    shutil.copytree(built_static, copy)
-    m = json.loads((copy / "manifest.json").read_text())
-    for e in m["engines"].values():
-        e["platform"] = "windows-x86_64"
-    finalize_manifest(copy, m)
     with pytest.raises(EngineMismatchError, match="windows-x86_64"):
-        open_runners(Bundle.load(copy), "trt")
+        open_runners(_engines_recorded_as(built_static, tmp_path, platform="windows-x86_64"), "trt")
 
 
 def test_status_codes_become_clear_errors(runners):
-    """Item 2: a shape outside the profile is refused by TensorRT's set_input_shape, reported naming the
+    """A shape outside the profile is refused by TensorRT's set_input_shape, reported naming the
     input, the shape and the profile's range; the runner stays usable."""
     from flashvl_edge.runtime.errors import BackendError
 
@@ -158,7 +158,7 @@ def test_status_codes_become_clear_errors(runners):
 
 
 def test_engine_limits_reach_the_pipeline(built_static):
-    """Item 3: the pipeline's context is the engine's; a longer chat is refused before any engine call."""
+    """The pipeline's context is the engine's; a longer chat is refused before any engine call."""
     from flashvl_edge.runtime.errors import PromptError
     from flashvl_edge.runtime.pipeline import Pipeline
 
@@ -171,7 +171,7 @@ def test_engine_limits_reach_the_pipeline(built_static):
 
 
 def test_extend_profile_matches_a_full_prefill(runners):
-    """Item 4: a later turn (4 tokens on a 6-token cache) is one engine call in the extend profile; a prompt
+    """A later turn (4 tokens on a 6-token cache) is one engine call in the extend profile; a prompt
     longer than max_input_len runs in chunks; both agree with one full prefill / ONNX Runtime."""
     import onnxruntime as ort
 
@@ -201,7 +201,7 @@ def test_extend_profile_matches_a_full_prefill(runners):
 
 
 def test_kv_cache_is_fp16_as_budgeted(runners):
-    """Item 5: the engine's KV inputs/outputs are fp16 although the bundle is fp32, and doctor budgets
+    """The engine's KV inputs/outputs are fp16 although the bundle is fp32, and doctor budgets
     exactly those bytes for the built engine set."""
     from flashvl_edge.runtime import doctor
     from flashvl_edge.runtime.backends.trt import gpu_info, trt_version
@@ -220,7 +220,7 @@ def test_kv_cache_is_fp16_as_budgeted(runners):
 
 
 def test_decode_allocates_no_device_memory_per_token(runners, monkeypatch):
-    """Item 8: after the first decode step, 20 more tokens make no cudaMalloc or cudaFree."""
+    """After the first decode step, 20 more tokens make no cudaMalloc or cudaFree."""
     from polygraphy import cuda
 
     b, _, llm = runners
