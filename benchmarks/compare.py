@@ -17,12 +17,23 @@ And the memory-bandwidth limit: weight bytes read per decoded token / bandwidth 
 float32 matrix-vector product, best of 5: numpy's, a probe any peer could run, for the targets; and the same
 product through ONNX Runtime, which reads faster here, for a stricter fraction reported next to it).
 
+Batched (``--batch 8``, the default; ``--batch 0`` leaves it out, ``--batched-only`` runs it alone): the same
+text-only prompt ids, one row per sequence (each row its own prompt, all of one length), decoded at once,
+greedy, the same new tokens per row; aggregate decode tokens/s = rows x decode steps / decode time:
+  ours-q       the continuous-batching scheduler ``flashvl serve`` runs, on the INT4 bundle, every row
+               submitted at once (rows prefilled one by one: the runtime has no batched prefill).
+  ortgenai     its Generator with ``batch_size`` = rows, the [rows, length] ids appended at once.
+  llamacpp-q4_0, llamacpp-q4_k_m
+               ``llama-batched-bench`` (built by ``prepare`` from the same llama.cpp source, same ggml flags)
+               on the same GGUFs, without ``-pps`` (no shared prompt); its S_TG and S_PP.
+
 Each repetition runs every contender once (round robin, starting contender rotated per repetition), so
 machine noise hits all of them alike; ratios are computed per repetition and the median reported.
 
 Usage (see docs/performance.md):
   python benchmarks/compare.py prepare --work build/compare            # export, calibrate, HF dir, builder
   python benchmarks/compare.py run --work build/compare --reps 3       # the measurement -> compare.json
+  python benchmarks/compare.py run --work build/compare --batched-only # batched alone -> compare-batched.json
 """
 
 from __future__ import annotations
@@ -64,10 +75,20 @@ def paths(work: Path) -> dict[str, Path]:
             "genai": work / "ortgenai-int4", "image": work / "image.png",
             # llama.cpp: the HF dir with a full-size vocabulary (for its converter), its f32 GGUF, the quants
             "hf_fullvocab": work / "hf-qwen2-fullvocab", "gguf_f32": work / "llamacpp-f32.gguf",
-            "gguf_q4_0": work / "llamacpp-q4_0.gguf", "gguf_q4_k_m": work / "llamacpp-q4_k_m.gguf"}
+            "gguf_q4_0": work / "llamacpp-q4_0.gguf", "gguf_q4_k_m": work / "llamacpp-q4_k_m.gguf",
+            # llama.cpp's batched benchmark, built from the same vendored source (CMake build dir)
+            "llamacpp_build": work / "llamacpp-build",
+            "batched_bench": work / "llamacpp-build" / "bin" / "llama-batched-bench"}
 
 
 LLAMACPP_QUANTS = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
+
+# The ggml CPU flags llama-cpp-python was built with here (docs/performance.md "llama.cpp beside us"), so the
+# batched benchmark runs the same kernels as the single-stream contenders: GGML_NATIVE would pick the AMX
+# kernels, which crash on this VM (SIGSEGV in ggml_backend_amx_mul_mat).
+LLAMACPP_GGML_FLAGS = ["-DGGML_NATIVE=OFF", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF",
+                       "-DGGML_AVX512=ON", "-DGGML_AVX512_VNNI=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON",
+                       "-DGGML_F16C=ON", "-DGGML_AVX=ON", "-DGGML_OPENMP=ON"]
 
 
 def llama_cpp_source(work: Path, explicit: str | None) -> Path:
@@ -197,13 +218,34 @@ def prepare(args) -> None:
     log(f"prepared in {work}")
 
 
+def build_batched_bench(src: Path, build: Path, exe: Path) -> None:
+    """``llama-batched-bench`` (that target only) from the llama.cpp source tree, Release, with the ggml
+    flags of the llama-cpp-python build; static, so the binary needs nothing from the venv. Networking
+    (OpenSSL) is off: the benchmark reads a local GGUF."""
+    import shutil
+
+    if shutil.which("cmake") is None:
+        raise SystemExit("cmake is not installed; it builds llama-batched-bench (or pass --skip-llamacpp)")
+    sh(["cmake", "-S", src, "-B", build, "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF",
+        "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+        "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_TOOLS=ON", *LLAMACPP_GGML_FLAGS])
+    sh(["cmake", "--build", build, "--target", "llama-batched-bench", "--parallel", str(os.cpu_count() or 1)])
+    if not exe.exists():
+        raise SystemExit(f"the llama.cpp build finished but {exe} is missing")
+
+
 def prepare_llamacpp(args, work: Path, p: dict[str, Path]) -> None:
-    """HF dir -> llama.cpp's convert_hf_to_gguf.py (f32) -> llama.cpp's quantizer (Q4_0, Q4_K_M)."""
+    """HF dir -> llama.cpp's convert_hf_to_gguf.py (f32) -> llama.cpp's quantizer (Q4_0, Q4_K_M); and
+    llama.cpp's ``llama-batched-bench`` built from the same source."""
     from flashvl_edge.runtime.backends.ort import physical_cores
 
-    if all(p[f"gguf_{q}"].exists() for q in LLAMACPP_QUANTS):
+    if all(p[f"gguf_{q}"].exists() for q in LLAMACPP_QUANTS) and p["batched_bench"].exists():
         return
     src = llama_cpp_source(work, args.llama_cpp_src)
+    if not p["batched_bench"].exists():
+        build_batched_bench(src, p["llamacpp_build"], p["batched_bench"])
+    if all(p[f"gguf_{q}"].exists() for q in LLAMACPP_QUANTS):
+        return
     if not p["gguf_f32"].exists():
         if not (p["hf_fullvocab"] / "tokenizer.json").exists():
             write_fullvocab_hf(p["hf"], p["hf_fullvocab"], src / "models" / "ggml-vocab-qwen2.gguf")
@@ -393,12 +435,12 @@ class TorchEager:
 class OrtGenAI:
     name = "ortgenai"
 
-    def __init__(self, model_dir: Path):
+    def __init__(self, model_dir: Path, threads: int):
         import onnxruntime_genai as og
 
         self.og = og
         t0 = time.perf_counter()
-        self.model = og.Model(str(model_dir))
+        self.model = load_genai(model_dir, threads)
         self.load_s = time.perf_counter() - t0
         self.weights = genai_bytes_per_token(model_dir)
 
@@ -464,6 +506,311 @@ class LlamaCpp:
 
 
 # --------------------------------------------------------------------------------------------
+# batched: several text-only sequences decoded at once
+
+
+def batch_prompt_rows(base: list[int], rows: int, pad_id: int | None = None) -> list[list[int]]:
+    """``rows`` different prompts of one length: ``base`` with everything after its first token rotated
+    left by the row's index. One length, because llama-batched-bench takes a single prompt length and
+    so no contender pads; the same ids, so every row is valid for every contender's vocabulary. ORT GenAI
+    masks ``pad_id`` as padding, so a prompt holding it is refused."""
+    base = [int(t) for t in base]
+    if rows < 1 or len(base) < rows + 1:
+        raise SystemExit(f"a batch of {rows} rows needs a prompt of more than {rows} tokens, got {len(base)}")
+    if pad_id is not None and pad_id in base:
+        raise SystemExit(f"the prompt holds token {pad_id}, ORT GenAI's pad token; choose another --batch-prompt-len")
+    head, tail = base[:1], base[1:]
+    out = [head + tail[i:] + tail[:i] for i in range(rows)]
+    if len({tuple(r) for r in out}) != rows:
+        raise SystemExit("the batch prompt repeats itself, so its rotations are not all different; "
+                         "choose another --batch-prompt-len")
+    return out
+
+
+_BENCH_COLUMNS = {"PP": "pp", "TG": "tg", "B": "rows", "N_KV": "n_kv", "T_PP s": "prefill_s",
+                  "S_PP t/s": "prefill_tokens_per_s", "T_TG s": "decode_s", "S_TG t/s": "decode_tokens_per_s",
+                  "T s": "total_s", "S t/s": "total_tokens_per_s"}
+
+
+def parse_batched_bench(text: str) -> dict:
+    """llama-batched-bench's Markdown output: its settings line (``n_kv_max = ..., n_threads = ...``) and
+    one dict per table row, keyed as ``_BENCH_COLUMNS`` names them (S_TG = B*TG / T_TG: the aggregate
+    decode tokens/s of B sequences; S_PP = B*PP / T_PP without ``-pps``)."""
+    import re
+
+    settings, header, rows = {}, None, []
+    for line in text.splitlines():
+        line = line.strip()
+        if "n_kv_max =" in line:
+            settings = {k: int(v) for k, v in re.findall(r"(\w+) = (-?\d+)", line)}
+        if not line.startswith("|"):
+            continue
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if header is None:
+            if "S_TG t/s" in cells:
+                header = cells
+            continue
+        if all(set(c) <= set("-:") for c in cells):
+            continue
+        if len(cells) != len(header):
+            raise ValueError(f"llama-batched-bench row {line!r} does not match its header {header}")
+        row = {}
+        for name, cell in zip(header, cells):
+            key = _BENCH_COLUMNS.get(name)
+            if key:
+                row[key] = int(cell) if key in ("pp", "tg", "rows", "n_kv") else float(cell)
+        rows.append(row)
+    if header is None or not rows:
+        raise ValueError("no llama-batched-bench table in its output")
+    return {"settings": settings, "rows": rows}
+
+
+class OursBatched:
+    """Our batched decode as ``flashvl serve`` runs it: the continuous-batching scheduler
+    (runtime/scheduler.py), every row submitted at once (``Scheduler.submit_all``), greedy, EOS ignored.
+    The scheduler prefills each row alone (batch 1, the ``flashvl chat`` path: the runtime has no batched
+    prefill) and merges its KV cache into the batch; then one LLM run per step decodes a token for every
+    row, and each row samples and detokenizes its token as a server request does."""
+
+    def __init__(self, name: str, bundle: Path):
+        from flashvl_edge.runtime.pipeline import Pipeline
+
+        self.name = name
+        t0 = time.perf_counter()
+        self.pipe = Pipeline.from_bundle(bundle, image_cache_bytes=0, kv_cache_bytes=0)  # every row prefilled
+        self.load_s = time.perf_counter() - t0
+
+    def measure(self, prompts: list[list[int]], new_tokens: int) -> dict:
+        import asyncio
+
+        from flashvl_edge.runtime.generate import SamplingParams
+        from flashvl_edge.runtime.pipeline import PreparedPrompt
+        from flashvl_edge.runtime.scheduler import GenerationRequest, Scheduler, TokenEvent
+
+        n, length = len(prompts), len(prompts[0])
+        requests = [GenerationRequest(PreparedPrompt(token_ids=list(ids), image_mask=[False] * len(ids), images=[],
+                                                     n_image_tokens=0, n_tiles=0),
+                                      SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True))
+                    for ids in prompts]
+
+        async def drive():
+            sched = Scheduler(self.pipe, max_batch=n, max_queue=n).start()
+            try:
+                t0 = time.perf_counter()
+                handles = sched.submit_all(requests)
+
+                async def tokens(handle):
+                    return [(ev.token_id, ev.time) async for ev in handle if isinstance(ev, TokenEvent)]
+                got = await asyncio.gather(*[tokens(h) for h in handles])
+                return t0, got, [h.finished for h in handles], sched.steps
+            finally:
+                sched.shutdown(5)
+
+        calls = self.pipe.llm.start_timeline()
+        try:
+            t0, got, finished, steps = asyncio.run(drive())
+        finally:
+            self.pipe.llm.stop_timeline()
+        for fin in finished:
+            if fin is None or fin.finish_reason != "length":
+                raise SystemExit(f"a batched request ended with {fin and fin.finish_reason}: {fin and fin.error}")
+        # all rows were admitted before the first batched step: n prefills, then steps runs of n rows
+        prefill_calls, decode_calls = calls[:n], calls[n:]
+        if steps != new_tokens - 1 or len(decode_calls) != steps or any(c.size != n for c in decode_calls):
+            raise SystemExit(f"the scheduler did not decode the {n} rows as one batch "
+                             f"({steps} steps, call sizes {[c.size for c in decode_calls]})")
+        first_step = decode_calls[0].start
+        decode_s = max(ts[-1][1] for ts in got) - first_step  # the last step's sampling included
+        decode_graph_s = sum(c.end - c.start for c in decode_calls)
+        prefill_s = first_step - t0  # n prefills one after another, their first tokens, the KV merges
+        return {"rows": n, "prompt_tokens": length, "decode_steps": steps,
+                "prefill_s": prefill_s, "prefill_tokens_per_s": n * length / prefill_s,
+                "prefill_graph_s": sum(c.end - c.start for c in prefill_calls),
+                "decode_s": decode_s, "decode_tokens_per_s": n * steps / decode_s,
+                "decode_graph_tokens_per_s": n * steps / decode_graph_s,
+                "step_ms": 1e3 * decode_s / steps,
+                "overhead_ms_per_step": 1e3 * (decode_s - decode_graph_s) / steps,
+                "token_ids": [[t for t, _ in ts] for ts in got]}
+
+
+def load_genai(model_dir: Path, threads: int):
+    """ORT GenAI's model with its decoder session's intra-op threads set (ORT's default counts cores
+    itself; the contenders all get the same number)."""
+    import onnxruntime_genai as og
+
+    config = og.Config(str(model_dir))
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    return og.Model(config)
+
+
+class OrtGenAIBatched(OrtGenAI):
+    """ORT GenAI's Generator over a batch: ``batch_size`` = rows, the [rows, length] prompt ids appended at
+    once (one batched prefill), then one ``generate_next_token`` per step for all rows, greedy, no early
+    stop (min_length = max_length)."""
+
+    def __init__(self, model_dir: Path, threads: int):
+        super().__init__(model_dir, threads)
+        self.pad_token_id = json.loads((model_dir / "genai_config.json").read_text())["model"].get("pad_token_id")
+        self.threads = threads
+
+    def measure(self, prompts: list[list[int]], new_tokens: int) -> dict:
+        og = self.og
+        n, length = len(prompts), len(prompts[0])
+        params = og.GeneratorParams(self.model)
+        total = length + new_tokens
+        params.set_search_options(do_sample=False, max_length=total, min_length=total, batch_size=n)
+        gen = og.Generator(self.model, params)
+        ids = np.asarray(prompts, dtype=np.int32)
+        t0 = time.perf_counter()
+        gen.append_tokens(ids)  # prefill of every row in one run
+        gen.generate_next_token()
+        tokens = [np.array(gen.get_next_tokens())]
+        stamps = [time.perf_counter()]
+        while not gen.is_done() and len(tokens) < new_tokens:
+            gen.generate_next_token()
+            tokens.append(np.array(gen.get_next_tokens()))
+            stamps.append(time.perf_counter())
+        steps = len(stamps) - 1
+        if steps != new_tokens - 1:
+            raise SystemExit(f"ORT GenAI stopped after {steps + 1} of {new_tokens} tokens")
+        decode_s = stamps[-1] - stamps[0]
+        prefill_s = stamps[0] - t0
+        return {"rows": n, "prompt_tokens": length, "decode_steps": steps, "threads": self.threads,
+                "prefill_s": prefill_s, "prefill_tokens_per_s": n * length / prefill_s,
+                "decode_s": decode_s, "decode_tokens_per_s": n * steps / decode_s,
+                "step_ms": 1e3 * decode_s / steps,
+                "token_ids": np.stack(tokens, axis=1).astype(int).tolist()}
+
+
+class LlamaBatchedBench:
+    """llama.cpp's own batched benchmark (``llama-batched-bench``) on a GGUF, one process per measurement.
+
+    Without ``-pps``: every row has its own prompt (N_KV = B * (PP + TG)), as our rows do; with it llama.cpp
+    would prefill one shared prompt and copy its KV, which no contender here is given. ``-npp`` = our prompt
+    length, ``-ntg`` = our decode steps (new tokens - 1: the first token comes from the prefill), ``-npl
+    1,B``: B rows and one row for reference. The tool feeds random token ids and reads no logits (no
+    sampling): speed does not depend on the ids, and its step is the bare ``llama_decode``."""
+
+    def __init__(self, name: str, exe: Path, gguf: Path, threads: int, flash_attn: str):
+        self.name, self.exe, self.gguf = name, exe, gguf
+        self.threads, self.flash_attn = threads, flash_attn
+        self.load_s = None  # each measurement loads the GGUF in its own process, outside its timings
+
+    def command(self, prompt_len: int, new_tokens: int, rows: int) -> list[str]:
+        tg = new_tokens - 1
+        # every row's prompt and new tokens, per row a multiple of 256 cells: llama.cpp splits the context
+        # evenly between the sequences (rounding down), and skips a B whose rows do not fit, silently
+        ctx = rows * (-(-(prompt_len + tg) // 256) * 256)
+        return [str(self.exe), "-m", str(self.gguf), "-t", str(self.threads), "-tb", str(self.threads),
+                "-c", str(ctx), "-b", "2048", "-ub", "512", "-fa", self.flash_attn,
+                "-npp", str(prompt_len), "-ntg", str(tg), "-npl", ",".join(sorted({"1", str(rows)}, key=int))]
+
+    def measure(self, prompts: list[list[int]], new_tokens: int) -> dict:
+        n, length = len(prompts), len(prompts[0])
+        cmd = self.command(length, new_tokens, n)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+        if proc.returncode != 0:
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise SystemExit(f"llama-batched-bench failed ({proc.returncode}): {tail}")
+        parsed = parse_batched_bench(proc.stdout + "\n" + proc.stderr)
+        by_rows = {r["rows"]: r for r in parsed["rows"]}
+        if n not in by_rows:
+            raise SystemExit(f"llama-batched-bench printed no row for B={n}: {' '.join(cmd)}")
+        r = by_rows[n]
+        return {"rows": n, "prompt_tokens": length, "decode_steps": r["tg"], "threads": self.threads,
+                "prefill_s": r["prefill_s"], "prefill_tokens_per_s": r["prefill_tokens_per_s"],
+                "decode_s": r["decode_s"], "decode_tokens_per_s": r["decode_tokens_per_s"],
+                "step_ms": 1e3 * r["decode_s"] / r["tg"],
+                "one_row_decode_tokens_per_s": by_rows[1]["decode_tokens_per_s"] if 1 in by_rows else None,
+                "bench_settings": parsed["settings"], "bench_rows": parsed["rows"], "command": " ".join(cmd)}
+
+
+BATCHED_RATIOS = ("ortgenai", "llamacpp-q4_0", "llamacpp-q4_k_m")
+
+
+def run_batched(args, report: dict, p: dict[str, Path]) -> None:
+    """Every batched contender once per repetition, round robin (the start rotated per repetition), on the
+    same rows; ratios ours / theirs per repetition, the median reported."""
+    from flashvl_edge.runtime.backends.ort import physical_cores
+    from flashvl_edge.runtime.bench import make_prompt
+
+    if args.new_tokens < 2:
+        raise SystemExit("the batched comparison needs --new-tokens >= 2 (one decode step at least)")
+    threads = physical_cores()
+    contenders = {"ours-q": OursBatched("ours-q", p["q"]), "ortgenai": OrtGenAIBatched(p["genai"], threads)}
+    if not args.skip_llamacpp:
+        for q in LLAMACPP_QUANTS:
+            contenders[f"llamacpp-{q}"] = LlamaBatchedBench(f"llamacpp-{q}", p["batched_bench"], p[f"gguf_{q}"],
+                                                            args.llamacpp_threads, args.llamacpp_flash_attn)
+    pipe = contenders["ours-q"].pipe
+    text = make_prompt(pipe.prompts.tokenizer, args.batch_prompt_len)
+    base = pipe.prepare_prompt([pipe.prompts.user_message(text, 0)], []).token_ids
+    prompts = batch_prompt_rows(base, args.batch, contenders["ortgenai"].pad_token_id)
+    log(f"batched: {args.batch} rows of {len(base)} prompt tokens, {args.new_tokens} new tokens each")
+
+    names = list(contenders)
+    results: dict[str, list[dict]] = {k: [] for k in names}
+    for rep in range(args.warmup + args.reps):
+        order = names[rep % len(names):] + names[:rep % len(names)]
+        for name in order:
+            t0 = time.perf_counter()
+            r = contenders[name].measure(prompts, args.new_tokens)
+            log(f"batched rep {rep} {name}: prefill {r['prefill_tokens_per_s']:.1f} tok/s, decode "
+                f"{r['decode_tokens_per_s']:.2f} tok/s aggregate ({time.perf_counter() - t0:.0f} s)")
+            if rep >= args.warmup:
+                r["rep"] = rep - args.warmup
+                results[name].append(r)
+        gc.collect()
+    load_s = {k: c.load_s for k, c in contenders.items()}
+    contenders.clear()
+    gc.collect()
+
+    def per_rep(theirs: str, key: str) -> list[float]:
+        return [a[key] / b[key] for a, b in zip(results["ours-q"], results.get(theirs, [])) if a[key] and b[key]]
+
+    summary = {name: {k: med([r.get(k) for r in rs]) for k in
+                      ("prefill_s", "prefill_tokens_per_s", "decode_tokens_per_s", "step_ms",
+                       "decode_graph_tokens_per_s", "overhead_ms_per_step", "one_row_decode_tokens_per_s")}
+               for name, rs in results.items()}
+    ratios, ratios_per_rep, targets = {}, {}, {}
+    for theirs in BATCHED_RATIOS:
+        if theirs not in results:
+            continue
+        tag = theirs.replace("-", "_")
+        for what in ("decode", "prefill"):
+            key = f"batched_{what}_int4_vs_{tag}"
+            ratios_per_rep[key] = per_rep(theirs, f"{what}_tokens_per_s")
+            ratios[key] = med(ratios_per_rep[key])
+        key = f"batched_decode_int4_vs_{tag}"
+        targets[key] = {"target": ">= 1.0", "value": ratios[key],
+                        "met": None if ratios[key] is None else ratios[key] >= 1.0}
+    report["batched"] = {"rows": args.batch, "prompt_tokens": len(base), "new_tokens": args.new_tokens,
+                         "decode_steps": args.new_tokens - 1, "threads": threads,
+                         "llamacpp_threads": None if args.skip_llamacpp else args.llamacpp_threads,
+                         "llamacpp_flash_attn": None if args.skip_llamacpp else args.llamacpp_flash_attn,
+                         "shared_prompt": False, "prompt_token_ids": prompts, "load_s": load_s,
+                         "results": results, "summary": summary, "ratios": ratios,
+                         "ratios_per_rep": ratios_per_rep, "targets": targets}
+
+    f = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
+    print(f"batched: {args.batch} rows x {len(base)} prompt tokens (each its own), {args.new_tokens} new tokens "
+          f"per row ({args.new_tokens - 1} batched steps), greedy; {args.reps} repetitions after {args.warmup} warm-up")
+    print(f"{'contender':16s} {'prefill s':>10s} {'prefill tok/s':>14s} {'decode tok/s':>13s} {'step ms':>9s} "
+          f"{'graph tok/s':>12s} {'overhead ms':>12s} {'1-row tok/s':>12s}")
+    for name, s in summary.items():
+        print(f"{name:16s} {f(s['prefill_s']):>10s} {f(s['prefill_tokens_per_s'], 1):>14s} "
+              f"{f(s['decode_tokens_per_s']):>13s} {f(s['step_ms'], 1):>9s} {f(s['decode_graph_tokens_per_s']):>12s} "
+              f"{f(s['overhead_ms_per_step'], 2):>12s} {f(s['one_row_decode_tokens_per_s']):>12s}")
+    print("batched ratios ours / theirs (median over repetitions; per repetition) and targets:")
+    for key, value in ratios.items():
+        t = targets.get(key)
+        reps = " / ".join(f"{v:.3f}" for v in ratios_per_rep[key])
+        mark = "(no target)" if t is None else (f"target {t['target']} "
+                                                f"{'' if t['met'] is None else ('met' if t['met'] else 'MISSED')}")
+        print(f"  {key:38s} {f(value, 3):>8s}  [{reps}]  {mark}")
+
+
+# --------------------------------------------------------------------------------------------
 # run
 
 
@@ -500,19 +847,51 @@ def med(values):
     return statistics.median(values) if values else None
 
 
+def report_path(args) -> Path:
+    """``--out``, else WORK/compare.json; WORK/compare-batched.json for ``--batched-only``, so that a batched
+    run alone does not replace the full report."""
+    if args.out:
+        return Path(args.out)
+    return Path(args.work) / ("compare-batched.json" if args.batched_only else "compare.json")
+
+
 def run(args) -> None:
     from flashvl_edge.runtime.backends.ort import physical_cores
-    from flashvl_edge.runtime.bench import machine_info, make_prompt
+    from flashvl_edge.runtime.bench import machine_info
 
     work = Path(args.work)
     p = paths(work)
-    for key in ("fp32", "q", "genai", "image"):
+    if args.batched_only and args.batch < 1:
+        raise SystemExit("--batched-only needs --batch >= 1")
+    needed = ["q", "genai"] + ([] if args.batched_only else ["fp32", "image"])
+    for key in needed:
         if not p[key].exists():
             raise SystemExit(f"{p[key]} is missing; run 'python benchmarks/compare.py prepare --work {work}' first")
+    if args.batch and not args.skip_llamacpp:
+        for key in ("batched_bench", *(f"gguf_{q}" for q in LLAMACPP_QUANTS)):
+            if not p[key].exists():
+                raise SystemExit(f"{p[key]} is missing; run 'python benchmarks/compare.py prepare --work {work}' "
+                                 "(or pass --skip-llamacpp)")
     report: dict = {"preset": args.preset, "seed": args.seed, "machine": machine_info(),
                     "settings": {"reps": args.reps, "warmup": args.warmup, "new_tokens": args.new_tokens,
-                                 "prompt_len": args.prompt_len, "threads": physical_cores()},
+                                 "prompt_len": args.prompt_len, "threads": physical_cores(),
+                                 "batch": args.batch, "batch_prompt_len": args.batch_prompt_len,
+                                 "batched_only": args.batched_only},
                     "command": " ".join([Path(sys.executable).name] + sys.argv)}
+    if not args.batched_only:
+        run_single(args, report, p)
+    if args.batch:
+        run_batched(args, report, p)
+    out = report_path(args)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+def run_single(args, report: dict, p: dict[str, Path]) -> None:
+    """One sequence at a time: every contender, vision included where it has one, and the bandwidth limit."""
+    from flashvl_edge.runtime.backends.ort import physical_cores
+    from flashvl_edge.runtime.bench import make_prompt
+
     if not args.skip_chat_rss:
         # first, alone, so its peak RSS is its own: no double copies of the weights
         report["chat_peak_rss_int4"] = chat_peak_rss(p["q"], p["image"], 8)
@@ -527,7 +906,7 @@ def run(args) -> None:
     contenders = {}
     contenders["ours-fp32"] = Ours("ours-fp32", p["fp32"])
     contenders["ours-q"] = Ours("ours-q", p["q"])
-    contenders["ortgenai"] = OrtGenAI(p["genai"])
+    contenders["ortgenai"] = OrtGenAI(p["genai"], physical_cores())
     if not args.skip_llamacpp:
         for q in LLAMACPP_QUANTS:
             if not p[f"gguf_{q}"].exists():
@@ -652,8 +1031,6 @@ def run(args) -> None:
     report["targets"] = {k: {"target": f"{op} {v}", "value": ratios[k],
                              "met": None if ratios[k] is None else (ratios[k] >= v if op == ">=" else ratios[k] <= v)}
                          for k, (op, v) in targets.items()}
-    out = Path(args.out or work / "compare.json")
-    out.write_text(json.dumps(report, indent=2) + "\n")
 
     print(f"bandwidth (numpy float32 matvec, best of 5) before / after the run: "
           f"{bw[0]['bytes_per_s'] / 1e9:.1f} / {bw[1]['bytes_per_s'] / 1e9:.1f} GB/s; ONNX Runtime MatMul: "
@@ -686,12 +1063,47 @@ def run(args) -> None:
         print(f"flashvl chat peak RSS on the int4 bundle: {c['peak_rss_bytes'] / 2**20:.0f} MiB = {c['ratio']:.2f}x "
               f"its {c['weight_file_bytes'] / 2**20:.0f} MiB of weight files (target <= 1.3x)")
     print(f"greedy tokens equal to ours-fp32 for the first N: {agree}")
-    print(f"wrote {out}")
 
 
 def markdown(args) -> None:
     """compare.json as the Markdown tables docs/performance.md shows."""
-    r = json.loads(Path(args.out or Path(args.work) / "compare.json").read_text())
+    r = json.loads(report_path(args).read_text())
+    if "summary" in r:
+        markdown_single(r)
+    if "batched" in r:
+        if "summary" in r:
+            print()
+        markdown_batched(r)
+
+
+def markdown_batched(r: dict) -> None:
+    f = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
+    b = r["batched"]
+    m = r["machine"]
+    fa = f", llama.cpp flash attention {b['llamacpp_flash_attn']}" if b.get("llamacpp_flash_attn") else ""
+    print(f"Batched, text only: {b['rows']} rows of {b['prompt_tokens']} prompt tokens, each row its own prompt "
+          f"(not shared: llama-batched-bench without -pps), {b['new_tokens']} new tokens per row, greedy "
+          f"({b['decode_steps']} batched decode steps); {b['threads']} threads{fa}; "
+          f"{m.get('cpu')}, onnxruntime {m.get('onnxruntime')}; "
+          f"{r['settings']['reps']} repetitions after {r['settings']['warmup']} warm-up.\n")
+    print("| contender | prefill s | prefill tok/s | decode tok/s (all rows) | step ms | graph-only decode tok/s "
+          "| overhead ms/step | 1-row decode tok/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, s in b["summary"].items():
+        print(f"| {name} | {f(s.get('prefill_s'))} | {f(s.get('prefill_tokens_per_s'), 1)} | "
+              f"{f(s.get('decode_tokens_per_s'))} | {f(s.get('step_ms'), 1)} | "
+              f"{f(s.get('decode_graph_tokens_per_s'))} | {f(s.get('overhead_ms_per_step'))} | "
+              f"{f(s.get('one_row_decode_tokens_per_s'))} |")
+    print("\n| ours / theirs | value (median) | per repetition | target | met |")
+    print("|---|---|---|---|---|")
+    for k, v in b["ratios"].items():
+        t = b["targets"].get(k)
+        reps = " / ".join(f"{x:.3f}" for x in b["ratios_per_rep"][k])
+        met = "-" if t is None or t["met"] is None else ("yes" if t["met"] else "**no**")
+        print(f"| {k} | {f(v, 3)} | {reps} | {'-' if t is None else t['target']} | {met} |")
+
+
+def markdown_single(r: dict) -> None:
     f = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
     m = r["machine"]
     probes = " / ".join(f"{b['bytes_per_s'] / 1e9:.1f}" for b in r["bandwidth"]["runs"])
@@ -745,6 +1157,14 @@ def main() -> None:
                        help="llama.cpp source tree (convert_hf_to_gguf.py, models/); default: the sdist of the "
                             "installed llama-cpp-python, fetched once into the work dir")
         s.add_argument("--llamacpp-threads", type=int, default=2)
+        s.add_argument("--batch", type=int, default=8,
+                       help="rows of the batched comparison (text only, decoded at once); 0 leaves it out")
+        s.add_argument("--batched-only", action="store_true",
+                       help="only the batched comparison (default report WORK/compare-batched.json)")
+        s.add_argument("--batch-prompt-len", type=int, default=256,
+                       help="text tokens of each batched row's user message (the chat template adds its own)")
+        s.add_argument("--llamacpp-flash-attn", choices=("auto", "on", "off"), default="auto",
+                       help="llama-batched-bench -fa (default: llama.cpp's own default, auto)")
         s.add_argument("--probe-gib", type=float, default=1.0,
                        help="size of the bandwidth probe's matrix, kept for the whole run (default 1 GiB)")
     s = sub.add_parser("_save-hf")

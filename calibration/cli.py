@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,9 @@ from flashvl_edge.runtime.errors import CalibrationError
 from flashvl_edge.runtime.weights import graph_initializer_bytes
 
 from . import data, report
-from .quantize import INT4_BLOCK_SIZE, METHODS
+from .quantize import AWQ_ALGORITHM, INT4_BLOCK_SIZE, METHODS
+
+INT4_METHODS = ("rtn", "awq")
 
 
 def add_arguments(p) -> None:
@@ -41,10 +44,14 @@ def add_arguments(p) -> None:
                    help=f"calibration samples (default: up to {data.DEFAULT_SAMPLES}; more than available is an error)")
     p.add_argument("--holdout", type=int, default=data.DEFAULT_HOLDOUT,
                    help=f"samples held out for the accuracy report (default {data.DEFAULT_HOLDOUT})")
+    p.add_argument("--int4-method", choices=INT4_METHODS, default="rtn",
+                   help="INT4 weights: rtn = round-to-nearest, no calibration (default); awq = activation-aware "
+                        "(NVIDIA ModelOpt's ONNX AWQ on the calibration samples, the 'awq' extra); the report "
+                        "then shows RTN beside it")
     p.add_argument("--method", choices=METHODS, default="entropy",
                    help="INT8 activation range: entropy (KL, default), max (symmetric absmax), "
                         "minmax (asymmetric; ONNX Runtime only, TensorRT needs symmetric); "
-                        "int4 is round-to-nearest and needs no calibration")
+                        "INT4 takes --int4-method instead")
     p.add_argument("--report-tokens", type=int, default=data.DEFAULT_REPORT_TOKENS,
                    help="teacher-forced positions per held-out sample for the LLM report (default 16)")
     p.add_argument("--cache-dir", help="where captured inputs are cached (default ~/.cache/flashvl-edge/calibration)")
@@ -59,6 +66,7 @@ class CalibrationOptions:
     vision: str = "int8"  # "int8" | "none"
     llm: str = "int4"  # "int8" | "int4" | "none"
     method: str = "entropy"
+    int4_method: str = "rtn"  # "rtn" | "awq"
     images: str | None = None
     prompts: str | None = None
     samples: int | None = None
@@ -72,6 +80,10 @@ class CalibrationOptions:
 def _check_options(bundle_path: str | os.PathLike, out: str | os.PathLike, opts: CalibrationOptions) -> None:
     if opts.vision == "none" and opts.llm == "none":
         raise CalibrationError("--vision none and --llm none leave nothing to quantize; pick int8 or int4")
+    if opts.int4_method not in INT4_METHODS:
+        raise CalibrationError(f"unknown --int4-method {opts.int4_method!r}; choose one of {', '.join(INT4_METHODS)}")
+    if opts.int4_method != "rtn" and opts.llm != "int4":
+        raise CalibrationError(f"--int4-method {opts.int4_method} applies to --llm int4 (got --llm {opts.llm})")
     if opts.report_tokens < 1:
         raise CalibrationError(f"--report-tokens must be at least 1, got {opts.report_tokens}")
     src, dst = Path(bundle_path).resolve(), Path(out).resolve()
@@ -100,7 +112,7 @@ def calibrate(bundle_path: str | os.PathLike, out: str | os.PathLike,
     from flashvl_edge.runtime.bundle import Bundle, finalize_manifest, staging_dir, tool_versions
     from flashvl_edge.runtime.contract import QuantizationSpec
 
-    from .quantize import quantize_llm_int4, quantize_llm_int8, quantize_vision_int8
+    from .quantize import quantize_llm_int4, quantize_llm_int4_awq, quantize_llm_int8, quantize_vision_int8
 
     _check_options(bundle_path, out, opts)
     bundle = Bundle.load(bundle_path)
@@ -115,9 +127,10 @@ def calibrate(bundle_path: str | os.PathLike, out: str | os.PathLike,
     prompts = data.load_prompts(opts.prompts, m.image.placeholder)
     samples = data.select_samples(opts.images, prompts, opts.samples, opts.holdout, m.preprocess.max_image_pixels)
     t0 = time.perf_counter()
-    # INT4 is round-to-nearest: only INT8 (vision or LLM) needs calibration inputs; the report always
-    # needs the held-out references.
-    needs_calibration = opts.vision == "int8" or opts.llm == "int8"
+    # INT4 round-to-nearest needs no calibration inputs, INT8 (vision or LLM) and AWQ do; the report
+    # always needs the held-out references.
+    awq = opts.llm == "int4" and opts.int4_method == "awq"
+    needs_calibration = opts.vision == "int8" or opts.llm == "int8" or awq
     cap = data.capture(bundle_path, samples, opts.report_tokens, opts.cache_dir, progress=opts.progress,
                        held_out_only=not needs_calibration)
     t_capture = time.perf_counter() - t0
@@ -165,21 +178,44 @@ def calibrate(bundle_path: str | os.PathLike, out: str | os.PathLike,
         if opts.llm != "none":
             g = m.graph("llm")
             dst = tmp / g.file
-            print(f"quantizing the LLM graph: {opts.llm}" + (f", {opts.method} calibration" if opts.llm == "int8"
-                                                              else f" weight-only, block {INT4_BLOCK_SIZE}, RTN"),
-                  file=sys.stderr)
-            if opts.llm == "int4":
+            t_llm = time.perf_counter()
+            how = {"int8": f", {opts.method} calibration",
+                   "int4": f" weight-only, block {INT4_BLOCK_SIZE}, "
+                           + (f"AWQ ({AWQ_ALGORITHM}, NVIDIA ModelOpt) on {len(cap.calib_embeds)} samples" if awq
+                              else "RTN")}[opts.llm]
+            print(f"quantizing the LLM graph: {opts.llm}{how}", file=sys.stderr)
+            embeds = cap.calib_embeds if opts.llm == "int8" or awq else []
+            if awq and embeds:
+                # ModelOpt stacks each MatMul's input over the samples, so they must be equally long: cut every
+                # prefill to the shortest one's length (the image tokens come first, a few text tokens go)
+                shortest = min(e.shape[1] for e in embeds)
+                embeds = [e[:, :shortest] for e in embeds]
+            feeds = [m.llm_feed(e) for e in embeds]
+            if awq:
+                res = quantize_llm_int4_awq(bundle.path(g.file), dst, feeds, INT4_BLOCK_SIZE, g.external_data,
+                                            progress=opts.progress)
+            elif opts.llm == "int4":
                 res = quantize_llm_int4(bundle.path(g.file), dst, INT4_BLOCK_SIZE, g.external_data)
             else:
-                feeds = [m.llm_feed(e) for e in cap.calib_embeds]
                 res = quantize_llm_int8(bundle.path(g.file), dst, feeds, opts.method, g.external_data)
             table = np.load(bundle.path(m.embeddings.file), mmap_mode="r")
 
-            with OrtDecoder(dst, "llm-" + opts.llm, device="cpu") as decoder:
-                metrics = report.llm_metrics(Generator(decoder, table, m.image.image_token_id),
-                                             cap.held_embeds, cap.held_tokens, cap.held_logits)
+            def measure(graph: Path, label: str) -> dict[str, Any]:
+                with OrtDecoder(graph, label, device="cpu") as decoder:
+                    return report.llm_metrics(Generator(decoder, table, m.image.image_token_id),
+                                              cap.held_embeds, cap.held_tokens, cap.held_logits)
+
+            metrics = measure(dst, "llm-" + opts.llm)
+            if awq:
+                # the round-to-nearest graph on the same held-out samples, for the report only
+                with tempfile.TemporaryDirectory(prefix="flashvl-rtn-", dir=tmp.parent) as rtn_dir:
+                    rtn = Path(rtn_dir) / g.file
+                    quantize_llm_int4(bundle.path(g.file), rtn, INT4_BLOCK_SIZE, g.external_data)
+                    rep["llm_compared"] = {"rtn": {"scheme": "int4", "method": "rtn", **measure(rtn, "llm-int4-rtn")}}
             rep["llm"] = {"scheme": opts.llm, "method": res.method, **metrics, **res.details,
                           "quantized_nodes": len(res.quantized_nodes), "float_nodes": len(res.kept_float_nodes)}
+            if awq:
+                rep["llm"]["quantize_and_report_s"] = round(time.perf_counter() - t_llm, 1)
             schemes["llm"] = res
             new = new.with_graph("llm", weight_bytes=graph_initializer_bytes(dst),
                                  opset=int(res.details.get("opset", g.opset)))
@@ -190,16 +226,18 @@ def calibrate(bundle_path: str | os.PathLike, out: str | os.PathLike,
                 rep["sizes"][name] = {"before": report.graph_bytes(bundle.path(g.file), g.external_data),
                                       "after": report.graph_bytes(tmp / g.file, g.external_data)}
 
+        modelopt_used = any(r.details.get("tool") == "nvidia-modelopt" for r in schemes.values())
         quantization = QuantizationSpec(
             vision="int8" if "vision" in schemes else None,
             llm=opts.llm if "llm" in schemes else None,
             method={k: v.method for k, v in schemes.items()},
-            tool="onnxruntime.quantization",
-            tool_version=onnxruntime.__version__,
+            tool="onnxruntime.quantization" + (" + modelopt.onnx.quantization (llm)" if modelopt_used else ""),
+            tool_version=onnxruntime.__version__ + (f" + {schemes['llm'].details['tool_version']}"
+                                                    if modelopt_used else ""),
             report=report.REPORT_FILE,
             calibrated_from={"path": str(Path(bundle_path).resolve()), "fingerprint": data.bundle_fingerprint(bundle)},
         )
-        new = new.replace(quantization=quantization, tools={**m.tools, **tool_versions("onnxruntime", "onnx")})
+        new = new.replace(quantization=quantization, tools={**m.tools, **tool_versions("onnxruntime", "onnx", *(["nvidia-modelopt"] if modelopt_used else []))})
         rep["quantization"] = quantization.to_json()
         (tmp / report.REPORT_FILE).write_text(json.dumps(rep, indent=2) + "\n", encoding="utf-8")
         finalize_manifest(tmp, new)
@@ -207,7 +245,8 @@ def calibrate(bundle_path: str | os.PathLike, out: str | os.PathLike,
 
 
 def run(args) -> int:
-    opts = CalibrationOptions(vision=args.vision, llm=args.llm, method=args.method, images=args.images,
+    opts = CalibrationOptions(vision=args.vision, llm=args.llm, method=args.method, int4_method=args.int4_method,
+                              images=args.images,
                               prompts=args.prompts, samples=args.samples, holdout=args.holdout,
                               report_tokens=args.report_tokens, cache_dir=args.cache_dir, force=args.force,
                               progress=not args.quiet)

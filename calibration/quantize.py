@@ -1,11 +1,11 @@
 """Quantize the bundle's ONNX graphs into explicit QDQ graphs that ONNX Runtime and TensorRT both run.
 
-Tool choice: ONNX Runtime's own quantization tools (``onnxruntime.quantization``), not NVIDIA ModelOpt.
-ModelOpt's ONNX PTQ (``modelopt.onnx.quantization``) imports onnx-graphsurgeon, onnxconverter-common,
-onnxslim and cupy, which only its ``[onnx]`` extra brings, and that extra also pins onnx 1.21 and
-onnxruntime-gpu 1.24 over the onnx/onnxruntime this project uses (checked with ``pip install --dry-run``
-on 2026-11-21). ONNX Runtime's tools are already a runtime dependency, work offline, and write the
-same explicit-quantization form TensorRT documents:
+Tool choice: ONNX Runtime's own quantization tools (``onnxruntime.quantization``) for INT8 and the
+round-to-nearest INT4 rewrite below; NVIDIA ModelOpt's ONNX PTQ for AWQ INT4 only (the ``awq`` extra: its
+base package plus the modules its ONNX path imports, not its ``[onnx]`` extra, which pins onnxruntime-gpu
+and an older onnx over the ones this project uses; without cupy it runs its numpy path). ONNX Runtime's
+tools are already a runtime dependency, work offline, and write the same explicit-quantization form
+TensorRT documents:
 
 * **Vision INT8** (:func:`quantize_vision_int8`): ``quantize_static`` in QDQ format, int8 weights
   per output channel (``DequantizeLinear`` with ``axis`` set) and int8 activations per tensor, both
@@ -22,11 +22,13 @@ same explicit-quantization form TensorRT documents:
   initializer through ``DequantizeLinear(axis=0, block_size=128)`` (opset 21): symmetric
   **round-to-nearest (RTN)** with one fp32 scale per block of 128 along K, ``scale = absmax / 7``.
   TensorRT parses that as weight-only INT4, and ONNX Runtime's CPU provider fuses each DQ+MatMul
-  pair into its ``MatMulNBits`` kernel when the session is created. Not AWQ: ONNX Runtime has no
-  AWQ, and its calibration-aware int4 (GPTQ) needs Intel's neural-compressor. The rewrite is done
+  pair into its ``MatMulNBits`` kernel when the session is created. The rewrite is done
   here rather than with ``MatMulNBitsQuantizer(quant_format=QDQ)`` because that tool (ORT 1.31)
   writes *signed* scales (``scale = signed absmax / -8``, so about half are negative) and zero
   scales for all-zero blocks, and TensorRT's ONNX parser requires every Q/DQ scale to be positive.
+* **LLM INT4 with AWQ** (:func:`quantize_llm_int4_awq`): the same int4 form, the scales and a per-input-
+  channel activation scale chosen by ModelOpt's AWQ on the calibration prefills (ONNX Runtime has no
+  AWQ; its calibration-aware int4, GPTQ, needs Intel's neural-compressor).
 
 Every function keeps the graph's inputs and outputs exactly as they were (names, types, shapes), so
 the runtime and the engine builder need no special case for a quantized bundle.
@@ -432,3 +434,108 @@ def quantize_llm_int4(src: Path, dst: Path, block_size: int = INT4_BLOCK_SIZE,
                             "(DequantizeLinear axis 0)",
                  "activations": "float (weight-only)", "folded_weight_transposes": folded,
                  "quantized_weights": len(dq_of), "opset": 21, "tensorrt_compatible": True})
+
+
+# ModelOpt's INT4 calibration behind ``--int4-method awq``. "awq_lite" is AWQ proper: per input channel of
+# each weight MatMul it searches the activation-aware scale s = mean|x|^alpha / mean|w|^(1-alpha) that
+# minimises the MatMul's output error on the calibration activations, folds 1/s into the activation (a Mul
+# before the MatMul) and quantizes W * s; "awq_full" adds AWQ's clip search (per block, a smaller absmax).
+AWQ_ALGORITHM = "awq_lite"
+
+
+def quantize_llm_int4_awq(src: Path, dst: Path, feeds: Sequence[Mapping[str, np.ndarray]],
+                          block_size: int = INT4_BLOCK_SIZE, external_data: str | None = None,
+                          algorithm: str = AWQ_ALGORITHM, progress: bool = True) -> QuantResult:
+    """INT4 weight-only decoder graph calibrated with AWQ by NVIDIA ModelOpt's ONNX PTQ on the CPU.
+
+    The result has the same form as :func:`quantize_llm_int4` (symmetric int4 blocks of ``block_size``
+    along K through ``DequantizeLinear(axis=0)``, fp32 scales, opset 21), so TensorRT parses it as
+    weight-only INT4 and ONNX Runtime fuses each DQ+MatMul into MatMulNBits; AWQ adds one activation
+    ``Mul`` (the per-channel pre-quantization scale) in front of each quantized MatMul. ``feeds`` are
+    prefill inputs (empty KV cache), all of one length; ModelOpt runs them through ONNX Runtime's CPU
+    provider.
+
+    Memory: ModelOpt's ``quantize()`` entry point holds the graph with its weights three times (its
+    own copy, the graph extended with the MatMul inputs as outputs, the serialization copy of that)
+    beside the ONNX Runtime session: ~25 GB for the 1.5B decoder, more than a 24 GB machine has. Its
+    INT4 stage is called here instead, on a graph whose weights stay in their external file: the
+    graph protos are then a few MB, and only ONNX Runtime (the calibration session) and the weight
+    currently searched are in memory. The preparation ``quantize()`` would do (opset 21, node names)
+    is done here, as for round-to-nearest.
+    """
+    from flashvl_edge.runtime.doctor import meminfo
+    from flashvl_edge.runtime.errors import MissingExtraError
+
+    try:
+        import modelopt
+        from modelopt.onnx.quantization import int4 as modelopt_int4
+    except ModuleNotFoundError as err:
+        raise MissingExtraError(err.name or "modelopt", "flashvl calibrate --int4-method awq", "awq") from None
+    if not feeds:
+        raise CalibrationError("no calibration inputs were captured; check --images and --prompts")
+    model = _load(src)
+    io_before = _io_signature(model)
+    folded = fold_weight_transposes(model)
+    quantize, keep_float = weight_nodes(model, ("MatMul",))  # also names every MatMul, as ModelOpt wants
+    muls_before = sum(1 for n in model.graph.node if n.op_type == "Mul")
+    # ModelOpt either reruns the graph once per weight and sample (for that MatMul's input only) or,
+    # on its "high system RAM" path, once per sample, keeping every quantized MatMul's input for all
+    # samples. At full size the first is ~200 prefills per sample; take the second whenever those
+    # activations fit beside the calibration session's weights.
+    inits = {init.name: init for init in model.graph.initializer}
+    wanted = set(quantize)
+    k_total = sum(inits[n.input[1]].dims[0] for n in model.graph.node if n.name in wanted)
+    tokens = sum(int(np.prod(f["inputs_embeds"].shape[:2])) for f in feeds)
+    activation_bytes = 4 * tokens * k_total
+    weight_bytes = sum(int(np.prod(t.dims)) * 4 for t in model.graph.initializer)
+    one_pass = activation_bytes + weight_bytes < 0.8 * meminfo().get("MemAvailable", 0)
+    for opset in model.opset_import:  # int4 DequantizeLinear with block_size: opset 21, IR 10
+        if opset.domain in ("", "ai.onnx") and opset.version < 21:
+            opset.version = 21
+    model.ir_version = max(model.ir_version, 10)
+    with tempfile.TemporaryDirectory(prefix="flashvl-awq-") as tmp:
+        prepared = Path(tmp) / "llm.onnx"
+        onnx.save_model(model, str(prepared), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="llm.onnx.data", size_threshold=1024)
+        del model, inits
+        lean = onnx.load(str(prepared), load_external_data=False)  # weights stay in llm.onnx.data
+        # ModelOpt writes its extended graph to a tempfile.mkstemp() file and reads the weights relative
+        # to that file's folder: make that folder the one holding llm.onnx.data, so the extended graph
+        # refers to the same weight file instead of a copy.
+        hide = contextlib.nullcontext() if progress else contextlib.redirect_stderr(io.StringIO())
+        saved_tempdir = tempfile.tempdir
+        tempfile.tempdir = tmp
+        try:
+            with hide, _quiet_ort_tools():
+                q = modelopt_int4.quantize(
+                    lean, calibration_method=algorithm, calibration_data_reader=_FeedReader(feeds),
+                    calibration_eps=["cpu"], use_external_data_format=True, block_size=block_size,
+                    use_zero_point=False,   # symmetric, as TensorRT's weight-only INT4 takes it
+                    nodes_to_exclude=[],    # every weight MatMul, lm_head included, as round-to-nearest
+                    log_level="ERROR", enable_fast_path_using_high_sysram=one_pass,
+                    # Fusing the scale into the preceding RMSNorm weight calls cupy's .get() on a numpy
+                    # array in 0.47 without cupy: keep it as its own Mul (one elementwise op per MatMul).
+                    awqlite_fuse_nodes=False)
+        finally:
+            tempfile.tempdir = saved_tempdir
+        onnx.external_data_helper.load_external_data_for_model(q, tmp)  # the float tensors still external
+    dqs = [n for n in q.graph.node if n.op_type == "DequantizeLinear"]
+    inits = {init.name: init for init in q.graph.initializer}
+    for dq in dqs:  # TensorRT's parser refuses non-positive Q/DQ scales; ModelOpt clips them above 0
+        scale = numpy_helper.to_array(inits[dq.input[1]])
+        if not (scale > 0).all():
+            raise CalibrationError(f"ModelOpt wrote a non-positive INT4 scale ({dq.input[1]}); use --int4-method rtn")
+    pre_scales = sum(1 for n in q.graph.node if n.op_type == "Mul") - muls_before
+    _save(q, dst, external_data)
+    del q
+    _check_io_unchanged(io_before, dst)
+    return QuantResult(
+        scheme="int4", method=algorithm, quantized_nodes=list(quantize), kept_float_nodes=keep_float,
+        details={"weights": f"int4 symmetric, block {block_size} along K (DequantizeLinear axis 0), "
+                            f"ModelOpt {algorithm} calibrated on {len(feeds)} prefill samples",
+                 "activations": "float (weight-only)" + (f"; {pre_scales} AWQ pre-quantization scale Mul nodes"
+                                                          if pre_scales else ""),
+                 "folded_weight_transposes": folded, "quantized_weights": len(dqs), "opset": 21,
+                 "calibration_tokens": tokens, "activation_capture": "one pass per sample" if one_pass
+                 else "one pass per weight and sample",
+                 "tool": "nvidia-modelopt", "tool_version": modelopt.__version__, "tensorrt_compatible": True})

@@ -86,7 +86,7 @@ def _jetson_model() -> str | None:
         return None
 
 
-def _meminfo() -> dict[str, int]:
+def meminfo() -> dict[str, int]:
     out = {}
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -103,7 +103,7 @@ def collect() -> dict[str, Any]:
 
     info: dict[str, Any] = {
         "python": sys.version.split()[0], "platform": platform.platform(), "machine": platform.machine(),
-        "jetson": _jetson_model(), "memory": _meminfo(),
+        "jetson": _jetson_model(), "memory": meminfo(),
         "packages": {p: _version(p) for p in PACKAGES},
         "tensorrt": trt_version(),
     }

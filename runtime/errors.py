@@ -69,6 +69,10 @@ EXTRA_MODULES: dict[str, tuple[str, ...]] = {
     "structured": ("llguidance",),
     # flashvl serve (starlette and pydantic come with fastapi; openai is the client the tests and docs use)
     "serve": ("fastapi", "starlette", "pydantic", "uvicorn", "prometheus_client", "openai", "llguidance"),
+    # flashvl calibrate --int4-method awq: NVIDIA ModelOpt and what its ONNX quantizer imports. Last, so
+    # that a module another extra also carries (torch, onnx, polygraphy) is named with that extra.
+    "awq": ("modelopt", "onnx_graphsurgeon", "ml_dtypes", "onnxconverter_common", "onnxslim", "lief",
+            "cppimport", "torch", "onnxscript", "polygraphy", "onnx", "skimage"),
 }
 # TensorRT itself is in no extra: JetPack installs it on a Jetson, NVIDIA's index elsewhere.
 TENSORRT_HINT = ("TensorRT comes with JetPack on a Jetson (sudo apt install nvidia-tensorrt); elsewhere "

@@ -179,19 +179,28 @@ class Scheduler:
 
     def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
         """Queue ``request``; QueueFullError when ``max_queue`` are waiting, ShuttingDownError when draining."""
+        return self.submit_all([request], loop)[0]
+
+    def submit_all(self, requests: list[GenerationRequest],
+                   loop: asyncio.AbstractEventLoop | None = None) -> list[RequestHandle]:
+        """Queue ``requests`` in one step: the loop takes them at the same step boundary (as many as the
+        batch has room for), so they are admitted together and decode as one batch from the first step.
+        All or none: QueueFullError when they do not all fit in ``max_queue``."""
         loop = loop or asyncio.get_running_loop()
-        if not request.request_id:
-            request.request_id = f"req-{next(self._ids)}"
-        handle = RequestHandle(request, loop)
+        handles = []
+        for request in requests:
+            if not request.request_id:
+                request.request_id = f"req-{next(self._ids)}"
+            handles.append(RequestHandle(request, loop))
         with self._wake:
             if not self._accepting:
                 raise ShuttingDownError("the server is shutting down; retry on another instance")
-            if len(self.waiting) >= self.max_queue:
+            if len(self.waiting) + len(handles) > self.max_queue:
                 raise QueueFullError(f"{len(self.waiting)} requests are already waiting (--max-queue "
                                      f"{self.max_queue}); retry shortly")
-            self.waiting.append(handle)
+            self.waiting.extend(handles)
             self._wake.notify()
-        return handle
+        return handles
 
     def shutdown(self, grace_s: float = 30.0) -> None:
         """Stop accepting; let running and queued requests finish for up to ``grace_s``; cut the rest."""

@@ -180,6 +180,49 @@ def test_cancel_frees_the_slot_and_others_finish(pipe, photos):
     asyncio.run(main())
 
 
+def test_requests_submitted_together_decode_as_one_batch_from_the_first_step(pipe, photos, monkeypatch):
+    from flashvl_edge.runtime.backends import ort
+
+    rows = []
+    real = ort.OrtDecoder.forward_batch
+
+    def spy(self, x, batch):
+        rows.append(x.shape[0])
+        return real(self, x, batch)
+    monkeypatch.setattr(ort.OrtDecoder, "forward_batch", spy)
+    cases = CASES[:4]
+    refs = [pipe.chat(q, images=[photos[n] for n in names], max_new_tokens=NEW_TOKENS, ignore_eos=True).token_ids
+            for q, names in cases]
+
+    async def main():
+        sched = Scheduler(pipe, max_batch=8).start()
+        try:
+            handles = sched.submit_all([GenerationRequest(prepared(pipe, photos, q, n), SamplingParams(
+                max_new_tokens=NEW_TOKENS, ignore_eos=True)) for q, n in cases])
+            return await asyncio.wait_for(asyncio.gather(*[collect(h) for h in handles]), 120), sched.steps
+        finally:
+            sched.shutdown(5)
+    out, steps = asyncio.run(main())
+    assert [tokens for tokens, _, _ in out] == refs
+    # every step decodes all of them: none was admitted after another had started decoding
+    assert steps == NEW_TOKENS - 1 and rows == [len(cases)] * steps
+
+
+def test_submit_all_queues_all_or_none(pipe, photos):
+    async def main():
+        sched = Scheduler(pipe, max_batch=1, max_queue=3)  # not started: nothing leaves the queue
+        sched._accepting = True
+        req = lambda: GenerationRequest(prepared(pipe, photos, "Hi", []), SamplingParams(max_new_tokens=2))  # noqa: E731
+        sched.submit(req())
+        with pytest.raises(QueueFullError, match="max-queue"):
+            sched.submit_all([req(), req(), req()])
+        assert sched.queue_depth == 1
+        assert len(sched.submit_all([req(), req()])) == 2 and sched.queue_depth == 3
+        sched.start()
+        sched.shutdown(grace_s=10)
+    asyncio.run(main())
+
+
 def test_queue_limit_and_shutdown_refuse_new_requests(pipe, photos):
     async def main():
         sched = Scheduler(pipe, max_batch=1, max_queue=2)  # not started: nothing leaves the queue
