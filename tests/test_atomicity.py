@@ -57,8 +57,11 @@ def kill_when_script(py_args: list[str], parent: Path | list[Path], ready, tmp: 
     parents = parent if isinstance(parent, list) else [parent]
     log = tmp / "stderr.log"
     with open(log, "w") as err:
-        proc = subprocess.Popen([PY, *py_args], stdout=subprocess.DEVNULL,
-                                stderr=err, cwd=tmp, env=subprocess_env(tmp))
+        # SIGINT back to its default in the child: a test run started as a background job (CI wrappers,
+        # nohup ... &) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler
+        proc = subprocess.Popen([PY, *py_args], stdout=subprocess.DEVNULL, stderr=err, cwd=tmp,
+                                env=subprocess_env(tmp),
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen: list[str] | None = None  # the staging dir's contents at the kill
     deadline = time.monotonic() + timeout
     try:
