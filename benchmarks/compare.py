@@ -751,8 +751,7 @@ def run_batched(args, report: dict, p: dict[str, Path]) -> None:
     names = list(contenders)
     results: dict[str, list[dict]] = {k: [] for k in names}
     for rep in range(args.warmup + args.reps):
-        order = names[rep % len(names):] + names[:rep % len(names)]
-        for name in order:
+        for name in rotated(names, rep):
             t0 = time.perf_counter()
             r = contenders[name].measure(prompts, args.new_tokens)
             log(f"batched rep {rep} {name}: prefill {r['prefill_tokens_per_s']:.1f} tok/s, decode "
@@ -765,9 +764,6 @@ def run_batched(args, report: dict, p: dict[str, Path]) -> None:
     contenders.clear()
     gc.collect()
 
-    def per_rep(theirs: str, key: str) -> list[float]:
-        return [a[key] / b[key] for a, b in zip(results["ours-q"], results.get(theirs, [])) if a[key] and b[key]]
-
     summary = {name: {k: med([r.get(k) for r in rs]) for k in
                       ("prefill_s", "prefill_tokens_per_s", "decode_tokens_per_s", "step_ms",
                        "decode_graph_tokens_per_s", "overhead_ms_per_step", "one_row_decode_tokens_per_s")}
@@ -779,7 +775,7 @@ def run_batched(args, report: dict, p: dict[str, Path]) -> None:
         tag = theirs.replace("-", "_")
         for what in ("decode", "prefill"):
             key = f"batched_{what}_int4_vs_{tag}"
-            ratios_per_rep[key] = per_rep(theirs, f"{what}_tokens_per_s")
+            ratios_per_rep[key] = per_rep_ratios(results, "ours-q", theirs, f"{what}_tokens_per_s")
             ratios[key] = med(ratios_per_rep[key])
         key = f"batched_decode_int4_vs_{tag}"
         targets[key] = {"target": ">= 1.0", "value": ratios[key],
@@ -792,22 +788,21 @@ def run_batched(args, report: dict, p: dict[str, Path]) -> None:
                          "results": results, "summary": summary, "ratios": ratios,
                          "ratios_per_rep": ratios_per_rep, "targets": targets}
 
-    f = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
     print(f"batched: {args.batch} rows x {len(base)} prompt tokens (each its own), {args.new_tokens} new tokens "
           f"per row ({args.new_tokens - 1} batched steps), greedy; {args.reps} repetitions after {args.warmup} warm-up")
     print(f"{'contender':16s} {'prefill s':>10s} {'prefill tok/s':>14s} {'decode tok/s':>13s} {'step ms':>9s} "
           f"{'graph tok/s':>12s} {'overhead ms':>12s} {'1-row tok/s':>12s}")
     for name, s in summary.items():
-        print(f"{name:16s} {f(s['prefill_s']):>10s} {f(s['prefill_tokens_per_s'], 1):>14s} "
-              f"{f(s['decode_tokens_per_s']):>13s} {f(s['step_ms'], 1):>9s} {f(s['decode_graph_tokens_per_s']):>12s} "
-              f"{f(s['overhead_ms_per_step'], 2):>12s} {f(s['one_row_decode_tokens_per_s']):>12s}")
+        print(f"{name:16s} {fmt(s['prefill_s']):>10s} {fmt(s['prefill_tokens_per_s'], 1):>14s} "
+              f"{fmt(s['decode_tokens_per_s']):>13s} {fmt(s['step_ms'], 1):>9s} {fmt(s['decode_graph_tokens_per_s']):>12s} "
+              f"{fmt(s['overhead_ms_per_step'], 2):>12s} {fmt(s['one_row_decode_tokens_per_s']):>12s}")
     print("batched ratios ours / theirs (median over repetitions; per repetition) and targets:")
     for key, value in ratios.items():
         t = targets.get(key)
         reps = " / ".join(f"{v:.3f}" for v in ratios_per_rep[key])
         mark = "(no target)" if t is None else (f"target {t['target']} "
                                                 f"{'' if t['met'] is None else ('met' if t['met'] else 'MISSED')}")
-        print(f"  {key:38s} {f(value, 3):>8s}  [{reps}]  {mark}")
+        print(f"  {key:38s} {fmt(value, 3):>8s}  [{reps}]  {mark}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -845,6 +840,22 @@ def chat_peak_rss(bundle: Path, image: Path, new_tokens: int) -> dict:
 def med(values):
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
+
+
+def fmt(value, digits: int = 2) -> str:
+    """A number for the tables, "-" for one not measured."""
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def rotated(names: list[str], rep: int) -> list[str]:
+    """The round-robin order of repetition ``rep``: the starting contender moves by one each time, so
+    machine noise hits every contender alike."""
+    return names[rep % len(names):] + names[:rep % len(names)]
+
+
+def per_rep_ratios(results: dict[str, list[dict]], a: str, b: str, key: str) -> list[float]:
+    """``a``'s ``key`` over ``b``'s, repetition by repetition (where both were measured)."""
+    return [ra[key] / rb[key] for ra, rb in zip(results.get(a, []), results.get(b, [])) if ra.get(key) and rb.get(key)]
 
 
 def report_path(args) -> Path:
@@ -934,8 +945,7 @@ def run_single(args, report: dict, p: dict[str, Path]) -> None:
     probe = BandwidthProbe(args.probe_gib)
     last_probe = probe()
     for rep in range(args.warmup + args.reps):
-        order = names[rep % len(names):] + names[:rep % len(names)]
-        for name in order:
+        for name in rotated(names, rep):
             t0 = time.perf_counter()
             r = contenders[name].measure(prompt, image, args.new_tokens, prompt_ids)
             r.pop("decode_step_ms", None), r.pop("decode_graph_ms", None)
@@ -960,12 +970,8 @@ def run_single(args, report: dict, p: dict[str, Path]) -> None:
                            "probe_gib": args.probe_gib}
     report["results"] = results
 
-    def ratio(a, b, key, invert=False):
-        vals = []
-        for ra, rb in zip(results.get(a, []), results.get(b, [])):
-            if ra.get(key) and rb.get(key):
-                vals.append(rb[key] / ra[key] if invert else ra[key] / rb[key])
-        return med(vals)
+    def ratio(a, b, key, invert=False):  # median of the per-repetition ratios; invert: b's over a's
+        return med(per_rep_ratios(results, b, a, key) if invert else per_rep_ratios(results, a, b, key))
 
     if "torch" in results:
         weights["torch"] = weights["ours-fp32"]  # the same fp32 weights
@@ -1041,15 +1047,14 @@ def run_single(args, report: dict, p: dict[str, Path]) -> None:
           f"{'of limit':>9s} {'streamed GB/s':>14s} {'local GB/s':>11s} {'overhead ms':>12s}")
     for name in names:
         s = summary[name]
-        f = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
         streamed = s.get("streamed_bytes_per_s")
         bpt = s.get("bytes_per_token")
-        print(f"{name:16s} {f(s['vision_graph_s']):>9s} {f(s['ttft_s']):>8s} {f(s['prefill_tokens_per_s'], 1):>14s} "
-              f"{f(s['decode_tokens_per_s']):>13s} {('-' if bpt is None else f'{bpt / 2**30:.3f} GiB'):>12s} "
-              f"{f(s.get('bandwidth_limit_tokens_per_s')):>12s} {f(s.get('fraction_of_limit')):>9s} "
-              f"{f(streamed and streamed / 1e9, 1):>14s} "
-              f"{f(s.get('local_bandwidth_bytes_per_s') and s['local_bandwidth_bytes_per_s'] / 1e9, 1):>11s} "
-              f"{f(s['overhead_ms_per_token'], 3):>12s}")
+        print(f"{name:16s} {fmt(s['vision_graph_s']):>9s} {fmt(s['ttft_s']):>8s} {fmt(s['prefill_tokens_per_s'], 1):>14s} "
+              f"{fmt(s['decode_tokens_per_s']):>13s} {('-' if bpt is None else f'{bpt / 2**30:.3f} GiB'):>12s} "
+              f"{fmt(s.get('bandwidth_limit_tokens_per_s')):>12s} {fmt(s.get('fraction_of_limit')):>9s} "
+              f"{fmt(streamed and streamed / 1e9, 1):>14s} "
+              f"{fmt(s.get('local_bandwidth_bytes_per_s') and s['local_bandwidth_bytes_per_s'] / 1e9, 1):>11s} "
+              f"{fmt(s['overhead_ms_per_token'], 3):>12s}")
     print("ratios (median over repetitions) and targets:")
     for k, t in report["targets"].items():
         v = t["value"]
@@ -1077,7 +1082,6 @@ def markdown(args) -> None:
 
 
 def markdown_batched(r: dict) -> None:
-    f = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
     b = r["batched"]
     m = r["machine"]
     fa = f", llama.cpp flash attention {b['llamacpp_flash_attn']}" if b.get("llamacpp_flash_attn") else ""
@@ -1090,21 +1094,20 @@ def markdown_batched(r: dict) -> None:
           "| overhead ms/step | 1-row decode tok/s |")
     print("|---|---|---|---|---|---|---|---|")
     for name, s in b["summary"].items():
-        print(f"| {name} | {f(s.get('prefill_s'))} | {f(s.get('prefill_tokens_per_s'), 1)} | "
-              f"{f(s.get('decode_tokens_per_s'))} | {f(s.get('step_ms'), 1)} | "
-              f"{f(s.get('decode_graph_tokens_per_s'))} | {f(s.get('overhead_ms_per_step'))} | "
-              f"{f(s.get('one_row_decode_tokens_per_s'))} |")
+        print(f"| {name} | {fmt(s.get('prefill_s'))} | {fmt(s.get('prefill_tokens_per_s'), 1)} | "
+              f"{fmt(s.get('decode_tokens_per_s'))} | {fmt(s.get('step_ms'), 1)} | "
+              f"{fmt(s.get('decode_graph_tokens_per_s'))} | {fmt(s.get('overhead_ms_per_step'))} | "
+              f"{fmt(s.get('one_row_decode_tokens_per_s'))} |")
     print("\n| ours / theirs | value (median) | per repetition | target | met |")
     print("|---|---|---|---|---|")
     for k, v in b["ratios"].items():
         t = b["targets"].get(k)
         reps = " / ".join(f"{x:.3f}" for x in b["ratios_per_rep"][k])
         met = "-" if t is None or t["met"] is None else ("yes" if t["met"] else "**no**")
-        print(f"| {k} | {f(v, 3)} | {reps} | {'-' if t is None else t['target']} | {met} |")
+        print(f"| {k} | {fmt(v, 3)} | {reps} | {'-' if t is None else t['target']} | {met} |")
 
 
 def markdown_single(r: dict) -> None:
-    f = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
     m = r["machine"]
     probes = " / ".join(f"{b['bytes_per_s'] / 1e9:.1f}" for b in r["bandwidth"]["runs"])
     print(f"Machine: {m.get('cpu')} ({m.get('logical_cpus')} CPUs, {r['settings']['threads']} physical cores), "
@@ -1117,17 +1120,17 @@ def markdown_single(r: dict) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, s in r["summary"].items():
         bpt, streamed = s.get("bytes_per_token"), s.get("streamed_bytes_per_s")
-        print(f"| {name} | {f(s.get('vision_graph_s'))} | {f(s.get('ttft_s'))} | {f(s.get('prefill_tokens_per_s'), 1)} | "
-              f"{f(s.get('decode_tokens_per_s'))} | "
+        print(f"| {name} | {fmt(s.get('vision_graph_s'))} | {fmt(s.get('ttft_s'))} | {fmt(s.get('prefill_tokens_per_s'), 1)} | "
+              f"{fmt(s.get('decode_tokens_per_s'))} | "
               f"{'-' if bpt is None else f'{bpt / 2**30:.3f} GiB'} | "
-              f"{f(s.get('local_bandwidth_bytes_per_s') and s['local_bandwidth_bytes_per_s'] / 1e9, 1)} | "
-              f"{f(s.get('bandwidth_limit_tokens_per_s'))} | "
-              f"{f(s.get('fraction_of_limit'))} | {f(streamed and streamed / 1e9, 1)} | "
-              f"{f(s.get('overhead_ms_per_token'), 3)} |")
+              f"{fmt(s.get('local_bandwidth_bytes_per_s') and s['local_bandwidth_bytes_per_s'] / 1e9, 1)} | "
+              f"{fmt(s.get('bandwidth_limit_tokens_per_s'))} | "
+              f"{fmt(s.get('fraction_of_limit'))} | {fmt(streamed and streamed / 1e9, 1)} | "
+              f"{fmt(s.get('overhead_ms_per_token'), 3)} |")
     print("\n| target | value | target | met |")
     print("|---|---|---|---|")
     for k, t in r["targets"].items():
-        print(f"| {k} | {f(t['value'], 3)} | {t['target']} | {'-' if t['met'] is None else ('yes' if t['met'] else '**no**')} |")
+        print(f"| {k} | {fmt(t['value'], 3)} | {t['target']} | {'-' if t['met'] is None else ('yes' if t['met'] else '**no**')} |")
     if "chat_peak_rss_int4" in r:
         c = r["chat_peak_rss_int4"]
         print(f"\n`flashvl chat` on the int4 bundle: peak RSS {c['peak_rss_bytes'] / 2**20:.0f} MiB = "

@@ -129,7 +129,7 @@ def calibrate(bundle_path: str | os.PathLike, out: str | os.PathLike,
     t0 = time.perf_counter()
     # INT4 round-to-nearest needs no calibration inputs, INT8 (vision or LLM) and AWQ do; the report
     # always needs the held-out references.
-    awq = opts.llm == "int4" and opts.int4_method == "awq"
+    awq = opts.int4_method == "awq"  # only with --llm int4 (_check_options)
     needs_calibration = opts.vision == "int8" or opts.llm == "int8" or awq
     cap = data.capture(bundle_path, samples, opts.report_tokens, opts.cache_dir, progress=opts.progress,
                        held_out_only=not needs_calibration)
@@ -237,7 +237,8 @@ def calibrate(bundle_path: str | os.PathLike, out: str | os.PathLike,
             report=report.REPORT_FILE,
             calibrated_from={"path": str(Path(bundle_path).resolve()), "fingerprint": data.bundle_fingerprint(bundle)},
         )
-        new = new.replace(quantization=quantization, tools={**m.tools, **tool_versions("onnxruntime", "onnx", *(["nvidia-modelopt"] if modelopt_used else []))})
+        tools = tool_versions("onnxruntime", "onnx", *(["nvidia-modelopt"] if modelopt_used else []))
+        new = new.replace(quantization=quantization, tools={**m.tools, **tools})
         rep["quantization"] = quantization.to_json()
         (tmp / report.REPORT_FILE).write_text(json.dumps(rep, indent=2) + "\n", encoding="utf-8")
         finalize_manifest(tmp, new)
@@ -246,8 +247,7 @@ def calibrate(bundle_path: str | os.PathLike, out: str | os.PathLike,
 
 def run(args) -> int:
     opts = CalibrationOptions(vision=args.vision, llm=args.llm, method=args.method, int4_method=args.int4_method,
-                              images=args.images,
-                              prompts=args.prompts, samples=args.samples, holdout=args.holdout,
+                              images=args.images, prompts=args.prompts, samples=args.samples, holdout=args.holdout,
                               report_tokens=args.report_tokens, cache_dir=args.cache_dir, force=args.force,
                               progress=not args.quiet)
     rep = calibrate(args.bundle, args.out, opts)

@@ -388,6 +388,15 @@ def _int4_tensor(name: str, q: np.ndarray) -> onnx.TensorProto:
     return onnx.helper.make_tensor(name, onnx.TensorProto.INT4, list(q.shape), packed.tobytes(), raw=True)
 
 
+def _require_int4_opset(model: onnx.ModelProto) -> None:
+    """int4 tensors and blocked DequantizeLinear need opset 21 / IR version 10. The ops these graphs use
+    mean the same at 18 and 21 (the parity test runs both); TensorRT 10 parses opset 21."""
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version < 21:
+            opset.version = 21
+    model.ir_version = max(model.ir_version, 10)
+
+
 def quantize_llm_int4(src: Path, dst: Path, block_size: int = INT4_BLOCK_SIZE,
                       external_data: str | None = None) -> QuantResult:
     """INT4 weight-only decoder graph: ``DequantizeLinear`` (int4, blocked, RTN, symmetric) -> MatMul."""
@@ -420,12 +429,7 @@ def quantize_llm_int4(src: Path, dst: Path, block_size: int = INT4_BLOCK_SIZE,
     for w_name in dq_of:  # the float weights go, unless something else still reads them
         if w_name not in still_read:
             graph.initializer.remove(inits[w_name])
-    # int4 tensors and blocked DequantizeLinear need opset 21 / IR version 10. The ops these graphs
-    # use mean the same at 18 and 21 (the parity test runs both); TensorRT 10 parses opset 21.
-    for opset in model.opset_import:
-        if opset.domain in ("", "ai.onnx") and opset.version < 21:
-            opset.version = 21
-    model.ir_version = max(model.ir_version, 10)
+    _require_int4_opset(model)
     _save(model, dst, external_data)
     _check_io_unchanged(io_before, dst)
     return QuantResult(
@@ -465,6 +469,7 @@ def quantize_llm_int4_awq(src: Path, dst: Path, feeds: Sequence[Mapping[str, np.
     """
     from flashvl_edge.runtime.doctor import meminfo
     from flashvl_edge.runtime.errors import MissingExtraError
+    from flashvl_edge.runtime.weights import initializer_nbytes
 
     try:
         import modelopt
@@ -487,12 +492,9 @@ def quantize_llm_int4_awq(src: Path, dst: Path, feeds: Sequence[Mapping[str, np.
     k_total = sum(inits[n.input[1]].dims[0] for n in model.graph.node if n.name in wanted)
     tokens = sum(int(np.prod(f["inputs_embeds"].shape[:2])) for f in feeds)
     activation_bytes = 4 * tokens * k_total
-    weight_bytes = sum(int(np.prod(t.dims)) * 4 for t in model.graph.initializer)
+    weight_bytes = sum(initializer_nbytes(t) for t in model.graph.initializer)
     one_pass = activation_bytes + weight_bytes < 0.8 * meminfo().get("MemAvailable", 0)
-    for opset in model.opset_import:  # int4 DequantizeLinear with block_size: opset 21, IR 10
-        if opset.domain in ("", "ai.onnx") and opset.version < 21:
-            opset.version = 21
-    model.ir_version = max(model.ir_version, 10)
+    _require_int4_opset(model)
     with tempfile.TemporaryDirectory(prefix="flashvl-awq-") as tmp:
         prepared = Path(tmp) / "llm.onnx"
         onnx.save_model(model, str(prepared), save_as_external_data=True, all_tensors_to_one_file=True,

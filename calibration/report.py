@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
+from .quantize import METHODS
+
 if TYPE_CHECKING:
     from flashvl_edge.runtime.generate import Generator
 
@@ -118,8 +120,8 @@ def format_table(report: dict[str, Any]) -> str:
                  ("", "", "max abs error (FP max |x|)", f"{v['max_abs_error']:.4g} ({v['fp_max_abs']:.4g})")]
     l = report.get("llm")
     if l:
-        rows += _llm_rows(l["scheme"] + ("" if l.get("method") in (None, "rtn", "entropy", "max", "minmax")
-                                        else f" {l['method']}"), l)
+        # the method is named where it is not the scheme's usual one (AWQ; RTN and the INT8 ranges go unnamed)
+        rows += _llm_rows(l["scheme"] + ("" if l.get("method") in (None, "rtn", *METHODS) else f" {l['method']}"), l)
     for method, other in report.get("llm_compared", {}).items():
         rows += _llm_rows(f"int4 {method} (not kept)", other)
     for name, s in report.get("sizes", {}).items():
