@@ -11,6 +11,9 @@ Both caches are content addressed and bounded in bytes (least recently used entr
   and the index in it (every image position has the same token id, so ids alone would let two images
   share KV). A request reuses its longest cached chain and prefills only the rest.
 
+Requests that carry different ``cache_salt`` values (:func:`salted`; the server gives each API key
+its own by default) never share an entry of either cache.
+
 Reuse changes no answer: a reused block holds exactly the KV the same positions would compute again
 (the decoder is causal: a position's KV depends only on the positions before it).
 """
@@ -76,6 +79,25 @@ class ByteLRU:
         with self.lock:
             return {"entries": len(self.entries), "bytes": self.bytes, "max_bytes": self.max_bytes,
                     "hits": self.hits, "misses": self.misses, "evictions": self.evictions}
+
+
+# --------------------------------------------------------------------------------------------
+# Tenants
+
+
+def salted(salt: bytes, cache_salt: bytes | None) -> bytes:
+    """``salt`` (a bundle's) combined with a request's ``cache_salt`` (vLLM's field): requests with
+    different cache salts get disjoint keys, so they never share an image's embeddings or a prefix's
+    KV, and ``cached_tokens`` tells a client nothing about what others sent. No salt: ``salt`` as is."""
+    if not cache_salt:
+        return salt
+    if isinstance(cache_salt, str):
+        cache_salt = cache_salt.encode("utf-8")
+    h = hashlib.sha256(b"flashvl cache_salt\0")
+    h.update(struct.pack("<q", len(cache_salt)))
+    h.update(bytes(cache_salt))
+    h.update(salt)
+    return h.digest()
 
 
 # --------------------------------------------------------------------------------------------

@@ -80,6 +80,13 @@ class SamplingParams:
         if not _is_real(self.repetition_penalty) or not math.isfinite(self.repetition_penalty) \
                 or self.repetition_penalty <= 0:
             bad(f"repetition_penalty must be a finite number > 0 (1 = off), got {self.repetition_penalty!r}")
+        if not (0.01 <= self.repetition_penalty <= 100.0):
+            # a penalty of 1e-300 divides a positive logit into inf, and the probabilities into NaN
+            # (outside 0.01..100 it only pushes logits toward overflow; HF suggests 1.0-1.3)
+            bad(f"repetition_penalty must be between 0.01 and 100 (1 = off), got {self.repetition_penalty!r}")
+        if 0 < self.temperature < 1e-5:
+            # as vLLM: a temperature this small is greedy (1/5e-324 is inf, and the probabilities NaN)
+            self.temperature = 0.0
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer))
                                       or self.seed < 0):
             bad(f"seed must be a non-negative integer, got {self.seed!r}")
@@ -128,8 +135,13 @@ def sample(logits: np.ndarray, seen_ids: Sequence[int], params: SamplingParams, 
     if params.top_k and params.top_k < logits.shape[0]:
         candidates = np.argpartition(-logits, params.top_k - 1)[: params.top_k]
     order = candidates[np.argsort(-logits[candidates], kind="stable")]
-    probs = np.exp(logits[order] - logits[order[0]])
-    probs /= probs.sum()
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        probs = np.exp(logits[order] - logits[order[0]])
+        probs /= probs.sum()
+    if not np.isfinite(probs).all():
+        # non-finite logits (a masked-out row, an overflow): numpy's choice() would raise ValueError
+        raise PromptError("the sampling probabilities are not finite numbers for these logits and sampling "
+                          "values; use a temperature >= 1e-5 and a repetition_penalty near 1")
     if params.top_p < 1.0:
         # smallest prefix (by probability) whose mass reaches top_p; always at least one token
         keep = int(np.searchsorted(np.cumsum(probs), params.top_p) + 1)

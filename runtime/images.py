@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,56 @@ DEFAULT_MAX_PIXELS = 50_000_000
 _FULL_RESIZE_MAX_PIXELS = 1 << 24
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
+
+# Only these decoders ever see image bytes (``Image.open(..., formats=...)``): the common camera and
+# web formats. Pillow's other plugins (EPS, which runs Ghostscript; PSD, ICO, TGA, DDS, PCX, ...) are
+# attack surface no camera frame needs. ``flashvl serve --image-formats`` narrows this further.
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+
+
+@dataclass
+class DecodeLimits:
+    """What decoding one image may cost, beyond the pixel limit (``flashvl serve --max-image-bytes``,
+    ``--max-concurrent-decodes``, ``--image-formats``).
+
+    ``max_bytes``: the memory a decode needs, estimated from the header before any pixel is decoded
+    (the source pixels at their mode's depth plus the RGB result), so a 95 KB PNG of 1 x 49,000,000
+    pixels, under a 50 Mpx limit, is refused at no cost. ``formats``: the decoders allowed.
+    ``max_concurrent``: decodes at once in this process (the others wait, at most ``wait_s``)."""
+
+    max_bytes: int | None = None
+    formats: tuple = ALLOWED_FORMATS
+    max_concurrent: int | None = None
+    wait_s: float = 30.0
+
+
+_limits = DecodeLimits()
+_slots: "threading.BoundedSemaphore | None" = None
+
+
+def configure(limits: DecodeLimits) -> None:
+    """Set this process's decode limits (the server does, from its options)."""
+    global _limits, _slots
+    _limits = limits
+    _slots = threading.BoundedSemaphore(limits.max_concurrent) if limits.max_concurrent else None
+
+
+def decode_limits() -> DecodeLimits:
+    return _limits
+
+
+# bytes per pixel as Pillow holds a decoded image of each mode (multi-band modes take 4)
+def _bytes_per_pixel(mode: str) -> int:
+    if mode in ("1", "L", "P"):
+        return 1
+    if mode.startswith("I;16"):
+        return 2
+    return 4
+
+
+def decode_bytes(width: int, height: int, mode: str) -> int:
+    """Estimated memory to decode a ``width`` x ``height`` image of ``mode`` and convert it to RGB."""
+    return int(width) * int(height) * (_bytes_per_pixel(mode) + 4)
 
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -102,20 +153,42 @@ def load_image(src: ImageSource, max_pixels: int | None = None) -> Image.Image:
 
 
 def _open_and_decode(fp, name: str, limit: int) -> Image.Image:
+    limits = _limits
+    formats = tuple(limits.formats or ALLOWED_FORMATS)
     try:
         with warnings.catch_warnings():
             # Our own limit (checked next, from the header) decides; Pillow's warning adds nothing.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(fp)
+            im = Image.open(fp, formats=list(formats))
     except Image.DecompressionBombError as e:
         raise ImageError(f"{name} is too large to decode safely ({e}); downscale it first") from None
     except UnidentifiedImageError:
-        raise ImageError(f"{name} is not a readable image (unknown format or corrupt header); pass a "
-                         "JPEG, PNG, WebP, BMP, GIF or TIFF image") from None
+        raise ImageError(f"{name} is not a readable image (unknown format, a format not allowed here, or a corrupt "
+                         f"header); pass a {', '.join(formats)} image") from None
     except _DECODE_ERRORS as e:
         raise ImageError(f"{name} is corrupt and cannot be read ({_short(e)}); re-save or replace it") from None
     with im:
-        return _decode(im, name, limit)
+        _check_pixels(im.width, im.height, name, limit)
+        _check_bytes(im.width, im.height, im.mode, name, limits.max_bytes)
+        slots = _slots
+        if slots is None:
+            return _decode(im, name, limit)
+        if not slots.acquire(timeout=limits.wait_s):
+            raise ImageError(f"{name} could not be decoded: every decode slot stayed busy for {limits.wait_s:g} s "
+                             "(--max-concurrent-decodes); retry")
+        try:
+            return _decode(im, name, limit)
+        finally:
+            slots.release()
+
+
+def _check_bytes(width: int, height: int, mode: str, name: str, max_bytes: int | None) -> None:
+    if max_bytes is None:
+        return
+    need = decode_bytes(width, height, mode)
+    if need > max_bytes:
+        raise ImageError(f"{name} ({width}x{height}, mode {mode}) needs about {need / 2**20:,.0f} MiB to decode, "
+                         f"above the limit of {max_bytes / 2**20:,.0f} MiB (--max-image-bytes); downscale it first")
 
 
 def _decode(im: Image.Image, name: str, limit: int) -> Image.Image:

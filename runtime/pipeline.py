@@ -93,6 +93,23 @@ class PreparedPrompt:
     images: list[_EncodedImage]  # one per placeholder, in prompt order
     n_image_tokens: int  # image positions in token_ids (sum of the images' tokens)
     n_tiles: int  # vision-graph tiles of those images
+    # the request's cache salt (vLLM's ``cache_salt``): prompts with different salts never share
+    # prefix KV or image embeddings (runtime/cache.py ``salted``); b"" shares with every unsalted one
+    cache_salt: bytes = b""
+
+    def __post_init__(self) -> None:
+        if self.cache_salt and not isinstance(self.token_ids, _SaltedIds):
+            # the ids carry the salt too, so prefix_keys(prepared.token_ids, ...) sees it from any caller
+            self.token_ids = _SaltedIds(self.token_ids, self.cache_salt)
+
+
+
+class _SaltedIds(list):
+    """A prompt's token ids that remember the prompt's cache salt (a plain list otherwise)."""
+
+    def __init__(self, ids, cache_salt: bytes) -> None:
+        super().__init__(ids)
+        self.cache_salt = cache_salt
 
 
 DEFAULT_MAX_IMAGES = 8
@@ -265,7 +282,8 @@ class Pipeline:
 
     # -- a whole conversation at once (the server) ---------------------------------------------
     def prepare_prompt(self, messages: Sequence[Mapping[str, str]], images: Sequence = (), *,
-                       add_generation_prompt: bool = True, use_cache: bool = True) -> PreparedPrompt:
+                       add_generation_prompt: bool = True, use_cache: bool = True,
+                       cache_salt: bytes = b"") -> PreparedPrompt:
         """Everything before the vision graph for a conversation given whole, with every check.
 
         ``messages``: ``[{"role": "system" | "user" | "assistant", "content": str}, ...]`` (other keys
@@ -277,12 +295,32 @@ class Pipeline:
         Checks the number of images (``max_images``) and placeholders before decoding anything, then
         decodes and preprocesses the images (host work, each its own tile grid), renders the chat
         template, expands the placeholders and checks the context; raises PromptError / ImageError
-        before any graph runs. :meth:`encode_prompt_images` then runs the vision graph."""
+        before any graph runs. :meth:`encode_prompt_images` then runs the vision graph.
+
+        ``cache_salt``: requests with different salts never share prefix KV or image embeddings
+        (vLLM's ``cache_salt``; the server's per-API-key default). Message contents are tokenized
+        as plain text: a user's ``<|im_end|>`` never becomes the control token (runtime/prompt.py)."""
         images = _image_sources(None, images)
         self.check_image_count(len(images))
+        if isinstance(cache_salt, str):
+            cache_salt = cache_salt.encode("utf-8")
+        if not isinstance(cache_salt, (bytes, bytearray)):
+            raise PromptError(f"cache_salt must be bytes or text, got a {type(cache_salt).__name__}")
         clean = self._check_messages(messages, len(images))
         text = self.prompts.render(clean, add_generation_prompt=add_generation_prompt)
-        return self._expand(text, self.prepare_images(images, use_cache=use_cache))
+        encoded = []
+        for i, image in enumerate(images):
+            try:
+                encoded.append(self.prepare_image(image, use_cache, cache_salt=bytes(cache_salt)))
+            except ImageError as e:
+                if len(images) == 1:
+                    raise
+                raise ImageError(f"image {i + 1} of {len(images)}: {e}") from None
+        prepared = self._expand(text, encoded)
+        if cache_salt:
+            prepared.cache_salt = bytes(cache_salt)
+            prepared.__post_init__()
+        return prepared
 
     def encode_prompt_images(self, prepared: PreparedPrompt) -> np.ndarray | None:
         """Run the vision graph on the prompt's images not encoded yet (:meth:`encode_images`) and
@@ -296,11 +334,17 @@ class Pipeline:
 
     # -- prefill with prefix reuse --------------------------------------------------------------
     def prefix_keys(self, token_ids: Sequence[int], image_mask: Sequence[bool],
-                    images: Sequence[_EncodedImage]) -> list[bytes]:
+                    images: Sequence[_EncodedImage], cache_salt: bytes | None = None) -> list[bytes]:
         """The prompt's block keys (runtime/cache.py): image positions are tagged with their image's
-        content address and index, so two images behind the same token ids never share KV."""
+        content address and index, so two images behind the same token ids never share KV; the
+        chain starts from the bundle's salt mixed with ``cache_salt`` (default: the salt the prompt
+        was prepared with, which its ``token_ids`` carry), so two salts never share a block."""
         if not self.prefix_cache.enabled:
             return []
+        from .cache import salted
+
+        if cache_salt is None:
+            cache_salt = getattr(token_ids, "cache_salt", b"")
         tags: list[bytes | None] = [None] * len(token_ids)
         positions = [i for i, m in enumerate(image_mask) if m]
         k = 0
@@ -308,7 +352,7 @@ class Pipeline:
             for j in range(im.n_tokens):
                 tags[positions[k]] = im.key + j.to_bytes(4, "little")
                 k += 1
-        return block_keys(token_ids, tags, self._prefix_salt, self.prefix_cache.block)
+        return block_keys(token_ids, tags, salted(self._prefix_salt, cache_salt), self.prefix_cache.block)
 
     def reuse_prefix(self, prepared: PreparedPrompt) -> tuple[KVCache, int, list[bytes]]:
         """A cache holding the longest cached prefix of the prompt (at least one token is left to
@@ -396,16 +440,18 @@ class Pipeline:
                               sum(im.n_tiles for im in images))
 
     # -- images ------------------------------------------------------------------------------
-    def prepare_image(self, image, use_cache: bool = True) -> _EncodedImage:
+    def prepare_image(self, image, use_cache: bool = True, cache_salt: bytes = b"") -> _EncodedImage:
         """Decode and preprocess (cheap, host side): how many tokens the image will take. An image
-        whose embeddings are cached (same pixels, same bundle and preprocessing) skips preprocessing
-        and, later, the vision graph."""
+        whose embeddings are cached (same pixels, same bundle and preprocessing, same ``cache_salt``)
+        skips preprocessing and, later, the vision graph. Decoding is bounded by the pixel limit and
+        the process's decode limits (``images.configure``: bytes, formats, concurrent decodes)."""
         from . import images
+        from .cache import salted
 
         decoded = images.load_image(image, self.preprocess_config.max_image_pixels)
         # the content address costs a pass over the pixels: only when a cache will use it
         reuse = self.image_cache.enabled or self.prefix_cache.enabled
-        key = image_key(np.asarray(decoded), self._image_salt) if reuse else b""
+        key = image_key(np.asarray(decoded), salted(self._image_salt, cache_salt)) if reuse else b""
         hit = self.image_cache.get_image(key) if use_cache and reuse else None
         if hit is not None:
             return _EncodedImage(hit.n_tokens, hit.n_tiles, embeds=hit.embeds, key=key)

@@ -25,9 +25,10 @@ llguidance is imported only when a request asks for structured output; it needs 
 
 from __future__ import annotations
 
-import functools
 import json
 import threading
+from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
@@ -82,21 +83,162 @@ def _schema_text(schema: Any) -> str:
         raise PromptError(f"json_schema must be plain JSON data ({one_line(str(e))})") from None
 
 
-@functools.lru_cache(maxsize=128)
+@dataclass
+class GrammarLimits:
+    """How much one schema may cost to compile (``flashvl serve --max-schema-bytes``,
+    ``--schema-compile-timeout``, ``--schema-compile-memory``).
+
+    llguidance's own limits (``LLParserLimits``: lexer fuel, lexer states, grammar size) bound most of
+    the work, but not all of it: its regex analysis of an ``allOf`` of ``pattern`` s grows
+    exponentially in native code, fuel or not (14 patterns: 10 s and 0.7 GB). So the compile and its
+    check run in a child process (runtime/isolate.py) that is killed past ``timeout_s`` and cannot
+    grow past ``memory_bytes``. ``isolate=False`` compiles in this process, for tools without
+    untrusted schemas; llguidance's limits apply either way."""
+
+    max_schema_bytes: int = 64 * 1024
+    timeout_s: float = 5.0
+    memory_bytes: int = 512 * 1024 * 1024
+    isolate: bool = True
+    workers: int = 2
+    # llguidance's parser limits, lower than its defaults: a small model's answers need little
+    max_grammar_size: int = 200_000
+    max_lexer_states: int = 50_000
+    initial_lexer_fuel: int = 1_000_000
+    step_lexer_fuel: int = 200_000
+    step_max_items: int = 50_000
+
+
+LIMITS = GrammarLimits()
+_CACHE_SIZE = 256
+_cache: "OrderedDict[str, tuple[str | None, str | None]]" = OrderedDict()  # schema text -> (grammar, error)
+_cache_lock = threading.Lock()
+_pool = None
+_pool_lock = threading.Lock()
+
+
+def configure(limits: GrammarLimits) -> None:
+    """Set the compile limits for this process (the server does, from its options); clears the cache,
+    whose failures were judged under the old limits."""
+    global LIMITS, _pool
+    with _pool_lock:
+        old, _pool = _pool, None
+        LIMITS = limits
+    with _cache_lock:
+        _cache.clear()
+    if old is not None:
+        old.close()
+
+
+def parser_limits(limits: GrammarLimits | None = None):
+    """llguidance's ``LLParserLimits`` for ``limits`` (default: the configured ones)."""
+    lim = limits or LIMITS
+    return _llguidance().LLParserLimits(
+        max_grammar_size=lim.max_grammar_size, max_lexer_states=lim.max_lexer_states,
+        initial_lexer_fuel=lim.initial_lexer_fuel, step_lexer_fuel=lim.step_lexer_fuel,
+        step_max_items=lim.step_max_items, verbose_errors=False)
+
+
+def _limits_dict(lim: GrammarLimits) -> dict:
+    return {k: getattr(lim, k) for k in ("max_grammar_size", "max_lexer_states", "initial_lexer_fuel",
+                                          "step_lexer_fuel", "step_max_items")}
+
+
 def _grammar(schema_text: str) -> str:
-    """The llguidance grammar of a schema; PromptError for an invalid or unsupported one. Cached: a
-    server sees the same few schemas over and over, and validate() and constraint() both ask."""
+    """The llguidance grammar of a schema; PromptError for an invalid, unsupported or too costly one.
+    Cached, failures included: a server sees the same few schemas over and over (validate() and
+    constraint() both ask), and a schema that blew its budget once is refused at once the next time."""
+    with _cache_lock:
+        hit = _cache.get(schema_text)
+        if hit is not None:
+            _cache.move_to_end(schema_text)
+    if hit is None:
+        hit = _compile(schema_text)
+        with _cache_lock:
+            _cache[schema_text] = hit
+            while len(_cache) > _CACHE_SIZE:
+                _cache.popitem(last=False)
+    grammar, error = hit
+    if error is not None:
+        raise PromptError(error)
+    return grammar
+
+
+def _compile(schema_text: str) -> tuple[str | None, str | None]:
+    lim = LIMITS
+    if len(schema_text.encode()) > lim.max_schema_bytes:
+        return None, (f"json_schema is {len(schema_text.encode()):,} bytes as JSON, above the limit of "
+                      f"{lim.max_schema_bytes:,} (--max-schema-bytes); send a smaller schema")
+    if not lim.isolate:
+        _llguidance()
+        try:
+            return _compile_in_worker(schema_text, _limits_dict(lim)), None
+        except PromptError as e:
+            return None, str(e)
+    _llguidance()  # a missing extra is reported here, in one line, not by the child
+    from .isolate import WorkerError, WorkerPool
+
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = WorkerPool("json_schema compiler", size=lim.workers, memory_bytes=lim.memory_bytes)
+        pool = _pool
+    try:
+        return pool.call("flashvl_edge.runtime.structured:_compile_in_worker", schema_text, _limits_dict(lim),
+                         timeout_s=lim.timeout_s), None
+    except WorkerError as e:
+        if e.kind == "PromptError":
+            return None, e.message
+        if e.kind == "busy":
+            raise PromptError(f"the json_schema compiler is busy; retry ({e.message})") from None
+        what = {"timeout": f"took longer than {lim.timeout_s:g} s to compile (--schema-compile-timeout)",
+                "memory": f"needed more than {lim.memory_bytes // (1024 * 1024)} MiB to compile "
+                          "(--schema-compile-memory)"}.get(e.kind, f"could not be compiled ({e.message})")
+        return None, f"json_schema {what}; simplify the schema (fewer or simpler patterns, less nesting)"
+
+
+# a byte-level tokenizer with one end token: enough for the compile check to build a matcher and
+# ask for its first mask, which is where a schema with no valid answer (a $ref that only loops) fails
+_PROBE_TOKENIZER = None
+
+
+def _probe_tokenizer():
+    global _PROBE_TOKENIZER
+    if _PROBE_TOKENIZER is None:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+        vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+        vocab["<|end|>"] = len(vocab)
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens(["<|end|>"])
+        _PROBE_TOKENIZER = _llguidance().LLTokenizer(tok.to_str(), n_vocab=len(vocab), eos_token=[vocab["<|end|>"]])
+    return _PROBE_TOKENIZER
+
+
+def _compile_in_worker(schema_text: str, limits: dict) -> str:
+    """The compile and its checks (run in the isolated child): the grammar, or PromptError."""
     llg = _llguidance()
+    lim = llg.LLParserLimits(verbose_errors=False, **limits)
     try:
         grammar = llg.LLMatcher.grammar_from_json_schema(schema_text,
                                                          defaults={"whitespace_pattern": JSON_WHITESPACE})
-    except (TypeError, ValueError) as e:
-        raise PromptError(f"json_schema must be a JSON Schema object ({one_line(str(e))})") from None
-    is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar)
+    except (TypeError, ValueError, RecursionError) as e:
+        raise PromptError(f"json_schema must be a JSON Schema object ({one_line(str(e))[:300]})") from None
+    is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, limits=lim)
     if is_error:
-        why = one_line(messages[0]) if messages else "rejected by the schema compiler"
+        why = one_line(messages[0])[:300] if messages else "rejected by the schema compiler"
         raise PromptError(f"invalid or unsupported json_schema: {why}; check the schema and use only "
                           "the JSON Schema keywords llguidance supports")
+    matcher = llg.LLMatcher(_probe_tokenizer(), grammar, log_level=0, limits=lim)
+    if not matcher.is_error():
+        mask = llg.numpy.allocate_token_bitmask(1, _probe_tokenizer().vocab_size)
+        llg.numpy.fill_next_token_bitmask(matcher, mask)
+    if matcher.is_error():
+        why = one_line(matcher.get_error()).split(" <state>")[0][:200]
+        raise PromptError(f"json_schema has no valid answer ({why}): a $ref that only refers back to itself "
+                          "or contradictory constraints; check the schema")
     return grammar
 
 
@@ -123,7 +265,7 @@ class Constraint:
         """bool [vocab_size]: the tokens that may come next."""
         self._fill(self.matcher, self.bitmask)
         if self.matcher.is_error():
-            raise RuntimeError(f"the JSON matcher failed: {self.matcher.get_error()}")
+            raise PromptError(f"the JSON answer cannot go on: {one_line(self.matcher.get_error())[:200]}")
         bits = np.unpackbits(self.bitmask.view(np.uint8), axis=-1, count=self.vocab_size, bitorder="little")
         return bits[0].view(bool)
 
@@ -146,7 +288,8 @@ class Constraint:
         if self.complete and int(token) in self.end_ids:
             self.done = True
         if not self.matcher.consume_token(int(token)):
-            raise RuntimeError(f"the JSON matcher refused token {token} it allowed: {self.matcher.get_error()}")
+            raise PromptError(f"the JSON matcher refused token {token} it allowed: "
+                              f"{one_line(self.matcher.get_error())[:200]}")
 
 
 class StructuredOutput:
@@ -205,7 +348,7 @@ class StructuredOutput:
         if schema is None:
             return None
         grammar = _grammar(_schema_text(schema))
-        matcher = _llguidance().LLMatcher(self.tokenizer, grammar, log_level=0)
+        matcher = _llguidance().LLMatcher(self.tokenizer, grammar, log_level=0, limits=parser_limits())
         if matcher.is_error():
             raise PromptError(f"invalid or unsupported json_schema: {one_line(matcher.get_error())}; "
                               "check the schema")
