@@ -1,14 +1,26 @@
-"""``flashvl build``: TensorRT engines for a bundle, through Polygraphy's loaders.
+"""``flashvl build``: TensorRT or TensorRT-RTX engines for a bundle, from one build plan.
 
-    flashvl build BUNDLE --precision fp16|int8|best [--max-batch B] [--max-input-len L] [--max-context C]
-                  [--max-tiles N] [--timing-cache PATH] [--opt-level 0-5] [--hardware-compat ampere+]
-                  [--version-compatible] [--workspace-gb G] [--dry-run]
+    flashvl build BUNDLE --precision fp16|int8|best|fp32 [--library tensorrt|tensorrt-rtx]
+                  [--compute-capability CC ...] [--max-batch B] [--max-input-len L] [--max-context C]
+                  [--max-tiles N] [--max-num-batched-tokens N] [--timing-cache PATH] [--opt-level 0-5]
+                  [--hardware-compat ampere+] [--version-compatible] [--workspace-gb G] [--dry-run]
 
-Everything up to the TensorRT call is plain Python and runs on CPU (CI checks it): the optimization
+Everything up to the library call is plain Python and runs on CPU (CI checks it): the optimization
 profiles are derived from the manifest's declared graph inputs (:func:`graph_profiles`), the builder
 configuration from the options and the bundle (:func:`plan_build`), and every graph is linted against the
 target TensorRT's ONNX parser first (:mod:`trt_support`). ``--dry-run`` prints all of it and never imports
-``tensorrt``.
+``tensorrt``; when TensorRT-RTX is installed (the ``tensorrt-rtx`` extra) it also parses every graph with
+NVIDIA's real ONNX parser (:func:`real_parse`).
+
+One plan, two libraries. :class:`BuildPlan` holds everything that decides the engine (profiles, limits,
+strong or weak typing, the Q/DQ it keeps, FP32 pins, KV dtype); :func:`_build_one` runs it through the
+TensorRT Python API, which TensorRT and TensorRT-RTX share. What differs is a thin adapter
+(:data:`ADAPTERS`): which module to import, which version to record, where engines go and which builder
+settings only that library has. TensorRT (``--library tensorrt``, the default) needs the GPU that will run
+the engines; TensorRT-RTX (``--library tensorrt-rtx``) builds ahead of time on any machine, GPU or not,
+for the compute capabilities asked (``--compute-capability``; default: the library's own portable set), and
+is strongly typed only: options without a TensorRT-RTX meaning (``--hardware-compat``,
+``--version-compatible``, ``--precision fp16`` of an fp32 graph, which needs weak typing) are refused.
 
 Profiles (dimension names from docs/architecture.md):
 
@@ -16,7 +28,8 @@ Profiles (dimension names from docs/architecture.md):
 - llm, three profiles on one engine, chosen per call from the shapes (runtime/backends/trt.py
   ``profile_steps``): **prefill** (``seq`` 1..max_input_len, ``past`` 0, ``total`` = seq), **decode**
   (``seq`` 1, ``past`` 1..max_context-1, ``total`` = past+1 up to max_context) and **extend** (``seq``
-  1..E on a cache, ``past`` 0..max_context-E, E = min(max_input_len, 256, max_context / 2)): a later turn
+  1..E on a cache, ``past`` 0..max_context-E, E = min(max_input_len, max_num_batched_tokens, max_context / 2)):
+  a later turn
   of a session, a prefix reused from a cache, a sequence joining a batch, or the rest of a prompt longer
   than max_input_len; runs longer than E go in E-token chunks.
   ``past`` = 0 is expressed as min = opt = max = 0: TensorRT accepts zero-length dimensions in profiles
@@ -34,18 +47,30 @@ KV cache inputs/outputs are set to fp16 so the cache is the size ``flashvl docto
 fp16 or its LLM is INT4, otherwise weakly typed with INT8 + FP16 enabled so the Q/DQ nodes decide what
 runs in INT8 and the rest runs in FP16 (with the same fp32 pins and fp16 KV). ``int8`` on an
 unquantized bundle is refused (TensorRT's implicit calibration is deprecated): run ``flashvl calibrate``
-first.
+first. ``fp32`` builds the graph as it is (strongly typed on TensorRT >= 10 and on TensorRT-RTX: an fp32
+graph gives an FP32 engine with an fp32 KV cache). TensorRT-RTX builds every network strongly typed, so
+its engine's precisions are always the graph's: an fp16 bundle gives an FP16 engine, a QDQ bundle an
+INT8/INT4 one with the rest in the graph's float type.
 
-The build serializes each engine straight to its file (``engine_bytes_from_network`` + ``save_bytes``):
-the plan is never deserialized in the builder's process, which on Jetson's shared memory would be one
-more copy of the weights at the peak. TensorRT's own error messages are captured with an error recorder
-on the builder, so an out-of-memory build is reported as one.
+``--max-num-batched-tokens N`` (vLLM's name for the serving per-step token budget) is the extend profile's
+largest ``seq``: a server that schedules at most N new tokens per step never needs more, and E bounds the
+extend profile's kernels and activation memory.
 
-The real build writes ``BUNDLE/engines/<gpu>_sm<cc>_trt<version>/<build-id>/`` through a staging directory
+The build serializes each engine straight to its file (``build_serialized_network_to_stream`` where the
+library has it, else ``build_serialized_network`` written out at once): the plan is never deserialized in
+the builder's process, which on Jetson's shared memory would be one more copy of the weights at the peak.
+The library's own error messages are captured by the builder's logger, so an out-of-memory build is
+reported as one.
+
+The real build writes ``BUNDLE/engines/<gpu>_sm<cc>_trt<version>/<build-id>/`` (TensorRT-RTX:
+``BUNDLE/engines/rtx_sm<cc>[-<cc>...]_rtx<version>/<build-id>/``) through a staging directory
 renamed at the end (a failed or out-of-memory build leaves nothing where the runtime looks); only the
 manifest's atomic rewrite (``finalize_manifest``) publishes it, so a kill at any instant leaves the manifest
-naming a complete, hash-checked engine set. The previous build of the same name is removed afterwards. The timing cache is shared across builds (per GPU + TensorRT
-version, in the user cache directory unless ``--timing-cache`` is given).
+naming a complete, hash-checked engine set. The previous build of the same name is removed afterwards.
+The manifest entry names the library (``builder.library``), its version (``trt_version``) and the compute
+capabilities (``compute_capability``; all of TensorRT-RTX's targets in ``builder.compute_capabilities``).
+TensorRT's timing cache is shared across builds (per GPU + TensorRT version, in the user cache directory
+unless ``--timing-cache`` is given).
 """
 
 from __future__ import annotations
@@ -61,19 +86,25 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from flashvl_edge.runtime.backends import trt_library
 from flashvl_edge.runtime.backends.trt import LLM_PROFILES, engine_kv_dtype, parse_version
 from flashvl_edge.runtime.bundle import Bundle, finalize_manifest, staging_dir
 from flashvl_edge.runtime.contract import (PAST_PREFIX, PRESENT_PREFIX, EngineEntry, EngineGraph, EngineLimits,
                                            Manifest, TensorSpec)
 from flashvl_edge.runtime.errors import BackendError, BundleError, ExportError
 
-PRECISIONS = ("fp16", "int8", "best")
+PRECISIONS = ("fp16", "int8", "best", "fp32")
+LIBRARIES = trt_library.LIBRARIES
 DEFAULT_WORKSPACE_GB = 4.0
 # the profiles' "opt" point: a typical 4:3 photo (tiled by the runtime's own grid choice) plus a short question
 TYPICAL_IMAGE_SIZE = (1024, 768)
 TYPICAL_TEXT_TOKENS = 64
-# the extend profile's largest seq (see _dim_ranges)
-EXTEND_MAX_SEQ = 256
+# the extend profile's largest seq unless --max-num-batched-tokens says otherwise (see _dim_ranges). The
+# serving side's default per-step token budget will be runtime/core.py's DEFAULT_MAX_NUM_BATCHED_TOKENS
+# (flashvl serve --max-num-batched-tokens); until that constant exists this is its value, 256.
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 256
+# the TensorRT release whose ONNX parser TensorRT-RTX 1.x's is linted as (the newest in the lint's table)
+RTX_LINT_TARGET = "10.13"
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,7 +138,8 @@ def default_limits(manifest: Manifest, max_batch: int | None = None, max_input_l
     return EngineLimits(batch, inp, ctx, tiles)
 
 
-def _dim_ranges(limits: EngineLimits, manifest: Manifest) -> dict[str, dict[str, tuple[int, int, int]]]:
+def _dim_ranges(limits: EngineLimits, manifest: Manifest, max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
+                ) -> dict[str, dict[str, tuple[int, int, int]]]:
     """(min, opt, max) of every named dimension, per profile."""
     from flashvl_edge.runtime.images import image_to_tokens_plan
 
@@ -120,8 +152,9 @@ def _dim_ranges(limits: EngineLimits, manifest: Manifest) -> dict[str, dict[str,
     batch = (1, 1, limits.max_batch)
     # extend: its max is (past c - E, seq E, total c). What lands on a cache is mostly short (a follow-up
     # question, the rest of a prompt after a cached prefix) on a long past (a first turn with a tiled image
-    # is thousands of tokens), so E is capped: longer runs go in E-token chunks, and past reaches c - E.
-    ext_seq = max(1, min(limits.max_input_len, EXTEND_MAX_SEQ, c // 2))
+    # is thousands of tokens), so E is capped at the per-step token budget: longer runs go in E-token
+    # chunks, and past reaches c - E.
+    ext_seq = max(1, min(limits.max_input_len, int(max_num_batched_tokens), c // 2))
     ext_past_max = c - ext_seq
     ext_opt_seq = min(ext_seq, TYPICAL_TEXT_TOKENS)
     ext_opt_past = max(0, min(ext_past_max, opt_past, c - ext_opt_seq))
@@ -152,10 +185,11 @@ def _profile(name: str, inputs: Sequence[TensorSpec], ranges: dict[str, tuple[in
     return {"name": name, "shapes": shapes}
 
 
-def graph_profiles(manifest: Manifest, limits: EngineLimits) -> dict[str, list[dict[str, Any]]]:
+def graph_profiles(manifest: Manifest, limits: EngineLimits,
+                   max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS) -> dict[str, list[dict[str, Any]]]:
     """``{"vision": [profile], "llm": [prefill, decode, extend]}``; each profile ``{"name", "shapes": {input:
     (min, opt, max)}}``. The LLM's profile order is the engine's profile index (0 stays prefill)."""
-    ranges = _dim_ranges(limits, manifest)
+    ranges = _dim_ranges(limits, manifest, max_num_batched_tokens)
     out = {"vision": [_profile("vision", manifest.graph("vision").inputs, ranges["vision"])]}
     out["llm"] = [_profile(role, manifest.graph("llm").inputs, ranges[role]) for role in LLM_PROFILES]
     return out
@@ -193,6 +227,10 @@ class BuildPlan:
     # per graph, network I/O tensors whose type the build sets ({name: "float16"}): the KV cache
     io_dtypes: dict[str, dict[str, str]] = field(default_factory=dict)
     kv_dtype: str = "float16"   # the engine's past/present tensors, as built
+    library: str = "tensorrt"   # trt_library.LIBRARIES
+    # TensorRT-RTX: the compute capabilities the engines target ("8.6"); TensorRT: the building GPU's
+    compute_capabilities: list[str] = field(default_factory=list)
+    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -204,6 +242,9 @@ class BuildPlan:
     def polygraphy_command(self, graph: str, engine_out: str) -> str:
         """The equivalent ``polygraphy convert`` command line (for reproducing a build by hand)."""
         cmd = ["polygraphy", "convert", str(Path(self.bundle) / self.graphs[graph]), "-o", engine_out]
+        if self.library == trt_library.TENSORRT_RTX:
+            # Polygraphy's TensorRT-RTX mode (it imports the module as tensorrt_rtx)
+            cmd = ["env", "POLYGRAPHY_USE_TENSORRT_RTX=1", *cmd, "--compute-capabilities", *self.compute_capabilities]
         if self.strongly_typed:
             cmd.append("--strongly-typed")
         else:
@@ -227,7 +268,8 @@ class BuildPlan:
         if self.version_compatible:
             cmd.append("--version-compatible")
         cmd += ["--pool-limit", f"workspace:{self.workspace_bytes}"]
-        cmd += ["--load-timing-cache", self.timing_cache, "--save-timing-cache", self.timing_cache]
+        if self.library == trt_library.TENSORRT:
+            cmd += ["--load-timing-cache", self.timing_cache, "--save-timing-cache", self.timing_cache]
         return " ".join(shlex.quote(c) for c in cmd)
 
 
@@ -240,25 +282,41 @@ def default_timing_cache(name: str) -> Path:
 def plan_build(bundle: Bundle, precision: str, trt_target: str, limits: EngineLimits, opt_level: int | None = None,
                hardware_compat: str | None = None, version_compatible: bool = False,
                workspace_gb: float = DEFAULT_WORKSPACE_GB, timing_cache: str | None = None,
-               cache_name: str = "default") -> BuildPlan:
+               cache_name: str = "default", library: str = trt_library.TENSORRT,
+               compute_capabilities: Sequence[str] = (),
+               max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS) -> BuildPlan:
+    """The one build plan, for either library (``trt_target``: the library's version; TensorRT-RTX plans are
+    made as TensorRT 10's, whose parser and strongly typed network they share)."""
     m = bundle.manifest
     if precision not in PRECISIONS:
         raise ExportError(f"--precision must be one of {', '.join(PRECISIONS)}")
+    if library not in LIBRARIES:
+        raise ExportError(f"--library must be one of {', '.join(LIBRARIES)}")
+    if max_num_batched_tokens < 1:
+        raise ExportError("--max-num-batched-tokens must be at least 1")
+    rtx = library == trt_library.TENSORRT_RTX
+    if rtx:
+        _refuse_without_rtx_meaning(m, precision, hardware_compat, version_compatible)
+        compute_capabilities = rtx_compute_capabilities(compute_capabilities)
+        trt_target = RTX_LINT_TARGET
+    elif compute_capabilities:
+        raise ExportError("--compute-capability is a TensorRT-RTX option (TensorRT builds for the GPU it runs on); "
+                          "add --library tensorrt-rtx")
     quant = m.quantization
     quantized = bool(quant and (quant.vision or quant.llm))
     if precision == "int8" and not quantized:
         raise ExportError("--precision int8 needs a calibrated (QDQ) bundle: run 'flashvl calibrate BUNDLE --out "
                           "BUNDLE_Q' first (TensorRT's implicit INT8 calibration is deprecated)")
-    if precision == "fp16" and quantized:
+    if precision in ("fp16", "fp32") and quantized:
         raise ExportError("the bundle is quantized (QDQ): build it with --precision int8 or best, or build the "
-                          "unquantized bundle with --precision fp16")
+                          f"unquantized bundle with --precision {precision}")
     if opt_level is not None and not 0 <= opt_level <= 5:
         raise ExportError("--opt-level must be between 0 and 5")
     if hardware_compat not in (None, "ampere+"):
         raise ExportError("--hardware-compat accepts only 'ampere+'")
     if workspace_gb <= 0:
         raise ExportError("--workspace-gb must be positive")
-    target = parse_version(trt_target)[:2]
+    target = parse_version(resolve_target(trt_target))[:2]
     trt10 = target >= (10, 0)
     if (hardware_compat or version_compatible) and target < (8, 6):
         raise ExportError("--hardware-compat and --version-compatible need TensorRT 8.6 or newer")
@@ -271,14 +329,16 @@ def plan_build(bundle: Bundle, precision: str, trt_target: str, limits: EngineLi
     # An fp16 graph builds strongly typed on TensorRT 10 (its fp32 casts for rotary angles and RMSNorm
     # statistics are then obeyed, and its KV tensors are fp16 already); so does INT4. Everything else is
     # weakly typed with the FP16 flag: those layers are pinned to FP32 and the KV I/O set to fp16.
-    strongly = trt10 and (m.dtype == "fp16" or int4)
+    strongly = rtx or (trt10 and (m.dtype == "fp16" or int4 or precision == "fp32"))
     notes = []
-    if strongly and m.dtype != "fp16":
+    if precision == "fp32":
+        notes.append("fp32: the graph's own types (no reduced precision); --precision fp16 for an FP16 engine")
+    elif strongly and m.dtype != "fp16":
         notes.append("strongly typed on an fp32 graph: layers without Q/DQ run in FP32 and the KV cache is float32 "
                      "(twice the bytes); export with --dtype fp16 before calibrating for faster, smaller engines")
     llm_past = [t for t in m.graph("llm").inputs if t.name.startswith(PAST_PREFIX)]
     graph_kv = llm_past[0].dtype if llm_past else "float16"
-    kv_dtype = engine_kv_dtype(graph_kv, strongly)
+    kv_dtype = engine_kv_dtype(graph_kv, strongly or precision == "fp32")
     io_dtypes: dict[str, dict[str, str]] = {}
     if kv_dtype != graph_kv:
         present = [t.name for t in m.graph("llm").outputs if t.name.startswith(PRESENT_PREFIX)]
@@ -292,13 +352,54 @@ def plan_build(bundle: Bundle, precision: str, trt_target: str, limits: EngineLi
         fp32_layers = {g: layers for g, layers in fp32_layers.items() if layers}
     return BuildPlan(
         bundle=str(bundle.root), precision=precision, trt_target=trt_target, quantized=quantized,
-        strongly_typed=strongly, fp16=not strongly, int8=quantized and not strongly,
+        strongly_typed=strongly, fp16=not strongly and precision != "fp32", int8=quantized and not strongly,
         tf32=not strongly, builder_optimization_level=opt_level, hardware_compatibility=hardware_compat,
         version_compatible=version_compatible, workspace_bytes=int(workspace_gb * (1 << 30)),
         timing_cache=str(timing_cache or default_timing_cache(cache_name)), limits=limits,
-        profiles=graph_profiles(m, limits), graphs={g: e.file for g, e in m.graphs.items()}, notes=notes,
-        fp32_layers=fp32_layers, precision_constraints="obey" if fp32_layers else None, io_dtypes=io_dtypes,
-        kv_dtype=kv_dtype)
+        profiles=graph_profiles(m, limits, max_num_batched_tokens), graphs={g: e.file for g, e in m.graphs.items()},
+        notes=notes, fp32_layers=fp32_layers, precision_constraints="obey" if fp32_layers else None,
+        io_dtypes=io_dtypes, kv_dtype=kv_dtype, library=library, compute_capabilities=list(compute_capabilities),
+        max_num_batched_tokens=int(max_num_batched_tokens))
+
+
+def resolve_target(trt_target: str) -> str:
+    """A plan's TensorRT target as a version ("10" -> "10.3", "jetpack7" -> "10.13"; see trt_support)."""
+    if parse_version(trt_target):
+        return trt_target
+    from .trt_support import resolve_trt_version
+
+    return resolve_trt_version(trt_target)
+
+
+def _refuse_without_rtx_meaning(m: Manifest, precision: str, hardware_compat: str | None,
+                                version_compatible: bool) -> None:
+    """Options TensorRT-RTX has no meaning for, refused in one line each."""
+    if hardware_compat:
+        raise ExportError("--hardware-compat has no TensorRT-RTX meaning: its engines target the compute "
+                          "capabilities given with --compute-capability")
+    if version_compatible:
+        raise ExportError("--version-compatible has no TensorRT-RTX meaning: its engines run on the TensorRT-RTX "
+                          "version that built them")
+    quant = m.quantization
+    if precision == "fp16" and m.dtype != "fp16" and not (quant and (quant.vision or quant.llm)):
+        raise ExportError("--precision fp16 of an fp32 bundle needs a weakly typed network, which TensorRT-RTX "
+                          "does not build (strongly typed only: the engine keeps the graph's types): export "
+                          "with --dtype fp16, or build this bundle with --precision fp32")
+
+
+def rtx_compute_capabilities(asked: Sequence[str]) -> list[str]:
+    """``--compute-capability`` values checked against TensorRT-RTX's targets (default: its portable set)."""
+    out = []
+    for cc in asked or trt_library.RTX_DEFAULT_COMPUTE_CAPABILITIES:
+        norm = str(cc).strip().lower().removeprefix("sm")
+        if "." not in norm and norm.isdigit() and len(norm) >= 2:
+            norm = f"{norm[:-1]}.{norm[-1]}"  # 86 -> 8.6, 120 -> 12.0
+        if norm not in trt_library.RTX_COMPUTE_CAPABILITIES:
+            raise ExportError(f"--compute-capability {cc}: TensorRT-RTX targets "
+                              f"{', '.join(trt_library.RTX_COMPUTE_CAPABILITIES)}")
+        if norm not in out:
+            out.append(norm)
+    return out
 
 
 def lint_for_plan(bundle: Bundle, plan: BuildPlan) -> dict[str, list]:
@@ -317,17 +418,21 @@ def format_plan(plan: BuildPlan, engine_dir: str) -> str:
     else:
         flags = [f for f, on in (("FP16", plan.fp16), ("INT8", plan.int8), ("TF32", plan.tf32)) if on]
         types = ("explicit quantization (Q/DQ), " if plan.quantized else "") + "builder flags " + "+".join(flags)
+    rtx = plan.library == trt_library.TENSORRT_RTX
+    target = (f"TensorRT-RTX, compute capability {', '.join(plan.compute_capabilities)} (parser linted as TensorRT "
+              f"{plan.trt_target}'s)" if rtx else f"TensorRT {plan.trt_target}")
     lines = [
         f"flashvl build plan for {plan.bundle}",
-        f"  target TensorRT     {plan.trt_target}",
+        f"  library / target    {target}",
         f"  precision           {plan.precision}: {types}",
         f"  optimization level  {plan.builder_optimization_level if plan.builder_optimization_level is not None else 'TensorRT default (3)'}",
         f"  hardware compat     {plan.hardware_compatibility or 'none (this GPU only)'}",
         f"  version compatible  {'yes' if plan.version_compatible else 'no'}",
         f"  workspace limit     {plan.workspace_bytes} bytes ({plan.workspace_bytes / 2**30:g} GiB)",
-        f"  timing cache        {plan.timing_cache}",
+        f"  timing cache        {'none (TensorRT-RTX tunes on the device)' if rtx else plan.timing_cache}",
         f"  limits              batch<={plan.limits.max_batch} input_len<={plan.limits.max_input_len} "
-        f"context<={plan.limits.max_context} tiles<={plan.limits.max_tiles}",
+        f"context<={plan.limits.max_context} tiles<={plan.limits.max_tiles} "
+        f"batched_tokens<={plan.max_num_batched_tokens} (extend)",
         f"  output              {engine_dir}/",
     ]
     if plan.strongly_typed:
@@ -371,45 +476,29 @@ _OOM_HINTS = ("out of memory", "outofmemory", "insufficient memory", "could not 
               "cudaerrormemoryallocation", "failed to allocate", "memory allocation", "workspace")
 
 
-def _error_recorder(trt):
-    """An ``IErrorRecorder`` that keeps every error TensorRT reports (code and text) for the message.
+def _capturing_logger(trt):
+    """An ``ILogger`` of library ``trt`` that keeps every error TensorRT reports, for the message: the
+    parser's, the network's and the build's errors all reach the builder's logger. (A Python
+    ``IErrorRecorder`` is not used: TensorRT-RTX 1.7 crashes the process when it releases a network or
+    parser that had one set.)"""
 
-    Set on the builder, it receives the errors of the network, the parser and the build: with it set,
-    TensorRT reports errors to it rather than only to the logger."""
-
-    class Recorder(trt.IErrorRecorder):
+    class Capture(trt.ILogger):
         def __init__(self) -> None:
-            trt.IErrorRecorder.__init__(self)
-            self.errors: list[tuple[Any, str]] = []
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
 
-        def clear(self) -> None:
-            self.errors = []
-
-        def get_num_errors(self) -> int:
-            return len(self.errors)
-
-        def get_error_code(self, index: int):
-            return self.errors[index][0]
-
-        def get_error_desc(self, index: int) -> str:
-            return self.errors[index][1]
-
-        def has_overflowed(self) -> bool:
-            return False
-
-        def report_error(self, code, desc) -> bool:
-            self.errors.append((code, str(desc)))
-            return False  # False: the error is not fatal to the process; TensorRT fails the call itself
+        def log(self, severity, msg) -> None:
+            if severity in (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR):
+                self.errors.append(" ".join(str(msg).split()))
 
         def messages(self) -> list[str]:
-            return [f"{getattr(code, 'name', code)}: {' '.join(desc.split())}" for code, desc in self.errors]
+            return list(self.errors)
 
-    return Recorder()
+    return Capture()
 
 
-def _is_oom(trt, recorder, text: str) -> bool:
-    failed_alloc = getattr(getattr(trt, "ErrorCode", None), "FAILED_ALLOCATION", object())
-    return any(code == failed_alloc for code, _ in recorder.errors) or any(h in text.lower() for h in _OOM_HINTS)
+def _is_oom(text: str) -> bool:
+    return any(h in text.lower() for h in _OOM_HINTS)
 
 
 def _shape_network(trt, network, pinned: list[dict[str, str]], io_dtypes: dict[str, str]) -> int:
@@ -444,50 +533,180 @@ def _shape_network(trt, network, pinned: list[dict[str, str]], io_dtypes: dict[s
     return n
 
 
-def _build_one(plan: BuildPlan, graph: str, onnx_path: Path, engine_path: Path) -> None:
-    import tensorrt as trt
-    from polygraphy.backend.common import save_bytes
-    from polygraphy.backend.trt import CreateConfig, Profile, engine_bytes_from_network, network_from_onnx_path
-    from polygraphy.exception import PolygraphyException
+class _Adapter:
+    """What one library does differently; everything else is the plan and :func:`_build_one`."""
 
-    profiles = []
-    for p in plan.profiles[graph]:
-        prof = Profile()
-        for name, (mn, opt, mx) in p["shapes"].items():
-            prof.add(name, min=mn, opt=opt, max=mx)
-        profiles.append(prof)
-    kwargs: dict[str, Any] = dict(
-        profiles=profiles, load_timing_cache=plan.timing_cache,
-        memory_pool_limits={trt.MemoryPoolType.WORKSPACE: plan.workspace_bytes},
-        builder_optimization_level=plan.builder_optimization_level,
-        version_compatible=plan.version_compatible or None)
-    if plan.hardware_compatibility:
-        kwargs["hardware_compatibility_level"] = trt.HardwareCompatibilityLevel.AMPERE_PLUS
-    if not plan.strongly_typed:
-        kwargs.update(fp16=plan.fp16, int8=plan.int8, tf32=plan.tf32)
+    name = trt_library.TENSORRT
+
+    @property
+    def label(self) -> str:
+        return trt_library.LABELS[self.name]
+
+    def module(self):
+        return trt_library.import_library(self.name)
+
+    def version(self, import_module: bool = True) -> str | None:
+        return trt_library.library_version(self.name, import_module)
+
+    def configure(self, trt, config, plan: BuildPlan, graph: str) -> None:
+        """Builder settings of this library beyond the profiles and the workspace."""
+
+
+class _TensorRTAdapter(_Adapter):
+    """TensorRT 8.6 / 10 (JetPack, NVIDIA's index): built on and for the GPU that runs the engines."""
+
+    name = trt_library.TENSORRT
+
+    def target(self, opts: "BuildOptions"):
+        """(engine directory name, gpu name, compute capability) for a build on this machine."""
+        from flashvl_edge.runtime.backends.trt import engine_dir_name, gpu_info, require_tensorrt
+
+        require_tensorrt()  # the one-line install hint when TensorRT is missing
+        gpu = gpu_info()
+        if gpu is None:
+            raise BackendError("no NVIDIA GPU is visible (the CUDA driver library libcuda could not enumerate a "
+                               "device); TensorRT engines must be built on the GPU that will run them (TensorRT-RTX "
+                               "engines need none to build: --library tensorrt-rtx)")
+        check_device(gpu, opts.hardware_compat)
+        ver = self.version()
+        return engine_dir_name(gpu.name, gpu.compute_capability, ver), gpu.name, gpu.compute_capability, ver
+
+    def configure(self, trt, config, plan: BuildPlan, graph: str) -> None:
+        if not plan.strongly_typed:
+            for flag, on in (("FP16", plan.fp16), ("INT8", plan.int8), ("TF32", plan.tf32)):
+                if on:
+                    config.set_flag(getattr(trt.BuilderFlag, flag))
+                elif flag == "TF32" and hasattr(trt.BuilderFlag, "TF32"):
+                    config.clear_flag(trt.BuilderFlag.TF32)
+            if plan.precision_constraints and plan.fp32_layers.get(graph):
+                config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+        if plan.hardware_compatibility:
+            config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
+        if plan.version_compatible:
+            config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+        cache_path = Path(plan.timing_cache)
+        cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
+
+    def save_timing_cache(self, config, plan: BuildPlan) -> None:
+        cache = config.get_timing_cache()
+        if cache is not None:
+            data = cache.serialize()
+            tmp = Path(plan.timing_cache).with_suffix(".tmp")
+            with open(tmp, "wb") as f:
+                f.write(memoryview(data))
+            os.replace(tmp, plan.timing_cache)
+
+
+class _TensorRTRTXAdapter(_Adapter):
+    """TensorRT for RTX: ahead-of-time builds on any machine for the compute capabilities asked."""
+
+    name = trt_library.TENSORRT_RTX
+
+    def target(self, opts: "BuildOptions"):
+        from flashvl_edge.runtime.backends.trt import gpu_info
+
+        self.module()  # the one-line install hint when TensorRT-RTX is missing
+        ver = self.version()
+        ccs = rtx_compute_capabilities(opts.compute_capability)
+        gpu = gpu_info()
+        # no GPU is needed: the engine is specialised on the device when it is first loaded
+        gpu_name = f"{gpu.name} (ahead of time)" if gpu else "none (ahead of time)"
+        return rtx_engine_dir_name(ccs, ver), gpu_name, ",".join(ccs), ver
+
+    def configure(self, trt, config, plan: BuildPlan, graph: str) -> None:
+        config.num_compute_capabilities = len(plan.compute_capabilities)
+        for i, cc in enumerate(plan.compute_capabilities):
+            config.set_compute_capability(getattr(trt.ComputeCapability, "SM" + cc.replace(".", "")), i)
+
+    def save_timing_cache(self, config, plan: BuildPlan) -> None:
+        pass  # TensorRT-RTX tunes on the device at load time (its runtime cache), not in the build
+
+
+ADAPTERS: dict[str, _Adapter] = {a.name: a for a in (_TensorRTAdapter(), _TensorRTRTXAdapter())}
+
+
+def rtx_engine_dir_name(compute_capabilities: Sequence[str], version: str) -> str:
+    """``rtx_sm86-89_rtx1.7.1.116``: TensorRT-RTX engines are named by what they target, not by a GPU."""
+    return "rtx_sm" + "-".join(c.replace(".", "") for c in compute_capabilities) + f"_rtx{version}"
+
+
+def _parse_network(trt, onnx_path: Path, strongly_typed: bool, logger=None):
+    """(builder, network, parser) with ``onnx_path`` parsed by library ``trt``'s ONNX parser; parser errors
+    raise ExportError naming the node. Weights stored next to the graph are read from its folder. The
+    parser owns the weights the network points to: keep it until the network is built."""
+    logger = logger or trt.Logger(trt.Logger.ERROR)
+    builder = trt.Builder(logger)
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    network = builder.create_network((1 << int(flag)) if strongly_typed and flag is not None else 0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errs = [parser.get_error(i) for i in range(parser.num_errors)]
+        said = "; ".join(f"{e.node_name() or e.node()} ({e.node_operator()}): {' '.join(str(e.desc()).split())}"
+                         for e in errs[:3]) or "no reason given"
+        raise ExportError(f"NVIDIA's ONNX parser rejects {Path(onnx_path).name}: {said[:400]}")
+    return builder, network, parser
+
+
+def _write_plan(trt, builder, network, config, engine_path: Path) -> bool:
+    """Serialize the engine straight into ``engine_path``; False when the build failed."""
+    to_stream = getattr(builder, "build_serialized_network_to_stream", None)
+    if to_stream is not None and hasattr(trt, "IStreamWriter"):
+        class Writer(trt.IStreamWriter):
+            def __init__(self, f) -> None:
+                trt.IStreamWriter.__init__(self)
+                self.f = f
+
+            def write(self, data) -> int:
+                return self.f.write(data)
+
+        with open(engine_path, "wb") as f:
+            ok = to_stream(network, config, Writer(f))
+        if not ok:
+            engine_path.unlink(missing_ok=True)
+        return bool(ok)
+    data = builder.build_serialized_network(network, config)
+    if data is None:
+        return False
+    with open(engine_path, "wb") as f:
+        f.write(memoryview(data))
+    return True
+
+
+def _build_one(plan: BuildPlan, graph: str, onnx_path: Path, engine_path: Path) -> None:
+    """Build one engine of ``plan`` with the plan's library: parse, set the I/O types and FP32 pins, add the
+    profiles, apply the library's own settings, serialize to ``engine_path``."""
+    adapter = ADAPTERS[plan.library]
+    trt = adapter.module()
+    logger = _capturing_logger(trt)
     pinned = plan.fp32_layers.get(graph, [])
-    if pinned and plan.precision_constraints:
-        kwargs["precision_constraints"] = plan.precision_constraints
-    recorder = _error_recorder(trt)
     try:
-        builder, network, parser = network_from_onnx_path(str(onnx_path), strongly_typed=plan.strongly_typed or None)
-        builder.error_recorder = network.error_recorder = recorder
+        builder, network, parser = _parse_network(trt, Path(onnx_path), plan.strongly_typed, logger)
         _shape_network(trt, network, pinned, plan.io_dtypes.get(graph, {}))
-        # the serialized plan goes straight to the file: deserializing it here only to serialize it again
-        # would hold one more copy of the weights at the build's peak
-        data = engine_bytes_from_network((builder, network, parser), config=CreateConfig(**kwargs),
-                                         save_timing_cache=plan.timing_cache)
-        save_bytes(data, str(engine_path))
-    except (PolygraphyException, RuntimeError, MemoryError) as e:
-        said = recorder.messages()
-        text = " ".join([str(e)] + said)
-        why = f" (TensorRT: {said[-1][:300]})" if said else ""
-        if isinstance(e, MemoryError) or _is_oom(trt, recorder, text):
-            raise ExportError(f"building the {graph} engine ran out of memory (workspace "
-                              f"{plan.workspace_bytes / 2**30:g} GiB){why}: close other GPU programs, lower "
-                              "--max-context/--max-input-len/--max-tiles, or raise --workspace-gb") from None
+        config = builder.create_builder_config()
+        for p in plan.profiles[graph]:
+            prof = builder.create_optimization_profile()
+            for name, (mn, opt, mx) in p["shapes"].items():
+                prof.set_shape(name, mn, opt, mx)
+            config.add_optimization_profile(prof)
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, plan.workspace_bytes)
+        if plan.builder_optimization_level is not None:
+            config.builder_optimization_level = plan.builder_optimization_level
+        adapter.configure(trt, config, plan, graph)
+        if not _write_plan(trt, builder, network, config, Path(engine_path)):
+            raise RuntimeError("the builder returned no engine")
+        adapter.save_timing_cache(config, plan)
+        return
+    except (RuntimeError, MemoryError) as e:
+        said = logger.messages()
+        oom = isinstance(e, MemoryError) or _is_oom(" ".join([str(e)] + said))
+        why = f" ({adapter.label}: {said[-1][:300]})" if said else ""
         detail = "; ".join(said) if said else " ".join(str(e).split())
-        raise ExportError(f"TensorRT could not build the {graph} engine: {detail[:400]}") from None
+    if oom:
+        raise ExportError(f"building the {graph} engine ran out of memory (workspace "
+                          f"{plan.workspace_bytes / 2**30:g} GiB){why}: close other GPU programs, lower "
+                          "--max-context/--max-input-len/--max-tiles, or raise --workspace-gb")
+    raise ExportError(f"{adapter.label} could not build the {graph} engine: {detail[:400]}")
 
 
 def check_device(gpu, hardware_compat: str | None) -> None:
@@ -512,34 +731,42 @@ class BuildOptions:
     version_compatible: bool = False
     workspace_gb: float = DEFAULT_WORKSPACE_GB
     timing_cache: str | None = None
+    library: str = trt_library.TENSORRT
+    compute_capability: tuple[str, ...] = ()   # TensorRT-RTX targets (default: its portable set)
+    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "BuildOptions":
-        return cls(**{f: getattr(args, f) for f in cls.__dataclass_fields__})
+        values = {f: getattr(args, f) for f in cls.__dataclass_fields__ if hasattr(args, f)}
+        values["compute_capability"] = tuple(values.get("compute_capability") or ())
+        return cls(**values)
 
     def plan(self, bundle: Bundle, trt_target: str, cache_name: str) -> BuildPlan:
         limits = default_limits(bundle.manifest, self.max_batch, self.max_input_len, self.max_context, self.max_tiles)
         return plan_build(bundle, self.precision, trt_target, limits, self.opt_level, self.hardware_compat,
-                          self.version_compatible, self.workspace_gb, self.timing_cache, cache_name=cache_name)
+                          self.version_compatible, self.workspace_gb, self.timing_cache, cache_name=cache_name,
+                          library=self.library, compute_capabilities=self.compute_capability,
+                          max_num_batched_tokens=self.max_num_batched_tokens)
 
 
 def build(bundle_path: str, opts: BuildOptions = BuildOptions()) -> Path:
-    from flashvl_edge.runtime.backends.trt import (engine_dir_name, gpu_info, host_platform, require_tensorrt,
-                                                   trt_version)
+    from flashvl_edge.runtime.backends.trt import host_platform
 
     bundle = Bundle.load(bundle_path)
-    require_tensorrt()  # the one-line install hint when TensorRT is missing
-    gpu = gpu_info()
-    if gpu is None:
-        raise BackendError("no NVIDIA GPU is visible (the CUDA driver library libcuda could not enumerate a device); "
-                           "TensorRT engines must be built on the GPU that will run them")
-    ver = trt_version()
-    check_device(gpu, opts.hardware_compat)
-    name = engine_dir_name(gpu.name, gpu.compute_capability, ver)
+    if opts.library not in ADAPTERS:
+        raise ExportError(f"--library must be one of {', '.join(LIBRARIES)}")
+    adapter = ADAPTERS[opts.library]
+    if opts.library == trt_library.TENSORRT_RTX:  # refused before anything is imported
+        _refuse_without_rtx_meaning(bundle.manifest, opts.precision, opts.hardware_compat, opts.version_compatible)
+    elif opts.compute_capability:
+        raise ExportError("--compute-capability is a TensorRT-RTX option (TensorRT builds for the GPU it runs on); "
+                          "add --library tensorrt-rtx")
+    name, gpu_name, compute_capability, ver = adapter.target(opts)
     plan = opts.plan(bundle, ver, name)
     limits = plan.limits
     _fail_on_lint(lint_for_plan(bundle, plan))
-    Path(plan.timing_cache).parent.mkdir(parents=True, exist_ok=True)
+    if plan.library == trt_library.TENSORRT:
+        Path(plan.timing_cache).parent.mkdir(parents=True, exist_ok=True)
 
     # Each build writes a fresh engines/<name>/<build-id>/ that only the manifest's atomic rewrite
     # publishes: killed at any instant, the manifest still names a complete, hash-checked set of
@@ -550,7 +777,7 @@ def build(bundle_path: str, opts: BuildOptions = BuildOptions()) -> Path:
     with staging_dir(bundle.root / rel_dir) as tmp:
         for graph, rel in plan.graphs.items():
             t0 = time.perf_counter()
-            print(f"building {graph} engine ({rel}) ...", flush=True)
+            print(f"building {graph} engine ({rel}) with {adapter.label} {ver} ...", flush=True)
             _build_one(plan, graph, bundle.graph_path(graph), tmp / f"{graph}.engine")
             print(f"  {graph}.engine built in {time.perf_counter() - t0:.1f} s", flush=True)
             graphs_entry[graph] = EngineGraph(file=f"{rel_dir}/{graph}.engine", built_from=rel,
@@ -558,13 +785,16 @@ def build(bundle_path: str, opts: BuildOptions = BuildOptions()) -> Path:
                                               profiles=tuple(p["name"] for p in plan.profiles[graph]))
     engines = dict(bundle.manifest.engines)
     engines[name] = EngineEntry(
-        dir=rel_dir, gpu=gpu.name, compute_capability=gpu.compute_capability, trt_version=ver,
+        dir=rel_dir, gpu=gpu_name, compute_capability=compute_capability, trt_version=ver,
         precision=plan.precision, strongly_typed=plan.strongly_typed,
         hardware_compatibility=plan.hardware_compatibility, version_compatible=plan.version_compatible,
         limits=limits, profiles=plan.to_json()["profiles"], graphs=graphs_entry,
         builder={**{k: v for k, v in plan.to_json().items() if k in (
-            "fp16", "int8", "tf32", "builder_optimization_level", "workspace_bytes", "precision_constraints")},
-                 "fp32_layers": {g: len(layers) for g, layers in plan.fp32_layers.items()}},
+            "fp16", "int8", "tf32", "builder_optimization_level", "workspace_bytes", "precision_constraints",
+            "library", "max_num_batched_tokens")},
+                 "fp32_layers": {g: len(layers) for g, layers in plan.fp32_layers.items()},
+                 **({"compute_capabilities": list(plan.compute_capabilities)}
+                    if plan.library == trt_library.TENSORRT_RTX else {})},
         built_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         platform=host_platform(), kv_dtype=plan.kv_dtype,
     )
@@ -575,7 +805,7 @@ def build(bundle_path: str, opts: BuildOptions = BuildOptions()) -> Path:
     finalize_manifest(bundle.root, manifest, exclude=tuple(stale))
     for rel in stale:  # the previous build of this name, and builds a kill left unpublished
         shutil.rmtree(bundle.root / rel, ignore_errors=True)
-    print(f"engines written to {bundle.root / rel_dir}")
+    print(f"{adapter.label} {ver} engines written to {bundle.root / rel_dir}")
     return bundle.root / rel_dir
 
 
@@ -595,12 +825,23 @@ def _fail_on_lint(results: dict[str, list]) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", help="bundle directory (from 'flashvl export' or 'flashvl calibrate')")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp16",
-                        help="fp16; int8 (a calibrated QDQ bundle); best (fp16 + int8 where quantized)")
+                        help="fp16; int8 (a calibrated QDQ bundle); best (fp16 + int8 where quantized); fp32 (the "
+                             "graph's own types)")
+    parser.add_argument("--library", choices=LIBRARIES, default=trt_library.TENSORRT,
+                        help="tensorrt (default: TensorRT 8.6/10, built on the GPU that runs it) or tensorrt-rtx "
+                             "(TensorRT for RTX: builds ahead of time on any machine, GPU or not)")
+    parser.add_argument("--compute-capability", nargs="+", default=None, metavar="CC",
+                        help="with --library tensorrt-rtx: the GPUs' compute capabilities to build for ("
+                             + ", ".join(trt_library.RTX_COMPUTE_CAPABILITIES) + "; default "
+                             + " ".join(trt_library.RTX_DEFAULT_COMPUTE_CAPABILITIES) + ")")
     parser.add_argument("--max-batch", type=int, default=None, help="largest batch (default 1)")
     parser.add_argument("--max-input-len", type=int, default=None,
                         help="longest prefill in tokens (default: max tiles x tokens per tile + 256, capped at the context)")
     parser.add_argument("--max-context", type=int, default=None, help="longest context (default: manifest generation.max_context)")
     parser.add_argument("--max-tiles", type=int, default=None, help="most image tiles per call (default: manifest)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=DEFAULT_MAX_NUM_BATCHED_TOKENS,
+                        help="the serving per-step token budget (as flashvl serve's): the extend profile's largest "
+                             f"seq (default {DEFAULT_MAX_NUM_BATCHED_TOKENS})")
     parser.add_argument("--timing-cache", default=None, help="timing cache file, reused across builds")
     parser.add_argument("--opt-level", type=int, default=None, help="builder optimization level 0-5 (TensorRT default 3)")
     parser.add_argument("--hardware-compat", choices=["ampere+"], default=None,
@@ -611,8 +852,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trt-version", default=None,
                         help="TensorRT version to plan and lint for with --dry-run (default: the installed one, else 10.3)")
     parser.add_argument("--dry-run", action="store_true",
-                        help="print the builder configuration, profiles and lint; do not import TensorRT")
+                        help="print the builder configuration, profiles and lint, and parse the graphs with NVIDIA's "
+                             "parser when TensorRT-RTX is installed; builds nothing, does not import TensorRT")
     parser.add_argument("--json", action="store_true", help="with --dry-run: print the plan and lint as JSON")
+
+
+def real_parse(bundle: Bundle, plan: BuildPlan) -> dict[str, Any] | None:
+    """Every graph of the plan parsed by NVIDIA's ONNX parser, when one is installed without loading TensorRT:
+    TensorRT-RTX's (the ``tensorrt-rtx`` extra). None when it is not installed. Per graph ``{"ok", "layers",
+    "errors"}``; for a ``--library tensorrt`` plan the parse is TensorRT-RTX's parser standing in for
+    TensorRT 10's (same parser lineage; TensorRT 8.6 parses less)."""
+    if trt_library.library_version(trt_library.TENSORRT_RTX, import_module=False) is None:
+        return None
+    try:
+        trt = trt_library.import_library(trt_library.TENSORRT_RTX)
+    except BackendError:
+        return None
+    out: dict[str, Any] = {"library": trt_library.TENSORRT_RTX, "version": str(trt.__version__), "graphs": {}}
+    for g in plan.graphs:
+        try:
+            builder, network, parser = _parse_network(trt, bundle.graph_path(g), strongly_typed=True)
+            out["graphs"][g] = {"ok": True, "layers": int(network.num_layers), "errors": []}
+            del parser, network, builder
+        except ExportError as e:
+            out["graphs"][g] = {"ok": False, "layers": 0, "errors": [str(e)]}
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -624,25 +888,42 @@ def run(args: argparse.Namespace) -> int:
     from .trt_support import resolve_trt_version
 
     bundle = Bundle.load(args.bundle)
-    target = args.trt_version or trt_version(import_module=False) or "10.3"
-    target_v = resolve_trt_version(target)
+    rtx = opts.library == trt_library.TENSORRT_RTX
     gpu = gpu_info()
-    check_device(gpu, opts.hardware_compat)
-    name = engine_dir_name(gpu.name, gpu.compute_capability, target) if gpu else f"<gpu>_sm<cc>_trt{target}"
-    plan = opts.plan(bundle, target_v, name)
+    if rtx:
+        ver = trt_library.library_version(opts.library, import_module=False) or "<not installed>"
+        target_v = RTX_LINT_TARGET
+        plan = opts.plan(bundle, target_v, "unused")
+        name = rtx_engine_dir_name(plan.compute_capabilities, ver)
+    else:
+        target = args.trt_version or trt_version(import_module=False) or "10.3"
+        target_v = resolve_trt_version(target)
+        check_device(gpu, opts.hardware_compat)
+        name = engine_dir_name(gpu.name, gpu.compute_capability, target) if gpu else f"<gpu>_sm<cc>_trt{target}"
+        plan = opts.plan(bundle, target_v, name)
     results = lint_for_plan(bundle, plan)
+    parsed = real_parse(bundle, plan)
+    parse_failed = bool(parsed) and not all(r["ok"] for r in parsed["graphs"].values())
+    # a TensorRT 8.6 target parses less than the parser at hand: its failures decide only for TensorRT 10+
+    parse_decides = parse_failed and (rtx or parse_version(target_v)[:1] >= (10,))
+    n_err = sum(f.severity == "error" for fs in results.values() for f in fs)
     if args.json:
         doc = plan.to_json()
         doc["engine_dir"] = f"engines/{name}/<build-id>"
         doc["lint"] = {g: [vars(f) for f in fs] for g, fs in results.items()}
+        doc["parse"] = parsed
         print(json.dumps(doc, indent=2))
-        return 1 if any(f.severity == "error" for fs in results.values() for f in fs) else 0
+        return 1 if n_err or parse_decides else 0
     print(format_plan(plan, f"{bundle.root}/engines/{name}/<build-id>"))
-    n_err = 0
+    label = "TensorRT-RTX's parser" if rtx else f"TensorRT {target_v}"
     for g, findings in results.items():
-        print(f"lint {g} (TensorRT {target_v}): " + ("ok" if not findings else f"{len(findings)} finding(s)"))
+        print(f"lint {g} ({label}): " + ("ok" if not findings else f"{len(findings)} finding(s)"))
         for f in findings:
             print(f"  {f}")
-            n_err += f.severity == "error"
-    return 1 if n_err else 0
-
+    if parsed is None:
+        print("parse        NVIDIA's ONNX parser not installed (pip install 'flashvl-edge[tensorrt-rtx]' runs it here)")
+    else:
+        for g, r in parsed["graphs"].items():
+            what = f"ok, {r['layers']} layers" if r["ok"] else "FAILED: " + "; ".join(r["errors"])
+            print(f"parse {g} (NVIDIA's ONNX parser, TensorRT-RTX {parsed['version']}): {what}")
+    return 1 if n_err or parse_decides else 0

@@ -100,12 +100,15 @@ def meminfo() -> dict[str, int]:
 
 def collect() -> dict[str, Any]:
     from .backends.trt import gpu_info, trt_version
+    from .backends.trt_library import TENSORRT_RTX, library_version
 
     info: dict[str, Any] = {
         "python": sys.version.split()[0], "platform": platform.platform(), "machine": platform.machine(),
         "jetson": _jetson_model(), "memory": meminfo(),
         "packages": {p: _version(p) for p in PACKAGES},
         "tensorrt": trt_version(),
+        # TensorRT for RTX (the tensorrt-rtx extra): read from package metadata, no CUDA library is loaded
+        "tensorrt_rtx": library_version(TENSORRT_RTX, import_module=False),
     }
     gpus = _nvidia_smi()
     if not gpus:
@@ -145,7 +148,24 @@ def backends_status(info: dict[str, Any]) -> dict[str, tuple[bool, str]]:
     else:
         hint = "pip install 'flashvl-edge[tensorrt]' (Polygraphy and onnx for the engine builder)"
     out["trt"] = (have_trt and have_pg and have_gpu, hint)
+    out["trt-rtx"] = rtx_status(info)
     return out
+
+
+def rtx_status(info: dict[str, Any]) -> tuple[bool, str]:
+    """TensorRT-RTX: (runs engines here, what it can do / what it needs). It builds without a GPU."""
+    from .backends.trt_library import RTX_COMPUTE_CAPABILITIES
+
+    if not info.get("tensorrt_rtx"):
+        return False, "pip install 'flashvl-edge[tensorrt-rtx]' (TensorRT for RTX: builds engines on any machine)"
+    ccs = [str(g.get("compute_capability")) for g in info.get("gpus") or []]
+    build = "builds engines here (flashvl build BUNDLE --library tensorrt-rtx)"
+    if not ccs:
+        return False, f"{build}; running them needs an RTX-class GPU (none visible)"
+    if not any(cc in RTX_COMPUTE_CAPABILITIES for cc in ccs):
+        return False, (f"{build}; this GPU (compute capability {', '.join(ccs)}) is not a TensorRT-RTX target "
+                       f"({', '.join(RTX_COMPUTE_CAPABILITIES)})")
+    return True, f"{build} and runs them on this GPU (--compute-capability {ccs[0]})"
 
 
 # --------------------------------------------------------------------------------------------
@@ -366,11 +386,12 @@ def run(args: argparse.Namespace) -> int:
             free = f", {int(g['free_mib']) / 1024:.1f} GiB free" if g.get("free_mib") not in (None, "", "[N/A]") and str(g["free_mib"]).isdigit() else ""
             print(f"gpu          {g['name']} (compute capability {g['compute_capability']}){free}")
     print(f"tensorrt     {info['tensorrt'] or 'not installed'}")
+    print(f"tensorrt-rtx {info['tensorrt_rtx'] or 'not installed'}")
     print("packages     " + ", ".join(f"{k} {v}" for k, v in info["packages"].items() if v))
     print(f"ort          providers: {', '.join(info['ort_providers']) or 'onnxruntime not installed'}")
     print("backends:")
     for name, (ok, hint) in info["backends"].items():
-        print(f"  {name:9s} {'yes' if ok else 'no '}  {hint if not ok or name == 'trt' else ''}".rstrip())
+        print(f"  {name:9s} {'yes' if ok else 'no '}  {hint if not ok or name.startswith('trt') else ''}".rstrip())
     if args.bundle:
         inv = report["budget"]["inventory"]
         print(f"bundle       {args.bundle}: vision {inv['vision']['matrix_params'] + inv['vision']['other_params']:,} params, "

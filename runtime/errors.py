@@ -62,6 +62,8 @@ class CalibrationError(FlashVLError):
 EXTRA_MODULES: dict[str, tuple[str, ...]] = {
     "calibration": ("onnx", "skimage"),
     "tensorrt": ("polygraphy", "onnx"),
+    # flashvl build --library tensorrt-rtx: NVIDIA TensorRT for RTX's wheels (bindings + libraries)
+    "tensorrt-rtx": ("tensorrt_rtx_bindings", "tensorrt_rtx_libs", "polygraphy", "onnx"),
     "bench": ("matplotlib", "psutil", "skimage", "onnx"),
     "export": ("torch", "transformers", "onnx", "onnxscript", "onnx_ir", "safetensors", "skimage"),
     "compare": ("onnxruntime_genai",),

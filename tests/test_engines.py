@@ -272,7 +272,7 @@ class _Network:
     """A stand-in ``INetworkDefinition``: I/O tensors and layers by name."""
 
     def __init__(self, inputs, outputs, layers):
-        self.inputs, self.outputs, self.layers, self.error_recorder = inputs, outputs, layers, None
+        self.inputs, self.outputs, self.layers = inputs, outputs, layers
 
     num_inputs = property(lambda self: len(self.inputs))
     num_outputs = property(lambda self: len(self.outputs))
@@ -288,55 +288,106 @@ class _Network:
         return self.layers[i]
 
 
+class _Config:
+    """A stand-in ``IBuilderConfig``: records flags, profiles, pools and the timing cache."""
+
+    def __init__(self):
+        self.flags, self.profiles, self.pools, self.hardware_compatibility_level = set(), [], {}, None
+        self.builder_optimization_level = None
+
+    def set_flag(self, flag):
+        self.flags.add(flag)
+
+    def clear_flag(self, flag):
+        self.flags.discard(flag)
+
+    def add_optimization_profile(self, profile):
+        self.profiles.append(profile)
+
+    def set_memory_pool_limit(self, pool, size):
+        self.pools[pool] = size
+
+    def create_timing_cache(self, data):
+        return ("cache", data)
+
+    def set_timing_cache(self, cache, ignore_mismatch=False):
+        self.timing_cache = cache
+
+    def get_timing_cache(self):
+        return None
+
+
+class _Profile:
+    def __init__(self):
+        self.shapes = {}
+
+    def set_shape(self, name, mn, opt, mx):
+        self.shapes[name] = (mn, opt, mx)
+
+
 @pytest.fixture
 def fake_builder(monkeypatch):
-    """Stand-ins for ``tensorrt`` and Polygraphy's TensorRT loaders (no TensorRT here): the network is built
-    from the plan's graph interface; ``state["build"]`` decides what ``engine_bytes_from_network`` does.
-    ``engine_from_network``/``save_engine`` must not be called (they deserialize the plan again)."""
+    """A stand-in ``tensorrt`` module (no TensorRT here): the parsed network is made from the plan's graph
+    interface; ``state["build"](builder, network)`` decides what ``build_serialized_network`` returns (bytes,
+    or None for a failed build, after logging like TensorRT does). Nothing is ever deserialized."""
     import types
 
-    import polygraphy.backend.trt as pg_trt
+    from flashvl_edge.runtime.backends import trt as trt_backend
 
-    class IErrorRecorder:
+    class ILogger:
+        Severity = types.SimpleNamespace(ERROR="ERROR", INTERNAL_ERROR="INTERNAL_ERROR", WARNING="WARNING")
+
         def __init__(self):
             pass
 
-    trt = types.SimpleNamespace(
-        float16="HALF", float32="FLOAT", int64="INT64", IErrorRecorder=IErrorRecorder,
-        ErrorCode=types.SimpleNamespace(FAILED_ALLOCATION="FAILED_ALLOCATION", INTERNAL_ERROR="INTERNAL_ERROR"),
-        MemoryPoolType=types.SimpleNamespace(WORKSPACE="WORKSPACE"),
-        HardwareCompatibilityLevel=types.SimpleNamespace(AMPERE_PLUS="AMPERE_PLUS"))
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
     state = {"configs": [], "networks": [], "build": lambda builder, network: b"serialized-plan"}
 
-    def network_from_onnx_path(path, strongly_typed=None):
-        graph = "llm" if path.endswith("llm.onnx") else "vision"
-        m = state["manifest"].graph(graph)
-        dtype = lambda t: "HALF" if t.dtype == "float16" else ("INT64" if t.dtype == "int64" else "FLOAT")  # noqa: E731
-        pinned = getattr(state["plan"], "fp32_layers", {}).get(graph, [])
-        layers = [_Layer(p["node"], [_Tensor(p["tensor"], "FLOAT")]) for p in pinned]
-        layers.append(_Layer("node_MatMul_other", [_Tensor("other_out", "FLOAT")]))
-        if pinned:  # an index computation with a pinned output name stays as it is
-            layers.append(_Layer("node_shape", [_Tensor(pinned[0]["tensor"], "INT64")]))
-        net = _Network([_Tensor(t.name, dtype(t)) for t in m.inputs], [_Tensor(t.name, dtype(t)) for t in m.outputs],
-                       layers)
-        builder = types.SimpleNamespace(error_recorder=None)
-        state["networks"].append((graph, builder, net, strongly_typed))
-        return builder, net, None
+    class Builder:
+        def __init__(self, logger):
+            self.logger = logger
 
-    def engine_bytes_from_network(network, config=None, save_timing_cache=None):
-        builder, net, _ = network
-        return state["build"](builder, net)
+        def create_network(self, flags):
+            self.strongly = bool(flags)
+            return _Network([], [], [])
 
-    def forbidden(*a, **k):
-        raise AssertionError("the build must not deserialize the plan (engine_from_network / save_engine)")
+        def create_builder_config(self):
+            state["configs"].append(_Config())
+            return state["configs"][-1]
 
-    state["deserializing"] = forbidden
-    monkeypatch.setattr(pg_trt, "network_from_onnx_path", network_from_onnx_path)
-    monkeypatch.setattr(pg_trt, "engine_bytes_from_network", engine_bytes_from_network)
-    monkeypatch.setattr(pg_trt, "engine_from_network", lambda *a, **k: state["deserializing"](*a, **k))
-    monkeypatch.setattr(pg_trt, "save_engine", forbidden)
-    monkeypatch.setattr(pg_trt, "CreateConfig", lambda **kw: state["configs"].append(kw) or kw)
+        def create_optimization_profile(self):
+            return _Profile()
+
+        def build_serialized_network(self, network, config):
+            return state["build"](self, network)
+
+    class OnnxParser:
+        def __init__(self, network, logger):
+            self.network = network
+
+        def parse_from_file(self, path):
+            graph = "llm" if path.endswith("llm.onnx") else "vision"
+            m = state["manifest"].graph(graph)
+            dtype = lambda t: "HALF" if t.dtype == "float16" else ("INT64" if t.dtype == "int64" else "FLOAT")  # noqa: E731
+            pinned = getattr(state["plan"], "fp32_layers", {}).get(graph, [])
+            layers = [_Layer(p["node"], [_Tensor(p["tensor"], "FLOAT")]) for p in pinned]
+            layers.append(_Layer("node_MatMul_other", [_Tensor("other_out", "FLOAT")]))
+            if pinned:  # an index computation with a pinned output name stays as it is
+                layers.append(_Layer("node_shape", [_Tensor(pinned[0]["tensor"], "INT64")]))
+            net = self.network
+            net.inputs = [_Tensor(t.name, dtype(t)) for t in m.inputs]
+            net.outputs = [_Tensor(t.name, dtype(t)) for t in m.outputs]
+            net.layers = layers
+            state["networks"].append((graph, net))
+            return True
+
+    trt = types.SimpleNamespace(
+        float16="HALF", float32="FLOAT", int64="INT64", ILogger=ILogger, Logger=ILogger, Builder=Builder,
+        OnnxParser=OnnxParser, NetworkDefinitionCreationFlag=types.SimpleNamespace(STRONGLY_TYPED=0),
+        BuilderFlag=types.SimpleNamespace(FP16="FP16", INT8="INT8", TF32="TF32",
+                                          OBEY_PRECISION_CONSTRAINTS="OBEY", VERSION_COMPATIBLE="VC"),
+        MemoryPoolType=types.SimpleNamespace(WORKSPACE="WORKSPACE"),
+        HardwareCompatibilityLevel=types.SimpleNamespace(AMPERE_PLUS="AMPERE_PLUS"))
+    monkeypatch.setattr(trt_backend, "require_tensorrt", lambda: trt)
     return trt, state
 
 
@@ -350,9 +401,9 @@ def _plan_for(bundle_dir, state, trt_version="10.3"):
 
 
 def test_build_sets_kv_io_pins_fp32_and_writes_the_serialized_plan(tiny_static_bundle, fake_builder, tmp_path):
-    """fp16 KV I/O, the serialized plan and the fp16 pins, against stand-ins for the network and loaders:
-    the KV I/O tensors become fp16, the pinned layers run FP32 (floating outputs only) under "obey", and the
-    bytes engine_bytes_from_network returns are written as they are, with no deserialization."""
+    """fp16 KV I/O, the serialized plan and the fp16 pins, against a stand-in TensorRT: the KV I/O tensors
+    become fp16, the pinned layers run FP32 (floating outputs only) under "obey", every manifest profile is
+    added, and the bytes the builder returns are written as they are."""
     from flashvl_edge.export.engines import _build_one
 
     trt, state = fake_builder
@@ -360,23 +411,22 @@ def test_build_sets_kv_io_pins_fp32_and_writes_the_serialized_plan(tiny_static_b
     out = tmp_path / "llm.engine"
     _build_one(plan, "llm", bundle.graph_path("llm"), out)
     assert out.read_bytes() == b"serialized-plan"
-    graph, builder, net, strongly = state["networks"][-1]
-    assert strongly is None and state["configs"][-1]["precision_constraints"] == "obey"
-    assert state["configs"][-1]["fp16"] is True
+    graph, net = state["networks"][-1]
+    cfg = state["configs"][-1]
+    assert {"FP16", "TF32", "OBEY"} <= cfg.flags and "INT8" not in cfg.flags
+    assert [set(p.shapes) for p in cfg.profiles] == [set(p["shapes"]) for p in plan.profiles["llm"]]
+    assert cfg.pools == {"WORKSPACE": plan.workspace_bytes}
     kv = {t.name: t.dtype for t in net.inputs + net.outputs if t.name.startswith(("past_key_values.", "present."))}
     assert kv and set(kv.values()) == {"HALF"}
     assert {t.name: t.dtype for t in net.inputs}["inputs_embeds"] == "FLOAT"  # only the KV changes
     pinned = [layer for layer in net.layers if layer.precision == "FLOAT"]
     assert len(pinned) == len(plan.fp32_layers["llm"]) and all(layer.output_types == {0: "FLOAT"} for layer in pinned)
     assert {layer.name for layer in net.layers if layer.precision is None} == {"node_MatMul_other", "node_shape"}
-    assert builder.error_recorder is not None and net.error_recorder is builder.error_recorder
 
 
 def test_build_out_of_memory_is_reported_from_tensorrts_own_messages(tiny_static_bundle, fake_builder, tmp_path):
-    """Polygraphy replaces a failed build with "Invalid Engine"; the error recorder on the builder
-    keeps what TensorRT said, so an allocation failure gets the out-of-memory hint (stand-in builder)."""
-    from polygraphy.exception import PolygraphyException
-
+    """A failed build returns no plan; what TensorRT logged says why, so an allocation failure gets the
+    out-of-memory hint and any other failure names the node (stand-in builder)."""
     from flashvl_edge.export.engines import _build_one
     from flashvl_edge.runtime.errors import ExportError
 
@@ -384,14 +434,11 @@ def test_build_out_of_memory_is_reported_from_tensorrts_own_messages(tiny_static
     bundle, plan = _plan_for(tiny_static_bundle, state)
 
     def oom(builder, network):
-        if builder.error_recorder is not None:  # without one TensorRT tells only its logger
-            builder.error_recorder.report_error(trt.ErrorCode.FAILED_ALLOCATION, "Requested amount of GPU memory "
-                                                "(8589934592 bytes) could not be allocated. There may not be "
-                                                "enough free memory for allocation to succeed.")
-        raise PolygraphyException("Invalid Engine. Please ensure the engine was built correctly")
+        builder.logger.log(trt.ILogger.Severity.ERROR, "Requested amount of GPU memory (8589934592 bytes) could not "
+                           "be allocated. There may not be enough free memory for allocation to succeed.")
+        return None
 
     state["build"] = oom
-    state["deserializing"] = lambda network, config=None, save_timing_cache=None: oom(network[0], network[1])
     with pytest.raises(ExportError) as e:
         _build_one(plan, "llm", bundle.graph_path("llm"), tmp_path / "llm.engine")
     msg = str(e.value)
@@ -399,9 +446,9 @@ def test_build_out_of_memory_is_reported_from_tensorrts_own_messages(tiny_static
     assert not (tmp_path / "llm.engine").exists()
 
     def other(builder, network):
-        builder.error_recorder.report_error(trt.ErrorCode.INTERNAL_ERROR, "Could not find any implementation for "
-                                            "node /MatMul_7 [ElementWise]")
-        raise PolygraphyException("Invalid Engine. Please ensure the engine was built correctly")
+        builder.logger.log(trt.ILogger.Severity.INTERNAL_ERROR, "Could not find any implementation for node "
+                           "/MatMul_7 [ElementWise]")
+        return None
 
     state["build"] = other
     with pytest.raises(ExportError) as e:
@@ -418,9 +465,9 @@ def test_strongly_typed_build_of_an_fp16_bundle(tiny_static_fp16_bundle, fake_bu
     _, state = fake_builder
     bundle, plan = _plan_for(tiny_static_fp16_bundle, state)
     _build_one(plan, "llm", bundle.graph_path("llm"), tmp_path / "llm.engine")
-    graph, builder, net, strongly = state["networks"][-1]
+    graph, net = state["networks"][-1]
     cfg = state["configs"][-1]
-    assert strongly is True and "fp16" not in cfg and "precision_constraints" not in cfg
+    assert not ({"FP16", "INT8", "TF32", "OBEY"} & cfg.flags)
     assert all(layer.precision is None for layer in net.layers)
 
 

@@ -147,7 +147,8 @@ def test_tensorrt_commands_say_what_to_install_without_torch(runtime_only, tiny_
 
 
 # distribution -> import name, for the requirements of the extras
-IMPORT_NAMES = {"scikit-image": "skimage", "onnxruntime-genai": "onnxruntime_genai", "nvidia-modelopt": "modelopt"}
+IMPORT_NAMES = {"scikit-image": "skimage", "onnxruntime-genai": "onnxruntime_genai", "nvidia-modelopt": "modelopt",
+                "tensorrt-rtx-cu12-bindings": "tensorrt_rtx_bindings", "tensorrt-rtx-cu12-libs": "tensorrt_rtx_libs"}
 # modules an extra gets through one of its requirements
 TRANSITIVE = {"onnx_ir": "onnxscript", "starlette": "fastapi", "pydantic": "fastapi"}
 

@@ -288,9 +288,11 @@ class TrtRunner(Runner):
 
     # -- lifecycle ------------------------------------------------------------------------------
     def activate_impl(self) -> None:
-        trt = require_tensorrt()
+        from .trt_library import engine_loaders, library_for_engine  # TensorRT or TensorRT-RTX, per manifest entry
+
+        trt = library_for_engine(self.engine_path)
         from polygraphy import cuda
-        from polygraphy.backend.trt import engine_from_bytes, get_trt_logger
+        engine_from_bytes, get_trt_logger = engine_loaders(trt)
         from polygraphy.exception import PolygraphyException
 
         self.trt = trt
@@ -567,6 +569,10 @@ class TrtDecoder(TrtRunner, DecoderRunner):
 
 
 def _engine_set(bundle) -> EngineEntry:
+    from .trt_library import rtx_engine_entry  # a TensorRT-RTX entry that runs here, or its one-line reason
+
+    if (rtx_entry := rtx_engine_entry(bundle.manifest)) is not None:
+        return rtx_entry
     require_tensorrt()
     _, entry = select_engine(bundle.manifest, gpu_info(), trt_version())
     return entry
