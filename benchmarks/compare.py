@@ -568,9 +568,9 @@ def parse_batched_bench(text: str) -> dict:
 class OursBatched:
     """Our batched decode as ``flashvl serve`` runs it: the continuous-batching scheduler
     (runtime/scheduler.py), every row submitted at once (``Scheduler.submit_all``), greedy, EOS ignored.
-    The scheduler prefills each row alone (batch 1, the ``flashvl chat`` path: the runtime has no batched
-    prefill) and merges its KV cache into the batch; then one LLM run per step decodes a token for every
-    row, and each row samples and detokenizes its token as a server request does."""
+    The rows prefill together (the step core's batched chunks, a budget that takes a chunk of every row
+    per step) and join one batch; then one LLM run per step decodes a token for every row, and each row
+    samples and detokenizes its token as a server request does."""
 
     def __init__(self, name: str, bundle: Path):
         from flashvl_edge.runtime.pipeline import Pipeline
@@ -594,7 +594,10 @@ class OursBatched:
                     for ids in prompts]
 
         async def drive():
-            sched = Scheduler(self.pipe, max_batch=n, max_queue=n).start()
+            # a budget that takes a chunk of every row each step: the rows prefill together (batched
+            # chunks) and all start decoding at the same step
+            chunk = self.pipe.generator.prefill_chunk
+            sched = Scheduler(self.pipe, max_batch=n, max_queue=n, max_num_batched_tokens=n * chunk + n).start()
             try:
                 t0 = time.perf_counter()
                 handles = sched.submit_all(requests)
@@ -614,15 +617,17 @@ class OursBatched:
         for fin in finished:
             if fin is None or fin.finish_reason != "length":
                 raise SystemExit(f"a batched request ended with {fin and fin.finish_reason}: {fin and fin.error}")
-        # all rows were admitted before the first batched step: n prefills, then steps runs of n rows
-        prefill_calls, decode_calls = calls[:n], calls[n:]
-        if steps != new_tokens - 1 or len(decode_calls) != steps or any(c.size != n for c in decode_calls):
+        # the rows prefill together in batched chunks, then every step decodes all n of them
+        decode_calls = calls[len(calls) - (new_tokens - 1):]
+        prefill_calls = calls[:len(calls) - len(decode_calls)]
+        steps = len(decode_calls)
+        if any(c.size != n for c in decode_calls) or sum(c.size for c in prefill_calls) != n * length:
             raise SystemExit(f"the scheduler did not decode the {n} rows as one batch "
                              f"({steps} steps, call sizes {[c.size for c in decode_calls]})")
         first_step = decode_calls[0].start
         decode_s = max(ts[-1][1] for ts in got) - first_step  # the last step's sampling included
         decode_graph_s = sum(c.end - c.start for c in decode_calls)
-        prefill_s = first_step - t0  # n prefills one after another, their first tokens, the KV merges
+        prefill_s = first_step - t0  # the n rows' batched prefill chunks, their first tokens, the KV merges
         return {"rows": n, "prompt_tokens": length, "decode_steps": steps,
                 "prefill_s": prefill_s, "prefill_tokens_per_s": n * length / prefill_s,
                 "prefill_graph_s": sum(c.end - c.start for c in prefill_calls),

@@ -51,6 +51,9 @@ def add_arguments(p) -> None:
                    help="refuse images with more pixels than this (default: the bundle's limit)")
     p.add_argument("--max-tiles", type=int, default=None, help="lower the tile budget of a dynamic bundle")
     p.add_argument("--max-images", type=int, default=8, help="at most this many images per question (default 8)")
+    p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
+                   help="prefill prompts in chunks ending at multiples of N positions (default 64, as 'flashvl "
+                        "serve': the same value gives the same answers)")
 
 
 def _sampling(args) -> dict:
@@ -157,7 +160,8 @@ def run(args) -> int:
     params = SamplingParams(**_sampling(args)).validate()  # bad flags and schemas fail before the bundle loads
     options = {"device": args.device} if args.backend == "ort" else {}
     pipe = Pipeline.from_bundle(args.bundle, backend=args.backend, max_image_pixels=args.max_image_pixels,
-                                max_tiles=args.max_tiles, max_images=args.max_images, **options)
+                                max_tiles=args.max_tiles, max_images=args.max_images,
+                                prefill_chunk=args.prefill_chunk, **options)
     try:
         if params.constrained:
             from .structured import StructuredOutput

@@ -32,9 +32,18 @@ def add_arguments(p) -> None:
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
     p.add_argument("--served-model-name", default=None, metavar="NAME",
                    help="the model id clients send (default: the bundle directory's name)")
-    p.add_argument("--api-key", default=None, metavar="KEY",
-                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $FLASHVL_API_KEY; unset: no key)")
-    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
+    p.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $FLASHVL_API_KEY; unset: no key); "
+                        "repeat it or separate keys with commas for several, each its own cache tenant")
+    p.add_argument("--max-batch", "--max-num-seqs", dest="max_batch", type=int, default=8,
+                   help="requests admitted at once, prefilling or decoding (vLLM's --max-num-seqs; default 8)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, metavar="N",
+                   help="tokens one step may run: every decoding request's next token, then prefill chunks "
+                        "with what is left (default: the prefill chunk + max batch - 1; docs/serving.md)")
+    p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
+                   help="prompts are prefilled in chunks ending at multiples of N positions, so a running "
+                        "stream waits at most one chunk while a request joins (default 64; the same in "
+                        "'flashvl chat', which gives the same answers)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting for a batch slot before new ones get 429 (default 64)")
     p.add_argument("--backend", choices=["ort", "trt"], default="ort",
@@ -55,6 +64,41 @@ def add_arguments(p) -> None:
                    help="prompt-prefix KV kept for reuse across requests (default 256 MiB; 0 = off)")
     p.add_argument("--grace-period", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, let in-flight requests finish for up to S seconds (default 30)")
+    # -- what one request may cost (docs/security.md: each limit, its default and why) --------------
+    g = p.add_argument_group("limits on hostile input (docs/security.md)")
+    g.add_argument("--allowed-hosts", default=None, metavar="NAMES",
+                   help="Host header names to answer, comma-separated ('*': any; default: localhost names when "
+                        "listening on a loopback address, any name otherwise)")
+    g.add_argument("--max-prompt-chars", type=int, default=256 * 1024, metavar="N",
+                   help="characters of message text per request, checked before tokenizing (default 262144)")
+    g.add_argument("--body-read-timeout", type=float, default=30.0, metavar="S",
+                   help="the whole request body must arrive within S seconds, else 408 (default 30)")
+    g.add_argument("--header-read-timeout", type=float, default=10.0, metavar="S",
+                   help="a connection's request headers must arrive within S seconds, else it is closed (default 10)")
+    g.add_argument("--keep-alive-timeout", type=float, default=5.0, metavar="S",
+                   help="close an idle keep-alive connection after S seconds (default 5)")
+    g.add_argument("--max-header-bytes", type=int, default=64 * 1024, metavar="N",
+                   help="request line and headers, in bytes (default 65536)")
+    g.add_argument("--max-schema-bytes", type=int, default=64 * 1024, metavar="N",
+                   help="a response_format json_schema, as JSON (default 65536)")
+    g.add_argument("--schema-compile-timeout", type=float, default=5.0, metavar="S",
+                   help="compiling one json_schema (in a child process) may take S seconds (default 5)")
+    g.add_argument("--schema-compile-memory", type=int, default=256 * MiB, metavar="BYTES",
+                   help="memory the schema compiler process may grow by (default 256 MiB)")
+    g.add_argument("--max-template-chars", type=int, default=None, metavar="N",
+                   help="the rendered chat template, in characters (default: --max-prompt-chars + 65536)")
+    g.add_argument("--template-timeout", type=float, default=2.0, metavar="S",
+                   help="rendering the bundle's chat template (in a child process) may take S seconds (default 2)")
+    g.add_argument("--template-memory", type=int, default=128 * MiB, metavar="BYTES",
+                   help="memory the template renderer process may grow by (default 128 MiB)")
+    g.add_argument("--max-image-bytes", type=int, default=128 * MiB, metavar="BYTES",
+                   help="memory one image's decode may need, estimated from its header before decoding "
+                        "(default 128 MiB: a 16-megapixel photo)")
+    g.add_argument("--max-concurrent-decodes", type=int, default=2, metavar="N",
+                   help="images decoded at once; others wait (default 2)")
+    g.add_argument("--image-formats", default="PNG,JPEG,WEBP,GIF,BMP", metavar="LIST",
+                   help="image formats accepted, comma-separated, from PNG,JPEG,WEBP,GIF,BMP,TIFF "
+                        "(default PNG,JPEG,WEBP,GIF,BMP)")
 
 
 def _check(args) -> None:
@@ -66,7 +110,7 @@ def _check(args) -> None:
         if getattr(args, name) < 0:
             raise FlashVLError(f"--{name.replace('_', '-')} must be a number of bytes >= 0 (0 disables it), "
                                f"got {getattr(args, name)}")
-    for name in ("max_tiles", "max_image_pixels"):
+    for name in ("max_tiles", "max_image_pixels", "max_num_batched_tokens", "prefill_chunk"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise FlashVLError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not 0 <= args.port <= 65535:
@@ -75,6 +119,9 @@ def _check(args) -> None:
         raise FlashVLError(f"--grace-period must be a number of seconds >= 0, got {args.grace_period}")
     if args.allowed_local_media_path is not None and not Path(args.allowed_local_media_path).is_dir():
         raise FlashVLError(f"--allowed-local-media-path {args.allowed_local_media_path!r} is not a directory")
+    from .server import check_limit_args
+
+    check_limit_args(args)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -113,9 +160,14 @@ def make_server(app, grace_period_s: float, on_ready=None):
             app.state.flashvl.drain()
             super().handle_exit(sig, frame)
 
-    config = uvicorn.Config(app, http="h11", loop="asyncio", ws="none", lifespan="on", log_config=None,
-                            log_level="warning", access_log=False, server_header=False,
-                            timeout_graceful_shutdown=grace_period_s)
+    from .server import http_protocol
+
+    opts = app.state.flashvl.options  # header timeout, keep-alive and header size (docs/security.md)
+    config = uvicorn.Config(app, http=http_protocol(opts.header_read_timeout_s), loop="asyncio", ws="none",
+                            lifespan="on", log_config=None, log_level="warning", access_log=False,
+                            server_header=False, timeout_graceful_shutdown=grace_period_s,
+                            timeout_keep_alive=opts.keep_alive_timeout_s,
+                            h11_max_incomplete_event_size=opts.max_header_bytes)
     return Server(config)
 
 
@@ -148,18 +200,26 @@ def run(args) -> int:
         pipe = Pipeline.from_bundle(args.bundle, backend=args.backend, max_image_pixels=args.max_image_pixels,
                                     max_tiles=args.max_tiles, max_images=args.max_images,
                                     image_cache_bytes=args.image_cache_bytes, kv_cache_bytes=args.kv_cache_bytes,
-                                    **options)
+                                    prefill_chunk=args.prefill_chunk, **options)
     except BaseException:
         sock.close()
         raise
     try:
-        scheduler = Scheduler(pipe, max_batch=args.max_batch, max_queue=args.max_queue).start()
+        stopping: list = []  # the uvicorn server, once made: a failed model stops it
+
+        def model_failed(message: str) -> None:
+            failed.append(f"the model failed, the server stops ({message})")
+            for server in stopping:
+                server.should_exit = True
+
+        failed: list[str] = []
+        scheduler = Scheduler(pipe, max_batch=args.max_batch, max_queue=args.max_queue,
+                              max_num_batched_tokens=args.max_num_batched_tokens, on_fatal=model_failed).start()
         app = http.create_app(scheduler, pipe, http.ServeOptions(
             model_name=name, api_key=api_key, max_body_bytes=args.max_body_bytes,
             allowed_local_media_path=args.allowed_local_media_path, max_images=args.max_images,
-            grace_period_s=args.grace_period))
+            grace_period_s=args.grace_period, **http.limit_options(args)))
         _setup_logging()
-        failed: list[str] = []
 
         def ready(server) -> None:
             if not scheduler.ready:  # its thread died while the server started: say so, do not serve
@@ -167,10 +227,12 @@ def run(args) -> int:
                 server.should_exit = True
                 return
             port = sock.getsockname()[1]
-            print(f"flashvl serve: ready on {_url(args.host, port)} (model {name}, max batch {scheduler.max_batch})",
+            print(f"flashvl serve: ready on {_url(args.host, port)} (model {name}, max batch {scheduler.max_batch}, "
+                  f"{scheduler.max_num_batched_tokens} tokens a step, prefill chunk {pipe.generator.prefill_chunk})",
                   flush=True)
 
         server = make_server(app, args.grace_period, on_ready=ready)
+        stopping.append(server)
         # uvicorn re-raises the signal that stopped it once it is done; a no-op handler turns that
         # into a normal return, so a drained server exits 0
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -1,12 +1,12 @@
-"""The decode loop, readable top to bottom: embed -> prefill -> (sample, decode one token)*.
+"""Embedding, sampling and text: what the step core (``runtime/core.py``) uses to decode.
 
 1. ``Generator.embed``: token embeddings are gathered from the bundle's memory-mapped
    ``embed_tokens.npy`` (only the rows used are read) and the image embeddings are written over the
    image-token positions, in order.
-2. ``Generator.generate``: ``prefill`` (one ``forward`` over all new tokens) fills the KV cache and gives
-   the first token's logits; then ``step`` feeds each sampled token back alone (decode), the cache
-   growing by one. ``greedy`` and ``teacher_forced`` run the same ``prefill`` / ``step`` and also return
-   the logits, for ``flashvl verify``, calibration reports and benchmarks: one LLM path for every tool.
+2. ``Generator.run`` / ``greedy`` / ``teacher_forced``: one-row clients of the step core, which runs
+   the prefill in chunks and decodes (the one decode loop of the project); ``greedy`` and
+   ``teacher_forced`` also return the logits, for ``flashvl verify``, calibration reports and
+   benchmarks: one LLM path for every tool.
 3. ``sample``: repetition penalty, then greedy (temperature 0) or temperature / top-k / top-p sampling
    with a seeded numpy Generator (same order as transformers' logits processors and warpers). A
    request with ``json_schema`` / ``json_object`` first masks the logits to the tokens that keep its
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -165,6 +165,15 @@ class Generator:
     # builds each constrained request's Constraint (runtime/structured.py StructuredOutput.for_pipeline
     # attaches it); None until then, and unconstrained decoding never looks at it
     structured: Any = field(default=None, repr=False)
+    # prefill chunk size of every request (runtime/core.py): a property of the request, so an answer
+    # is the same alone, in a batch, and in the server; None: the core's default
+    prefill_chunk: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.prefill_chunk is None:
+            from .core import DEFAULT_PREFILL_CHUNK
+
+            self.prefill_chunk = DEFAULT_PREFILL_CHUNK
 
     def embed(self, token_ids: Sequence[int], image_embeds: np.ndarray | None = None,
               image_mask: Sequence[bool] | None = None) -> np.ndarray:
@@ -206,103 +215,55 @@ class Generator:
                               "attach it with StructuredOutput.for_pipeline(pipeline)")
         return self.structured.constraint(params)
 
-    # -- the LLM path: chat, verification, calibration and benchmarks all run these -------------
-    def prefill(self, cache: KVCache, ids: Sequence[int] = (), image_embeds: np.ndarray | None = None,
-                image_mask: Sequence[bool] | None = None, inputs_embeds: np.ndarray | None = None) -> np.ndarray:
-        """Run new prompt tokens on top of ``cache``; returns the last position's logits [vocab].
+    # -- one-row clients of the step core (runtime/core.py): verify, calibration and bench ---------
+    def core(self):
+        """A step core for one row at a time over this generator (the chat path's chunking)."""
+        from .core import StepCore
 
-        The tokens are ``ids`` with ``image_embeds`` spliced in (as :meth:`embed`), or ``inputs_embeds``
-        [1, seq, hidden] when the prompt is already embedded (``Pipeline.prefill_inputs``, a capture)."""
-        if inputs_embeds is None:
-            inputs_embeds = self.embed(ids, image_embeds, image_mask)
-        return self.llm.forward(inputs_embeds, cache)
+        return StepCore(self, prefill_chunk=self.prefill_chunk)
 
-    def step(self, cache: KVCache, token: int) -> np.ndarray:
-        """Decode one token: feed it, cache grows by one, returns the next logits [vocab]."""
-        # its table row as [1, 1, hidden]; the general embed() is for prompts
-        row = np.asarray(self.embed_table[token:token + 1], dtype=self.llm.embeds_dtype)
-        return self.llm.forward(row[None], cache)
+    def image_positions(self, token_ids: Sequence[int], image_embeds: np.ndarray | None,
+                        image_mask: Sequence[bool] | None) -> list[bool] | None:
+        """``image_mask`` as :meth:`embed` reads it: given, else every image-token id when there are
+        image embeddings, else none."""
+        if image_mask is not None or image_embeds is None:
+            return None if image_mask is None else list(image_mask)
+        return [int(t) == self.image_token_id for t in token_ids]
 
-    def generate(self, cache: KVCache, new_ids: Sequence[int], image_embeds: np.ndarray | None,
-                 params: SamplingParams, seen_ids: Sequence[int] = (),
-                 image_mask: Sequence[bool] | None = None) -> Iterator[int]:
-        """Prefill ``new_ids`` on top of ``cache``, then yield up to ``max_new_tokens`` sampled ids.
+    def run(self, cache: KVCache, params: SamplingParams, ids: Sequence[int] = (),
+            image_embeds: np.ndarray | None = None, image_mask: Sequence[bool] | None = None,
+            inputs_embeds: np.ndarray | None = None, keep_logits: bool = False, forced: Sequence[int] = ()):
+        """Prefill the new tokens on top of ``cache`` and decode through the step core; returns the
+        finished :class:`~flashvl_edge.runtime.core.Sequence` (``generated``, ``logits``). The last
+        generated token is not fed to the model, so ``cache`` ends ``len(new) + generated - 1`` longer."""
+        from .core import Sequence as Row
 
-        The last id yielded is *not* fed to the model (nothing needs its logits), so after the loop
-        ``cache.length == old length + len(new_ids) + (tokens yielded - 1)``.
-
-        With ``params.json_schema`` / ``json_object`` each step samples only among the tokens that keep
-        the answer valid JSON (``Constraint.apply``); once the JSON is complete only a stop token can
-        follow, so the answer ends with one as usual.
-        """
-        self.check_context(cache.length, len(new_ids))
-        constraint = self.constraint(params)  # before the prefill: a request's own error costs no graph run
-        rng = np.random.default_rng(params.seed)
-        stop_ids = frozenset() if params.ignore_eos else self.stop_token_ids
-        seen = list(seen_ids) + list(new_ids)
-        budget = min(params.max_new_tokens, self.max_context - cache.length - len(new_ids))
-
-        step = self.step
-        logits = self.prefill(cache, new_ids, image_embeds, image_mask)
-        if constraint is None:
-            for i in range(budget):
-                token = sample(logits, seen, params, rng)
-                yield token
-                if token in stop_ids or i == budget - 1:
-                    return
-                seen.append(token)
-                logits = step(cache, token)
-            return
-        # a separate loop, so that unconstrained decoding does no per-token work for the constraint
-        for i in range(budget):
-            token = sample(constraint.apply(logits), seen, params, rng)
-            constraint.advance(token)
-            yield token
-            if token in stop_ids or i == budget - 1 or constraint.done:
-                return
-            seen.append(token)
-            logits = step(cache, token)
+        n_new = len(ids) if inputs_embeds is None else inputs_embeds.shape[1]
+        if n_new == 0:
+            raise PromptError("nothing to prefill: give token ids or inputs_embeds")
+        seq = Row(params, prompt_ids=ids, image_mask=self.image_positions(ids, image_embeds, image_mask),
+                  image_embeds=image_embeds, prompt_embeds=None if inputs_embeds is None else inputs_embeds[0],
+                  cache=cache, keep_logits=keep_logits, forced=forced)
+        for _ in self.core().run(seq):
+            pass
+        if seq.finish_reason == "error":
+            raise seq.exception or PromptError(seq.error or "the request failed")
+        return seq
 
     def greedy(self, cache: KVCache, ids: Sequence[int] = (), image_embeds: np.ndarray | None = None,
                image_mask: Sequence[bool] | None = None, n_tokens: int = 32, stop: bool = True,
                inputs_embeds: np.ndarray | None = None, json_schema: dict | None = None,
                json_object: bool = False) -> tuple[list[int], np.ndarray]:
-        """:meth:`generate` at temperature 0, also returning the logits that chose each token.
+        """Greedy decoding, also returning the logits that chose each token.
 
-        ``stop``: end at the first stop token (included, as generate yields it); else exactly
-        ``n_tokens`` (context permitting), or until a constrained answer (``json_schema`` /
-        ``json_object``, as in :class:`SamplingParams`) has ended. Returns (tokens, logits
-        [len(tokens), vocab] float32); constrained, the logits are the masked ones (-inf where the
-        structure allowed no token)."""
+        ``stop``: end at the first stop token (included); else exactly ``n_tokens`` (context
+        permitting), or until a constrained answer (``json_schema`` / ``json_object``, as in
+        :class:`SamplingParams`) has ended. Returns (tokens, logits [len(tokens), vocab] float32);
+        constrained, the logits are the masked ones (-inf where the structure allowed no token)."""
         params = SamplingParams(max_new_tokens=n_tokens, ignore_eos=not stop, json_schema=json_schema,
                                 json_object=json_object).validate()
-        n_new = len(ids) if inputs_embeds is None else inputs_embeds.shape[1]
-        self.check_context(cache.length, n_new)
-        constraint = self.constraint(params)
-        stop_ids = self.stop_token_ids if stop else frozenset()
-        budget = min(n_tokens, self.max_context - cache.length - n_new)
-        tokens: list[int] = []
-        rows: list[np.ndarray] = []
-        logits = self.prefill(cache, ids, image_embeds, image_mask, inputs_embeds)
-        if constraint is None:
-            for i in range(budget):
-                token = sample(logits, (), params, None)  # greedy: no rng, no repetition penalty
-                tokens.append(token)
-                rows.append(np.asarray(logits, np.float32))
-                if token in stop_ids or i == budget - 1:
-                    break
-                logits = self.step(cache, token)
-            return tokens, np.stack(rows)
-        for i in range(budget):  # as above, sampling only among the tokens the structure allows
-            logits = constraint.apply(logits)
-            token = sample(logits, (), params, None)
-            constraint.advance(token)
-            tokens.append(token)
-            rows.append(np.asarray(logits, np.float32))
-            if token in stop_ids or i == budget - 1 or constraint.done:
-                break
-            logits = self.step(cache, token)
-        return tokens, np.stack(rows)
+        seq = self.run(cache, params, ids, image_embeds, image_mask, inputs_embeds, keep_logits=True)
+        return list(seq.generated), np.stack(seq.logits)
 
     def teacher_forced(self, cache: KVCache, ids: Sequence[int] = (), image_embeds: np.ndarray | None = None,
                        image_mask: Sequence[bool] | None = None, forced_tokens: Sequence[int] = (),
@@ -313,10 +274,10 @@ class Generator:
         (row i predicts the token after ``forced_tokens[:i]``). For parity and accuracy reports."""
         n_new = len(ids) if inputs_embeds is None else inputs_embeds.shape[1]
         self.check_context(cache.length, n_new + len(forced_tokens))
-        rows = [np.asarray(self.prefill(cache, ids, image_embeds, image_mask, inputs_embeds), np.float32)]
-        for token in forced_tokens:
-            rows.append(np.asarray(self.step(cache, int(token)), np.float32))
-        return np.stack(rows)
+        params = SamplingParams(max_new_tokens=len(forced_tokens) + 1, ignore_eos=True).validate()
+        seq = self.run(cache, params, ids, image_embeds, image_mask, inputs_embeds, keep_logits=True,
+                       forced=forced_tokens)
+        return np.stack(seq.logits)
 
 
 # --------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from .cache import (DEFAULT_IMAGE_CACHE_BYTES, DEFAULT_KV_CACHE_BYTES, ImageEmbe
                     image_key, join_blocks)
 from .contract import Manifest
 from .errors import BundleError, ImageError, PromptError
-from .generate import Generator, SamplingParams, TextAssembler
+from .generate import Generator, SamplingParams
 from .prompt import PromptBuilder, check_text
 
 
@@ -103,7 +103,6 @@ class PreparedPrompt:
             self.token_ids = _SaltedIds(self.token_ids, self.cache_salt)
 
 
-
 class _SaltedIds(list):
     """A prompt's token ids that remember the prompt's cache salt (a plain list otherwise)."""
 
@@ -140,7 +139,8 @@ class Pipeline:
     def __init__(self, bundle: Bundle, vision, llm, prompts: PromptBuilder, embed_table: np.ndarray,
                  max_image_pixels: int | None = None, max_tiles: int | None = None,
                  max_images: int = DEFAULT_MAX_IMAGES, max_vision_batch: int | None = None,
-                 image_cache_bytes: int = DEFAULT_IMAGE_CACHE_BYTES, kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES) -> None:
+                 image_cache_bytes: int = DEFAULT_IMAGE_CACHE_BYTES, kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES,
+                 prefill_chunk: int | None = None) -> None:
         self.bundle = bundle
         self.manifest = bundle.manifest
         self.vision = vision
@@ -173,7 +173,10 @@ class Pipeline:
             if tid is not None:
                 stop_ids.add(tid)
         max_context = gen.max_context if llm.limits is None else min(gen.max_context, llm.limits.max_context)
-        self.generator = Generator(llm, embed_table, prompts.image_token_id, frozenset(stop_ids), max_context)
+        if prefill_chunk is not None:
+            _positive_int(prefill_chunk, "prefill_chunk")
+        self.generator = Generator(llm, embed_table, prompts.image_token_id, frozenset(stop_ids), max_context,
+                                   prefill_chunk=prefill_chunk)
         # structured output (json_schema / json_object); cheap: llguidance loads on first constrained use
         from .structured import StructuredOutput
 
@@ -193,7 +196,8 @@ class Pipeline:
     def from_bundle(cls, path, backend: str = "ort", max_image_pixels: int | None = None,
                     max_tiles: int | None = None, verify: str = "cached", max_images: int = DEFAULT_MAX_IMAGES,
                     max_vision_batch: int | None = None, image_cache_bytes: int = DEFAULT_IMAGE_CACHE_BYTES,
-                    kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES, **backend_options) -> "Pipeline":
+                    kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES, prefill_chunk: int | None = None,
+                    **backend_options) -> "Pipeline":
         """Load ``path`` (integrity-checked), open both graphs on ``backend`` ("ort" or "trt").
 
         ``max_image_pixels`` overrides the bundle's decode limit; ``max_tiles`` lowers its tile budget
@@ -201,6 +205,8 @@ class Pipeline:
         ``max_vision_batch`` caps the tiles of one vision-graph run (default: an engine's limit, or
         every tile of a request at once on ONNX Runtime); ``image_cache_bytes`` / ``kv_cache_bytes``
         bound the image-embedding and prompt-prefix KV caches (0 disables one; runtime/cache.py);
+        ``prefill_chunk``: prompts are prefilled in chunks ending at multiples of this many positions
+        (runtime/core.py; the server uses the same, so answers agree);
         ``backend_options`` go to the backend (ort: ``device``, ``threads``)."""
         from .backends import open_runners
 
@@ -231,7 +237,7 @@ class Pipeline:
             raise
         try:
             return cls(bundle, vision, llm, prompts, table, max_image_pixels, max_tiles, max_images,
-                       max_vision_batch, image_cache_bytes, kv_cache_bytes)
+                       max_vision_batch, image_cache_bytes, kv_cache_bytes, prefill_chunk)
         except Exception:
             for runner in (vision, llm):
                 runner.deactivate()
@@ -388,16 +394,6 @@ class Pipeline:
         if keys and first < len(keys):
             self.prefix_cache.store(keys, self.llm.cache_arrays(cache), first_block=first)
 
-    def prefill_prompt(self, prepared: PreparedPrompt) -> tuple[KVCache, np.ndarray, int]:
-        """Prefill a prepared prompt on a fresh cache, reusing its longest cached prefix: the cache,
-        the last position's logits and how many prompt tokens were reused."""
-        self.generator.check_context(0, len(prepared.token_ids))
-        cache, cached, keys = self.reuse_prefix(prepared)
-        logits = self.generator.prefill(cache, prepared.token_ids[cached:], self.embeds_after(prepared, cached),
-                                        prepared.image_mask[cached:])
-        self.remember_prefix(keys, cache, cached)
-        return cache, logits, cached
-
     def check_image_count(self, n_images: int) -> None:
         """PromptError when one request brings more images than ``max_images``."""
         if n_images > self.max_images:
@@ -444,11 +440,13 @@ class Pipeline:
         """Decode and preprocess (cheap, host side): how many tokens the image will take. An image
         whose embeddings are cached (same pixels, same bundle and preprocessing, same ``cache_salt``)
         skips preprocessing and, later, the vision graph. Decoding is bounded by the pixel limit and
-        the process's decode limits (``images.configure``: bytes, formats, concurrent decodes)."""
+        ``self.decode_limits`` when set (``images.DecodeLimits``: bytes, formats, concurrent decodes;
+        the server sets them)."""
         from . import images
         from .cache import salted
 
-        decoded = images.load_image(image, self.preprocess_config.max_image_pixels)
+        decoded = images.load_image(image, self.preprocess_config.max_image_pixels,
+                                    getattr(self, "decode_limits", None))
         # the content address costs a pass over the pixels: only when a cache will use it
         reuse = self.image_cache.enabled or self.prefix_cache.enabled
         key = image_key(np.asarray(decoded), salted(self._image_salt, cache_salt)) if reuse else b""
@@ -644,37 +642,22 @@ class _Turn:
 
     def stream(self, cache, new_ids: list[int], all_ids: list[int], image_embeds, n_image_tokens: int,
                seen_ids: Sequence[int] = (), image_mask: Sequence[bool] | None = None) -> Iterator[str]:
+        """Prefill ``new_ids`` on ``cache`` and decode through the step core (one row), yielding text."""
+        from .core import Sequence as Row
+
         gen = self.pipe.generator
-        text = TextAssembler(self.pipe.prompts.decode, self.params.stop)
-        stop_ids = frozenset() if self.params.ignore_eos else gen.stop_token_ids
-        prefill_start = time.perf_counter()
-        t_first = t_last = None
-        finish = "length"
-        tokens = gen.generate(cache, new_ids, image_embeds, self.params, seen_ids=seen_ids, image_mask=image_mask)
-        try:
-            for token in tokens:
-                t_last = time.perf_counter()
-                if t_first is None:
-                    t_first = t_last
-                self.generated.append(token)
-                if token in stop_ids:
-                    finish = "stop"
-                    break
-                piece = text.push(token)
-                if text.stopped:
-                    finish = "stop"
-                if piece:
-                    yield piece
-                if text.stopped:
-                    break
-            tail = text.finish()
-            if tail:
-                yield tail
-        finally:
-            tokens.close()
+        seq = Row(self.params, prompt_ids=new_ids, image_mask=gen.image_positions(new_ids, image_embeds, image_mask),
+                  image_embeds=image_embeds, cache=cache, seen=seen_ids, decode=self.pipe.prompts.decode)
+        for e in gen.core().run(seq):
+            if e.text:
+                yield e.text
+        if seq.finish_reason == "error":
+            raise seq.exception or PromptError(seq.error or "the request failed")
+        self.generated = list(seq.generated)
         n = len(self.generated)
+        t_first, t_last = seq.first_token_time, seq.last_token_time
         self.result = ChatResult(
-            text=text.text,
+            text=seq.text.text,
             token_ids=list(self.generated),
             prompt_token_ids=list(all_ids),
             image_token_id=gen.image_token_id,
@@ -683,9 +666,9 @@ class _Turn:
             ttft_s=(t_first - self.t0) if t_first else 0.0,
             decode_tokens_per_s=((n - 1) / (t_last - t_first)) if n > 1 and t_last > t_first else 0.0,
             prefill_tokens=len(new_ids),
-            prefill_s=(t_first - prefill_start) if t_first else 0.0,
+            prefill_s=(t_first - seq.prefill_start) if t_first and seq.prefill_start else 0.0,
             n_tiles=self.n_tiles,
-            finish_reason=finish,
+            finish_reason=seq.finish_reason,
         )
 
     def run(self, *args, **kwargs) -> None:

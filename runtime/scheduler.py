@@ -1,20 +1,22 @@
-"""Continuous batching: one scheduler thread owns the graphs and decodes every running request at once.
+"""Continuous batching for the server: one scheduler thread owns the graphs and runs the step core.
 
-The loop, one iteration per step:
+The scheduler is the step core's (``runtime/core.py``) many-row client: requests submitted from the
+event loop wait in a queue; each step the core admits as many as ``max_batch`` allows, decodes every
+running row, and spends the rest of the per-step token budget (``max_num_batched_tokens``) on
+fixed-size prefill chunks of admitted requests, several requests' chunks in one LLM run. Admission
+(:meth:`Scheduler._admit`) reuses the longest cached prompt prefix and hands the request's images to
+an encoder thread, so the vision graph runs beside the decode steps instead of between them; the
+core prefills a request once its image embeddings are ready.
 
-1. admit: while the batch has room, take the oldest waiting request; run its vision graph (all tiles
-   of all its images) and its prefill *alone* (batch 1, exactly the ``flashvl chat`` path), sample its
-   first token, and merge its KV cache into the running batch (left padded);
-2. decode: one LLM graph run for the whole batch — every row's last token, an ``attention_mask``
-   with zeros over each row's padding and per-row ``position_ids`` — then each row samples with its
-   own parameters and random generator;
-3. retire: rows that stopped (eos, stop string, ``max_tokens``), were cancelled (client gone) or hit
-   the context leave the batch at once; the common left padding is trimmed.
+Greedy answers are token for token those of a request run alone (``Pipeline.chat`` goes through the
+same core with the same chunk size): ``tests/test_scheduler.py`` checks it with requests joining
+mid-stream and fails on broken variants (padding attended, positions shared, rows mixed, cache
+dropped, a chunk's positions off by one).
 
-Greedy answers are token for token those of a request run alone: the prefill is the same run, and a
-padded row of the batched decode attends to exactly its own positions (masked positions get zero
-weight). ``tests/test_scheduler.py`` checks it against ``Pipeline.chat`` with several requests of
-different images and lengths, and fails on a scheduler that mixes rows or drops the cache.
+Failures: whatever one request brings (its sampling values, its schema, its images) ends that request
+with an error event; the others carry on. A failure of the model itself ends every open request with an
+error, stops the scheduler and calls ``on_fatal`` (``flashvl serve`` then exits non-zero so a
+supervisor restarts it; ``/health`` answers 503 meanwhile).
 
 Requests come from any thread (the server's event loop); their events go back through the loop the
 request was submitted from (``call_soon_threadsafe``), so an ``async for`` over a handle never blocks.
@@ -23,17 +25,18 @@ request was submitted from (``call_soon_threadsafe``), so an ``async for`` over 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
+import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, AsyncIterator, Callable
 
-import numpy as np
-
+from .core import DEFAULT_MAX_NUM_BATCHED_TOKENS, Emitted, Sequence, StepCore
 from .errors import FlashVLError, PromptError
-from .generate import SamplingParams, TextAssembler, sample
+from .generate import SamplingParams
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline, PreparedPrompt
@@ -117,50 +120,56 @@ class RequestHandle:
                 return
 
 
-@dataclass
-class _Row:
-    """One running request: its place in the batch and its decoding state."""
-
-    handle: RequestHandle
-    params: SamplingParams
-    rng: np.random.Generator
-    text: TextAssembler
-    seen: list[int]  # prompt + generated ids (repetition penalty)
-    prompt_tokens: int
-    last_token: int
-    generated: int = 0
-    budget: int = 0  # tokens this request may generate in all (max_tokens and the context)
-    stop_ids: frozenset = field(default_factory=frozenset)
-    done: bool = False
-    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
-    cache: object = None  # its own KV cache between prefill and joining the batch
-    constraint: object = None  # runtime/structured.py Constraint of a json_schema / json_object request
-
-
 class Scheduler:
-    """Owns the pipeline's graphs; runs admitted requests in one batch (see the module docstring)."""
+    """Owns the pipeline's graphs; runs admitted requests through one step core (see the module docstring).
 
-    def __init__(self, pipeline: "Pipeline", max_batch: int = 8, max_queue: int = 64) -> None:
+    ``max_batch``: requests admitted at once (vLLM's ``max_num_seqs``); ``max_num_batched_tokens``: the
+    per-step token budget; the prefill chunk is the pipeline's (``Pipeline.prefill_chunk``), so an answer
+    is the one ``flashvl chat`` gives."""
+
+    def __init__(self, pipeline: "Pipeline", max_batch: int = 8, max_queue: int = 64,
+                 max_num_batched_tokens: int | None = None,
+                 on_fatal: Callable[[str], None] | None = None) -> None:
         if max_batch < 1 or max_queue < 1:
             raise PromptError("max_batch and max_queue must be at least 1")
         self.pipe = pipeline
         engine_batch = pipeline.llm.limits.max_batch if pipeline.llm.limits is not None else None
         self.max_batch = min(max_batch, engine_batch) if engine_batch else max_batch
         self.max_queue = max_queue
-        self.waiting: deque[RequestHandle] = deque()
-        self.rows: list[_Row] = []
-        self.batch = None  # the backend's batched KV cache, rows in self.rows order
+        self.on_fatal = on_fatal
+        self.failed: str | None = None  # why the model failed, once it has
+        self.waiting: deque[RequestHandle] = deque()  # submitted, not yet handed to the core
+        self.core = self._make_core(max_num_batched_tokens)
+        self.encoder: concurrent.futures.ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         self._accepting = False
         self._stop = False
         self._ids = itertools.count(1)
-        self.steps = 0  # batched decode runs so far (tests and metrics)
+
+    def _make_core(self, max_num_batched_tokens: int | None) -> StepCore | None:
+        budget = max_num_batched_tokens
+        chunk = self.pipe.generator.prefill_chunk
+        if budget is None:  # the default budget, widened when a larger chunk or batch needs it
+            budget = max(DEFAULT_MAX_NUM_BATCHED_TOKENS, chunk + self.max_batch - 1)
+        return StepCore(self.pipe.generator, max_num_seqs=self.max_batch, max_num_batched_tokens=budget,
+                        prefill_chunk=chunk, admit=self._admit)
+
+    @property
+    def steps(self) -> int:
+        """Steps that ran the LLM so far (tests and metrics)."""
+        return self.core.steps if self.core is not None else 0
+
+    @property
+    def max_num_batched_tokens(self) -> int | None:
+        return self.core.budget if self.core is not None else None
 
     # -- control ------------------------------------------------------------------------------
     def start(self) -> "Scheduler":
         self._accepting, self._stop = True, False
+        # one encoder thread: images are encoded in arrival order, beside the decode steps
+        self.encoder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="flashvl-encoder")
         self._thread = threading.Thread(target=self._loop, name="flashvl-scheduler", daemon=True)
         self._thread.start()
         return self
@@ -171,11 +180,14 @@ class Scheduler:
 
     @property
     def queue_depth(self) -> int:
-        return len(self.waiting)
+        return len(self.waiting) + (len(self.core.waiting) if self.core is not None else 0)
 
     @property
     def running(self) -> int:
-        return len(self.rows)
+        return len(self.core.running) + len(self.core.prefilling) if self.core is not None else 0
+
+    def _has_rows(self) -> bool:
+        return self.core is not None and self.core.has_work
 
     def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
         """Queue ``request``; QueueFullError when ``max_queue`` are waiting, ShuttingDownError when draining."""
@@ -184,8 +196,8 @@ class Scheduler:
     def submit_all(self, requests: list[GenerationRequest],
                    loop: asyncio.AbstractEventLoop | None = None) -> list[RequestHandle]:
         """Queue ``requests`` in one step: the loop takes them at the same step boundary (as many as the
-        batch has room for), so they are admitted together and decode as one batch from the first step.
-        All or none: QueueFullError when they do not all fit in ``max_queue``."""
+        batch has room for), so they are admitted together. All or none: QueueFullError when they do
+        not all fit in ``max_queue``."""
         loop = loop or asyncio.get_running_loop()
         handles = []
         for request in requests:
@@ -194,9 +206,11 @@ class Scheduler:
             handles.append(RequestHandle(request, loop))
         with self._wake:
             if not self._accepting:
+                if self.failed:
+                    raise ShuttingDownError(f"the model failed ({self.failed}); the server is restarting")
                 raise ShuttingDownError("the server is shutting down; retry on another instance")
-            if len(self.waiting) + len(handles) > self.max_queue:
-                raise QueueFullError(f"{len(self.waiting)} requests are already waiting (--max-queue "
+            if self.queue_depth + len(handles) > self.max_queue:
+                raise QueueFullError(f"{self.queue_depth} requests are already waiting (--max-queue "
                                      f"{self.max_queue}); retry shortly")
             self.waiting.extend(handles)
             self._wake.notify()
@@ -208,136 +222,90 @@ class Scheduler:
             self._accepting = False
             self._wake.notify()
         deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and (self.waiting or self.rows):
+        while time.monotonic() < deadline and (self.waiting or self._has_rows()) \
+                and self._thread is not None and self._thread.is_alive():
             time.sleep(0.02)
         with self._wake:
             self._stop = True
-            for h in list(self.waiting) + [r.handle for r in self.rows]:
+            for h in list(self.waiting):
                 h.cancel()
+            if self.core is not None:
+                for seq in list(self.core.waiting) + self.core.prefilling + self.core.running:
+                    seq.tag.cancel()
             self._wake.notify()
         if self._thread is not None:
             self._thread.join(timeout=max(5.0, grace_s))
+        if self.encoder is not None:
+            self.encoder.shutdown(wait=False, cancel_futures=True)
 
     # -- the loop -----------------------------------------------------------------------------
     def _loop(self) -> None:
+        core = self.core
         try:
             while True:
                 with self._wake:
-                    while not self._stop and not self.waiting and not self.rows:
+                    while not self._stop and not self.waiting and not core.has_work:
                         self._wake.wait(timeout=0.5)
                     if self._stop:
                         break
-                    room = self.max_batch - len(self.rows)
-                    admit = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
-                for handle in admit:
-                    self._admit(handle)
-                self._retire()
-                if self.rows:
-                    self._decode_step()
-                    self._retire()
-        except Exception as e:  # a backend failure mid-batch: every open request gets the error
-            msg = f"the model failed while decoding ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
-            for row in self.rows:
-                self._finish(row.handle, "error", row.text.finish(), row.prompt_tokens, row.generated, msg)
-            self.rows, self.batch = [], None
+                    while self.waiting:
+                        handle = self.waiting.popleft()
+                        core.add(Sequence(handle.request.params, decode=self.pipe.prompts.decode, tag=handle))
+                for seq in list(core.waiting) + core.prefilling + core.running:
+                    if seq.tag.cancelled.is_set():
+                        seq.cancelled = True
+                steps = core.steps
+                self._deliver(core.step())
+                if core.steps == steps and core.pending_futures():
+                    # every admitted request waits for its images: sleep until one is encoded
+                    concurrent.futures.wait(core.pending_futures(), timeout=0.1,
+                                            return_when=concurrent.futures.FIRST_COMPLETED)
+        except Exception as e:  # the model failed: every open request gets the error
+            logging.getLogger("flashvl.serve").error("the model failed", exc_info=e)
+            msg = str(e) if isinstance(e, FlashVLError) else f"the model failed ({type(e).__name__}: {e})"
             with self._wake:
                 self._accepting = False
-            raise
+                self.failed = " ".join(msg.split())[:300]
+                stranded = list(self.waiting)
+                self.waiting.clear()
+            self._deliver(core.fail_all(self.failed))
+            for h in stranded:
+                self._finish(h, "error", "", len(h.request.prepared.token_ids), 0, self.failed)
+            if self.on_fatal is not None:
+                self.on_fatal(self.failed)
         finally:
-            for row in self.rows:
-                self._finish(row.handle, "cancelled", row.text.finish(), row.prompt_tokens, row.generated,
-                             cached=row.cached_tokens)
+            for seq in list(core.waiting) + core.prefilling + core.running:
+                seq.cancelled = True
+            if core.has_work:
+                core._drop_cancelled(out := [])
+                self._deliver(out)
             while self.waiting:
                 h = self.waiting.popleft()
                 self._finish(h, "cancelled", "", len(h.request.prepared.token_ids), 0)
-            self.rows, self.batch = [], None
 
     def _finish(self, handle: RequestHandle, reason: str, text: str, prompt_tokens: int, generated: int,
                 error: str | None = None, cached: int = 0) -> None:
         handle._emit(FinishEvent(reason, text, Usage(prompt_tokens, generated, cached), time.perf_counter(), error))
 
-    def _admit(self, handle: RequestHandle) -> None:
-        """Vision + prefill alone, the first token, then the request joins the batch."""
-        pipe, gen = self.pipe, self.pipe.generator
-        prepared, params = handle.request.prepared, handle.request.params
-        ids = list(prepared.token_ids)
-        if handle.cancelled.is_set():
-            self._finish(handle, "cancelled", "", len(ids), 0)
-            return
-        try:
-            constraint = None
-            if params.constrained:  # built before the graphs run: a schema error costs no prefill
-                from .structured import StructuredOutput
-
-                constraint = StructuredOutput.for_pipeline(pipe).constraint(params)
-            cache, logits, cached = pipe.prefill_prompt(prepared)
-        except FlashVLError as e:  # this request's own problem: the others carry on
-            self._finish(handle, "error", "", len(ids), 0, str(e))
-            return
-        row = _Row(handle=handle, params=params, rng=np.random.default_rng(params.seed),
-                   text=TextAssembler(pipe.prompts.decode, params.stop), seen=ids, prompt_tokens=len(ids),
-                   last_token=-1, budget=min(params.max_new_tokens, gen.max_context - len(ids)),
-                   stop_ids=frozenset() if params.ignore_eos else gen.stop_token_ids, constraint=constraint)
-        row.cache, row.cached_tokens = cache, cached
-        if not self._take(row, self._sample(row, logits)):
-            if self.batch is None:
-                self.batch = pipe.llm.new_batch()
-            pipe.llm.batch_add(self.batch, cache)
-            self.rows.append(row)
-        row.cache = None
-
-    @staticmethod
-    def _sample(row: _Row, logits: np.ndarray) -> int:
-        """The row's next token: its own parameters and generator, within its JSON structure if any."""
-        if row.constraint is not None:
-            logits = row.constraint.apply(logits)
-        return sample(logits, row.seen, row.params, row.rng)
-
-    def _take(self, row: _Row, token: int) -> bool:
-        """Record a sampled token; True when the request is finished (it then gets its FinishEvent)."""
+    def _deliver(self, emitted: list[Emitted]) -> None:
         now = time.perf_counter()
-        row.generated += 1
-        row.last_token = token
-        if row.constraint is not None:
-            row.constraint.advance(token)
-        if token in row.stop_ids:
-            reason = "stop"
-        else:
-            row.seen.append(token)
-            piece = row.text.push(token)
-            row.handle._emit(TokenEvent(token, piece, now))
-            # a finished structure ends the row as a stop token does (it is one, unless eos is ignored)
-            if row.text.stopped or (row.constraint is not None and row.constraint.done):
-                reason = "stop"
-            elif row.generated >= row.budget:
-                reason = "length"
-            else:
-                return False
-        row.done = True
-        self._finish(row.handle, reason, row.text.finish(), row.prompt_tokens, row.generated,
-                     cached=row.cached_tokens)
-        return True
-
-    def _decode_step(self) -> None:
-        gen = self.pipe.generator
-        tokens = np.asarray([row.last_token for row in self.rows], np.int64)
-        x = np.asarray(gen.embed_table[tokens], dtype=self.pipe.llm.embeds_dtype)[:, None, :]
-        logits = self.pipe.llm.forward_batch(x, self.batch)
-        self.steps += 1
-        for i, row in enumerate(self.rows):
-            self._take(row, self._sample(row, logits[i]))
-
-    def _retire(self) -> None:
-        """Finished and cancelled rows leave the batch now."""
-        keep = []
-        for i, row in enumerate(self.rows):
-            if row.done:
+        for e in emitted:
+            handle = e.seq.tag
+            if not e.finished:
+                handle._emit(TokenEvent(e.token, e.text, now))
                 continue
-            if row.handle.cancelled.is_set():
-                self._finish(row.handle, "cancelled", row.text.finish(), row.prompt_tokens, row.generated,
-                             cached=row.cached_tokens)
-                continue
-            keep.append(i)
-        if len(keep) != len(self.rows):
-            self.pipe.llm.batch_keep(self.batch, keep)
-            self.rows = [self.rows[i] for i in keep]
+            self._finish(handle, e.seq.finish_reason or "cancelled", e.text, len(handle.request.prepared.token_ids),
+                         len(e.seq.generated), e.seq.error, e.seq.cached_tokens)
+
+    def _admit(self, seq: Sequence) -> None:
+        """Host work as a request enters the core: the longest cached prefix of its prompt, then its
+        images (those after the prefix) go to the encoder thread; the core prefills once they are in."""
+        pipe, prepared = self.pipe, seq.tag.request.prepared
+        cache, cached, keys = pipe.reuse_prefix(prepared)
+        seq.attach(prepared.token_ids[cached:], prepared.image_mask[cached:], None, None, cache)
+        seq.seen = list(prepared.token_ids)
+        seq.cached_tokens = cached
+        if any(prepared.image_mask[cached:]):
+            seq.ready = False
+            seq.pending = self.encoder.submit(pipe.embeds_after, prepared, cached)
+        seq.on_prefilled = lambda: pipe.remember_prefix(keys, seq.cache, cached)

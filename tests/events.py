@@ -1,4 +1,4 @@
-"""Reading a scheduler request's events in tests."""
+"""Reading what the scheduler and the step core did, in tests."""
 
 from __future__ import annotations
 
@@ -16,3 +16,14 @@ async def collect(handle):
             finish = ev
         text += ev.text
     return tokens, text, finish
+
+
+def prefill_chunks(start: int, n: int, chunk: int) -> list[int]:
+    """The LLM runs a prefill of ``n`` tokens from position ``start`` takes: chunks end at multiples of
+    ``chunk`` positions (runtime/core.py), so the first one may be short."""
+    out, pos, end = [], start, start + n
+    while pos < end:
+        nxt = min(end, (pos // chunk + 1) * chunk)
+        out.append(nxt - pos)
+        pos = nxt
+    return out

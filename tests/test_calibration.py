@@ -346,13 +346,10 @@ def test_llm_metric_fails_when_kv_cache_is_dropped(tiny_static_bundle):
         good = report.llm_metrics(gen, prefills, toks, logits)
         assert good["top1_agreement"] == 1.0 and good["kl_mean"] < 1e-6 and good["positions"] == 16
 
-        class NoCache(Generator):  # forgets the past at every decode step
-            def step(self, cache, token):
-                logits = super().step(self.llm.new_cache(), token)
-                cache.length += 1
-                return logits
+        from broken import CacheDroppingRunner  # forgets the past at every decode step
 
-        broken = report.llm_metrics(NoCache(dec, table, image_token_id=-1), prefills, toks, logits)
+        broken = report.llm_metrics(Generator(CacheDroppingRunner(dec), table, image_token_id=-1), prefills, toks,
+                                    logits)
     assert broken["kl_mean"] > 100 * max(good["kl_mean"], 1e-6) and broken["kl_mean"] > 1e-3
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from events import prefill_chunks
 import skimage.data
 
 from flashvl_edge.runtime import PromptError
@@ -166,7 +167,9 @@ def test_session_reuses_kv_cache_and_equals_one_shot(which, pipes, monkeypatch):
 
     chat = pipe.session()
     r1 = chat.ask("Describe the image.", image=photo, max_new_tokens=6)
-    assert rec.seq_lens[0] == len(r1.prompt_token_ids) == r1.prefill_tokens
+    chunk = pipe.generator.prefill_chunk
+    assert len(r1.prompt_token_ids) == r1.prefill_tokens
+    assert rec.seq_lens[:len(prefill_chunks(0, r1.prefill_tokens, chunk))] == prefill_chunks(0, r1.prefill_tokens, chunk)
     cached = list(chat.token_ids)
     assert chat.cache.length == len(cached) == len(r1.prompt_token_ids) + len(r1.token_ids) - 1
 
@@ -174,7 +177,9 @@ def test_session_reuses_kv_cache_and_equals_one_shot(which, pipes, monkeypatch):
     r2 = chat.ask("What colours do you see?", max_new_tokens=6)
     assert len(vision_calls) == 1  # the image was encoded once, in turn 1
     # turn 2 prefilled only the new tokens: the last reply token + the template's new-turn text
-    assert rec.seq_lens[0] == r2.prefill_tokens == len(r2.prompt_token_ids) - len(cached)
+    assert r2.prefill_tokens == len(r2.prompt_token_ids) - len(cached)
+    runs = prefill_chunks(len(cached), r2.prefill_tokens, chunk)
+    assert rec.seq_lens[:len(runs)] == runs
     assert r2.prompt_token_ids[:len(cached)] == cached
     assert r2.prompt_token_ids[len(cached)] == r1.token_ids[-1]
     assert r2.prefill_tokens < len(r1.prompt_token_ids)

@@ -10,6 +10,7 @@ import dataclasses
 import shutil
 
 import pytest
+from broken import CacheDroppingRunner
 
 from flashvl_edge.export.verify import PROMPT, THRESHOLDS, greedy_agreement, verify_against, vision_features_line
 from flashvl_edge.main import main
@@ -65,10 +66,9 @@ def test_internvl_directory_matches_pytorch(internvl):
 class CacheDroppingGenerator(Generator):
     """Broken on purpose: every decode step runs without the KV cache (as if it were not fed back)."""
 
-    def step(self, cache, token):
-        logits = super().step(self.llm.new_cache(), token)
-        cache.length += 1
-        return logits
+    def __post_init__(self):
+        super().__post_init__()
+        self.llm = CacheDroppingRunner(self.llm)
 
 
 class ImageIgnoringGenerator(Generator):

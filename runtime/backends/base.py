@@ -191,12 +191,18 @@ class DecoderRunner(Runner):
         """A cache holding ``arrays`` (as :meth:`cache_arrays` gives them) as its first ``length`` positions."""
         raise BackendError(f"the {self.name} runner cannot import a KV cache (no prefix reuse)")
 
-    # -- batched decoding (continuous batching) -----------------------------------------------
-    # Sequences are prefilled alone with ``forward`` and then joined into one batched cache whose
-    # rows are left padded to a common length; one ``forward_batch`` decodes a token for every row
-    # (attention_mask zeros over each row's padding, per-row position_ids). A backend without it
-    # decodes one sequence at a time (the scheduler then runs batches of one).
+    # -- several sequences in one step -------------------------------------------------------
+    # Prefill chunks of several requests run as one call (:meth:`forward_rows`): each row brings its
+    # own cache and any number of new tokens. The running rows decode in a persistent left-padded
+    # batch (:meth:`new_batch` ... :meth:`forward_batch`, one token per row), so a decode step copies no
+    # cache. A backend without batching keeps the defaults: ``forward_rows`` runs the rows one at a
+    # time through ``forward`` and the step core never builds a batch (``supports_batching`` False).
     supports_batching: bool = False
+
+    def forward_rows(self, caches: list[KVCache], inputs: list[np.ndarray]) -> np.ndarray:
+        """Row i's new tokens ``inputs[i]`` [n_i, hidden] on top of ``caches[i]`` (each extended in
+        place): last-position logits [rows, vocab]. This default runs each row alone (a batch of one)."""
+        return np.stack([self.forward(x[None], cache) for x, cache in zip(inputs, caches)])
 
     def new_batch(self) -> "BatchKVCache":
         raise BackendError(f"the {self.name} runner decodes one sequence at a time (no batched decode)")
@@ -214,6 +220,26 @@ class DecoderRunner(Runner):
         raise BackendError(f"the {self.name} runner decodes one sequence at a time (no batched decode)")
 
 
+def step_inputs(past_lengths, new_lengths, past_columns: int) -> tuple[np.ndarray, np.ndarray]:
+    """``attention_mask`` [rows, past_columns + S] and ``position_ids`` [rows, S] for one LLM run,
+    S = max(new_lengths): the only place the project builds them.
+
+    Row i's cache holds its ``past_lengths[i]`` real positions at the *end* of ``past_columns``
+    (left padding before them); its ``new_lengths[i]`` new tokens stand at the end of the S new
+    columns (left padding there too). The mask is 1 exactly over real positions, so a row attends to
+    its own tokens only, whatever the other rows hold; positions continue each row's own count
+    (padding takes none; a padding slot's position is never attended to)."""
+    past = np.asarray(past_lengths, np.int64)
+    new = np.asarray(new_lengths, np.int64)
+    seq = int(new.max())
+    cols = np.arange(past_columns + seq)
+    in_past = (cols[None, :] >= past_columns - past[:, None]) & (cols[None, :] < past_columns)
+    in_new = cols[None, :] >= past_columns + seq - new[:, None]
+    mask = (in_past | in_new).astype(np.int64)
+    positions = past[:, None] + np.arange(seq)[None, :] - (seq - new)[:, None]
+    return mask, np.maximum(positions, 0)
+
+
 class BatchKVCache:
     """Rows of sequences in one KV cache, left padded: row i holds ``lengths[i]`` real positions at
     the end of ``total`` columns."""
@@ -228,10 +254,8 @@ class BatchKVCache:
 
     def attention_mask(self, new: int = 1) -> np.ndarray:
         """[rows, total + new] int64: 0 over each row's left padding, 1 over its positions and the new ones."""
-        cols = np.arange(self.total + new)
-        pads = self.total - np.asarray(self.lengths, np.int64)
-        return (cols[None, :] >= pads[:, None]).astype(np.int64)
+        return step_inputs(self.lengths, [new] * self.rows, self.total)[0]
 
     def position_ids(self) -> np.ndarray:
         """[rows, 1]: each row's next position is its own length (padding takes no position)."""
-        return np.asarray(self.lengths, np.int64)[:, None]
+        return step_inputs(self.lengths, [1] * self.rows, self.total)[1]

@@ -35,7 +35,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..errors import BackendError
-from .base import BatchKVCache, DecoderRunner, KVCache, Runner, TensorMeta, feed_size
+from .base import BatchKVCache, DecoderRunner, KVCache, Runner, TensorMeta, feed_size, step_inputs
 
 _ORT_TYPES = {
     "tensor(float)": np.float32,
@@ -167,6 +167,7 @@ class OrtKVCache(KVCache):
         self.values = values
         self.length = length
         self.offset = offset
+        self.hold: Any = None  # Python wrappers whose buffers ``values`` point into, when made from numpy
 
     def tensors(self) -> list:
         """The cache's C++ OrtValues, in ``past_names`` order."""
@@ -193,7 +194,6 @@ class OrtDecoder(OrtRunner, DecoderRunner):
         self._embeds_dtype = inputs["inputs_embeds"].dtype
         self._past_meta = {n: inputs[n] for n in self.past_names}
         self._ort_device = "cuda" if self.device == "cuda" else "cpu"
-        self._ones = np.ones((1, 4096), np.int64)
         # fetch order = past order, so a run's fetches[1:] are the next run's past feeds as they are
         past_to_present = {v: k for k, v in self.present_to_past.items()}
         self.fetch_names = ["logits"] + [past_to_present[n] for n in self.past_names]
@@ -231,13 +231,10 @@ class OrtDecoder(OrtRunner, DecoderRunner):
         total = cache.length + seq
         # the host inputs must outlive the run: a CPU OrtValue made from numpy points into its buffer
         embeds = np.ascontiguousarray(inputs_embeds, dtype=self._embeds_dtype)
-        if self._ones.shape[1] < total:  # one all-ones row, sliced per step (one unpadded sequence)
-            self._ones = np.ones((1, max(total, 2 * self._ones.shape[1])), np.int64)
-        mask = self._ones[:, :total]
-        positions = np.arange(cache.length, total, dtype=np.int64)[None, :]
+        mask, positions = step_inputs([cache.length], [seq], cache.length)
         if self.use_vector_run:
             fetches = self._vector_run(embeds, mask, positions, cache.tensors(), seq)
-            cache.values, cache.offset, cache.length = fetches, 1, total
+            cache.values, cache.offset, cache.length, cache.hold = fetches, 1, total, None
             return fetches[0].numpy()[0, -1].astype(np.float32, copy=False)
         io = self.session.io_binding()
         io.bind_cpu_input("inputs_embeds", embeds)
@@ -253,6 +250,7 @@ class OrtDecoder(OrtRunner, DecoderRunner):
         self._timed(start, seq)
         out = io.get_outputs()
         cache.values, cache.offset, cache.length = [v._get_c_value() for v in out[1:]], 0, total
+        cache.hold = None
         return out[0].numpy()[0, -1].astype(np.float32, copy=False)
 
     def _vector_run(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list, size: int):
@@ -312,7 +310,7 @@ class OrtDecoder(OrtRunner, DecoderRunner):
         new = cache.tensors()
         if batch.rows == 0:  # the first row: its cache is the batch as it is (no copy)
             batch.values, batch.lengths, batch.total = new, [cache.length], cache.length
-            batch.hold = [cache.values]
+            batch.hold = [cache.values, cache.hold]  # the values, and the buffers they may point into
             return
         # Membership changes copy the cache once (rare next to decode steps, which copy nothing).
         total = max(batch.total, cache.length)
@@ -338,6 +336,48 @@ class OrtDecoder(OrtRunner, DecoderRunner):
         kept = [np.ascontiguousarray(a[index][:, :, cut:, :]) for a in self._numpy(batch.values)]
         batch.values = self._to_values(kept, batch)
         batch.lengths, batch.total = lengths, total
+
+    def forward_rows(self, caches: list[OrtKVCache], inputs: list[np.ndarray]) -> np.ndarray:
+        """Several sequences' new tokens in one run (batched prefill chunks).
+
+        The rows' caches are joined left padded, their new tokens left padded to the longest, and after
+        the run each row's real columns are cut back out into its own cache: the padding computed in
+        the run never reaches a cache. One row alone is ``forward`` itself (no copy)."""
+        if len(caches) == 1:
+            return self.forward(inputs[0][None], caches[0])[None]
+        if not self.is_active:
+            raise BackendError(f"runner {self.name!r} is not active; call activate() first")
+        past = [c.length for c in caches]
+        new = [len(x) for x in inputs]
+        cols, seq = max(past), max(new)
+        embeds = np.zeros((len(caches), seq, inputs[0].shape[-1]), self._embeds_dtype)
+        for i, x in enumerate(inputs):
+            embeds[i, seq - len(x):] = x
+        mask, positions = step_inputs(past, new, cols)
+        joined = []
+        for layer in zip(*(self.cache_arrays(c) for c in caches)):
+            joined.append(np.ascontiguousarray(np.concatenate(
+                [np.pad(a, ((0, 0), (0, 0), (cols - a.shape[2], 0), (0, 0))) for a in layer], axis=0)))
+        hold = BatchKVCache()
+        values = self._to_values(joined, hold)
+        if self.use_vector_run:
+            fetches = self._vector_run(embeds, mask, positions, values, sum(new))
+            logits = fetches[0].numpy()[:, -1].astype(np.float32, copy=True)
+            presents = [fetches[i].numpy() for i in range(1, len(fetches))]
+        else:
+            feed = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions,
+                    **dict(zip(self.past_names, joined))}
+            start = perf_counter()
+            out = self.session.run(self.fetch_names, feed)
+            self._timed(start, sum(new))
+            logits = np.asarray(out[0])[:, -1].astype(np.float32, copy=True)
+            presents = out[1:]
+        for i, cache in enumerate(caches):
+            keep = np.r_[cols - past[i]:cols, cols + seq - new[i]:cols + seq]
+            fresh = self.cache_from_arrays([np.ascontiguousarray(p[i:i + 1][:, :, keep]) for p in presents],
+                                           past[i] + new[i])
+            cache.values, cache.offset, cache.length, cache.hold = fresh.values, 0, fresh.length, fresh.hold
+        return logits
 
     def forward_batch(self, inputs_embeds: np.ndarray, batch: "OrtBatchKVCache") -> np.ndarray:
         if not self.is_active:

@@ -1,0 +1,454 @@
+"""The step core: every token the project generates is decoded here, one step at a time.
+
+The shape is vLLM v1's: per-request state (:class:`Sequence`, with the one stop rule in
+:meth:`Sequence.take`), a planner (:meth:`StepCore.schedule`) that turns a per-step token budget into a
+plan of data (:class:`StepPlan`: decode rows, prefill chunks as token ranges, requests admitted), and
+one executor (:meth:`StepCore.step`) that runs the plan on the LLM runner. ``flashvl chat``,
+``Pipeline.chat`` / ``stream`` / ``ChatSession``, verify, calibration and bench are one-row clients
+(:meth:`StepCore.run`); ``flashvl serve``'s scheduler thread feeds it many rows.
+
+A step, in order:
+
+1. **decode first**: every running row gets its next token in one LLM run (a left-padded batch whose
+   cache persists between steps; a runner without batching runs the rows one at a time);
+2. **prefill with what is left**: the budget minus the decode rows is spent on prefill chunks of admitted
+   requests, oldest first, all of them in one LLM run (``forward_rows``: left padding, per-row
+   positions). A request whose images are still being encoded (an encoder worker, off the step path)
+   is skipped until they are ready. A request that finishes its prompt samples its first token and
+   joins the running rows;
+3. **retire**: finished and cancelled rows leave.
+
+Why two LLM runs and not one: the graph attends over a rectangular [rows, columns] cache, so a decode
+row placed in the same run as a 64-token chunk would compute 64 padded positions. Two runs per step
+keep every row's work to its own tokens.
+
+**The same answer whatever the load.** Chunk boundaries are a property of the request: a chunk ends at
+the next multiple of ``prefill_chunk`` in absolute positions, never where another row's budget left
+off, so a prompt is cut the same way alone, in a busy server, or after a prefix-cache hit. A row's
+tokens depend only on its own inputs: padding is masked, positions are per row
+(``backends.base.step_inputs``), and each row samples with its own generator.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence as Seq
+
+import numpy as np
+
+from .backends.base import KVCache
+from .errors import FlashVLError, PromptError
+from .generate import SamplingParams, TextAssembler, sample
+
+# Measured on the 2-core CPU with the full-size INT8/INT4 bundle (docs/serving.md, "Choosing the
+# token budget"): a chunk of 64 tokens keeps a running stream's inter-token latency within a few decode
+# steps while a long image prompt joins, and costs the prefill little next to whole-prompt runs.
+DEFAULT_PREFILL_CHUNK = 64
+DEFAULT_MAX_NUM_SEQS = 8
+DEFAULT_MAX_NUM_BATCHED_TOKENS = DEFAULT_PREFILL_CHUNK + DEFAULT_MAX_NUM_SEQS
+
+
+class ModelError(FlashVLError):
+    """The LLM itself failed in a step: every open request ends with an error."""
+
+
+class Sequence:
+    """One request's decoding state, from its first prefill chunk to its finish reason.
+
+    The new tokens to prefill are ``prompt_ids`` (with ``image_embeds`` at the ``image_mask``
+    positions) or, already embedded, ``prompt_embeds`` [n, hidden]; they go on top of ``cache``
+    (which may hold earlier turns or a reused prefix). ``ready`` is False while the request's images
+    are being encoded elsewhere (``pending``: a Future of the image embeddings)."""
+
+    def __init__(self, params: SamplingParams, *, prompt_ids: Seq[int] = (), image_mask: Seq[bool] | None = None,
+                 image_embeds: np.ndarray | None = None, prompt_embeds: np.ndarray | None = None,
+                 cache: KVCache | None = None, seen: Seq[int] = (), decode: Callable | None = None,
+                 keep_logits: bool = False, forced: Seq[int] = (), tag=None) -> None:
+        self.params = params
+        self.tag = tag  # the owner's handle (the server's request)
+        self.rng = np.random.default_rng(params.seed)
+        self.text = TextAssembler(decode, params.stop) if decode is not None else None
+        self.constraint = None
+        self.forced = [int(t) for t in forced]  # teacher forcing: these tokens, whatever the logits say
+        self.logits: list[np.ndarray] | None = [] if keep_logits else None
+        self.generated: list[int] = []
+        self.last_token = -1
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self.exception: BaseException | None = None  # what ended it with an error (one-row clients re-raise it)
+        self.cancelled = False
+        self.cached_tokens = 0  # prompt tokens whose KV came from the prefix cache
+        self.pending: Future | None = None
+        self.on_prefilled: Callable[[], None] | None = None
+        self.first_token_time: float | None = None
+        self.last_token_time: float | None = None
+        self.prefill_start: float | None = None
+        self.prompt_ids: list[int] = []
+        self.seen: list[int] = list(seen)
+        self.cache = cache
+        self.attach(prompt_ids, image_mask, image_embeds, prompt_embeds, cache)
+
+    def attach(self, prompt_ids: Seq[int] = (), image_mask: Seq[bool] | None = None,
+               image_embeds: np.ndarray | None = None, prompt_embeds: np.ndarray | None = None,
+               cache: KVCache | None = None) -> None:
+        """Set what to prefill (on admission, once the reusable prefix is known)."""
+        self.prompt_ids = [int(i) for i in prompt_ids]
+        self.prompt_embeds = prompt_embeds
+        self.n_new = len(self.prompt_ids) if prompt_embeds is None else int(prompt_embeds.shape[0])
+        mask = np.zeros(self.n_new, bool) if image_mask is None else np.asarray(image_mask, bool)
+        if image_mask is None and image_embeds is not None:
+            raise PromptError("image embeddings need the image positions (image_mask)")
+        self.image_mask = mask
+        self._image_before = np.concatenate([[0], np.cumsum(mask)]).astype(np.int64)
+        self.image_embeds = image_embeds
+        self.seen += self.prompt_ids
+        self.cache = cache
+        self.start = cache.length if cache is not None else 0  # absolute position of the first new token
+        self.prefilled = 0
+        self.ready = True
+
+    # -- prefill ---------------------------------------------------------------------------------
+    @property
+    def position(self) -> int:
+        """Absolute position of the next token to run (= tokens in the cache)."""
+        return self.start + self.prefilled
+
+    @property
+    def prefill_done(self) -> bool:
+        return self.prefilled >= self.n_new
+
+    def next_chunk(self, size: int) -> tuple[int, int]:
+        """The next prefill chunk as a range of new-token indices: it ends at the next multiple of
+        ``size`` in absolute positions (or the prompt's end), whatever else runs."""
+        end = min(self.start + self.n_new, (self.position // size + 1) * size)
+        return self.prefilled, end - self.start
+
+    def chunk_embeds(self, generator, a: int, b: int) -> np.ndarray:
+        """[b - a, hidden]: new tokens a..b embedded, image embeddings at their positions."""
+        if self.prompt_embeds is not None:
+            return np.asarray(self.prompt_embeds[a:b], dtype=generator.llm.embeds_dtype)
+        i0, i1 = int(self._image_before[a]), int(self._image_before[b])
+        images = self.image_embeds[i0:i1] if i1 > i0 else None
+        return generator.embed(self.prompt_ids[a:b], images, self.image_mask[a:b])[0]
+
+    # -- decode: the one stop rule -----------------------------------------------------------
+    def start_decoding(self, budget: int, stop_ids: frozenset) -> None:
+        self.budget = budget
+        self.stop_ids = frozenset() if self.params.ignore_eos else stop_ids
+
+    def choose(self, logits: np.ndarray) -> int:
+        """The next token from last-position ``logits``: within the JSON structure if any, then the
+        request's own sampling parameters and generator (or the forced token)."""
+        if self.constraint is not None:
+            logits = self.constraint.apply(logits)
+        if self.logits is not None:
+            self.logits.append(np.asarray(logits, np.float32))
+        if len(self.generated) < len(self.forced):
+            return self.forced[len(self.generated)]
+        return sample(logits, self.seen, self.params, self.rng)
+
+    def take(self, token: int) -> str | None:
+        """Record a chosen token. Returns the text it completes ("" while held back), or None for a
+        stop token, which is not text. Sets ``finish_reason`` when the request is done: a stop token
+        (unless eos is ignored), a stop string, a finished JSON structure, or its token budget."""
+        now = time.perf_counter()
+        self.first_token_time = self.first_token_time or now
+        self.last_token_time = now
+        self.generated.append(token)
+        self.last_token = token
+        if self.constraint is not None:
+            self.constraint.advance(token)
+        if token in self.stop_ids:
+            self.finish_reason = "stop"
+            return None
+        self.seen.append(token)
+        piece = self.text.push(token) if self.text is not None else ""
+        if (self.text is not None and self.text.stopped) or (self.constraint is not None and self.constraint.done):
+            self.finish_reason = "stop"
+        elif len(self.generated) >= self.budget:
+            self.finish_reason = "length"
+        return piece
+
+    def finish(self, reason: str, error: str | None = None) -> None:
+        if self.finish_reason is None:
+            self.finish_reason, self.error = reason, error
+
+    def tail(self) -> str:
+        """Text held back until the end (a possible stop string, an incomplete character)."""
+        return self.text.finish() if self.text is not None else ""
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class Emitted:
+    """What one step did for a row: a token (``token`` None when the row only finished)."""
+
+    seq: Sequence
+    token: int | None
+    text: str  # new text: the token's printable piece, or the tail at the finish
+    finished: bool
+
+
+@dataclass
+class StepPlan:
+    """One step as data: rows to decode, prefill chunks (row, first, end new-token index), rows admitted."""
+
+    decode: list[Sequence] = field(default_factory=list)
+    prefill: list[tuple[Sequence, int, int]] = field(default_factory=list)
+    admit: list[Sequence] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return len(self.decode) + sum(b - a for _, a, b in self.prefill)
+
+
+def _one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+
+
+class StepCore:
+    """Plans and runs steps over one generator's LLM (see the module docstring).
+
+    ``max_num_seqs``: rows admitted at once (prefilling or decoding); ``max_num_batched_tokens``: the
+    per-step token budget (a decode row costs one token); ``prefill_chunk``: the chunk size, at most the
+    budget minus the other rows' decode tokens, so one chunk always fits. ``admit``: the owner's
+    admission work for a waiting row (prefix reuse, starting its image encoding); it may raise
+    FlashVLError, which ends that row only."""
+
+    def __init__(self, generator, max_num_seqs: int = 1, max_num_batched_tokens: int | None = None,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, admit: Callable[[Sequence], None] | None = None) -> None:
+        if max_num_seqs < 1 or prefill_chunk < 1:
+            raise PromptError("max_num_seqs and prefill_chunk must be at least 1")
+        budget = max_num_batched_tokens if max_num_batched_tokens is not None else prefill_chunk + max_num_seqs - 1
+        if prefill_chunk > budget - (max_num_seqs - 1):
+            raise PromptError(f"max_num_batched_tokens {budget} leaves no room for a {prefill_chunk}-token prefill "
+                              f"chunk next to {max_num_seqs - 1} decoding rows; use at least "
+                              f"{prefill_chunk + max_num_seqs - 1}, or a smaller chunk")
+        self.gen = generator
+        self.llm = generator.llm
+        self.max_num_seqs = max_num_seqs
+        self.budget = budget
+        self.chunk = prefill_chunk
+        self.admit_hook = admit
+        # one row at a time needs no batch: the row keeps its own cache (the chat path); a runner
+        # without batched decode is never asked for one
+        self.batched = bool(self.llm.supports_batching) and max_num_seqs > 1
+        self.waiting: deque[Sequence] = deque()
+        self.prefilling: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self.batch = None
+        self.steps = 0  # steps that ran the LLM
+        self.decode_steps = 0  # of those, steps with decode rows
+
+    # -- rows ------------------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.running)
+
+    def pending_futures(self) -> list[Future]:
+        """Image encodings the planner is waiting for (the owner may wait on them when idle)."""
+        return [s.pending for s in self.prefilling if s.pending is not None]
+
+    def prepare(self, seq: Sequence) -> None:
+        """Budget, stop ids and JSON constraint of a row about to prefill (errors end that row)."""
+        gen = self.gen
+        gen.check_context(seq.start, seq.n_new)
+        seq.start_decoding(min(seq.params.max_new_tokens, gen.max_context - seq.start - seq.n_new),
+                           gen.stop_token_ids)
+        seq.constraint = gen.constraint(seq.params)
+
+    # -- planning -------------------------------------------------------------------------------
+    def schedule(self) -> StepPlan:
+        """Decode every running row, admit waiting rows while there is room, then spend the rest of
+        the budget on prefill chunks, oldest request first (a chunk that does not fit waits whole)."""
+        plan = StepPlan(decode=[s for s in self.running if not s.finished])
+        while self.waiting and len(self.prefilling) + len(self.running) < self.max_num_seqs:
+            seq = self.waiting.popleft()
+            plan.admit.append(seq)
+            self.prefilling.append(seq)
+        plan.prefill = self._plan_prefill(len(plan.decode), exclude=plan.admit)
+        return plan
+
+    def _plan_prefill(self, decode_rows: int, exclude=()) -> list[tuple[Sequence, int, int]]:
+        """Prefill chunks for what the decode rows leave of the budget (rows being admitted in this
+        plan are planned once their admission has said what they prefill)."""
+        chunks, left = [], self.budget - decode_rows
+        for seq in self.prefilling:
+            if seq.finished or not seq.ready or any(seq is x for x in exclude):
+                continue
+            a, b = seq.next_chunk(self.chunk)
+            if b - a > left:
+                break
+            chunks.append((seq, a, b))
+            left -= b - a
+        return chunks
+
+    # -- running a step -------------------------------------------------------------------------
+    def step(self) -> list[Emitted]:
+        """Plan and run one step; returns what each row did. An exception from the LLM itself is a
+        :class:`ModelError` (the owner ends every row); anything a single row brings ends that row."""
+        out: list[Emitted] = []
+        self._drop_cancelled(out)
+        plan = self.schedule()
+        for seq in plan.admit:
+            self._guard(seq, out, self._admit, seq)
+        self._resolve_images(out)
+        if plan.admit or any(s.finished for s in self.prefilling):
+            self._retire(out)  # rows whose admission failed leave; the admitted ones may prefill now
+            plan.prefill = self._plan_prefill(len(plan.decode))
+        if plan.decode or plan.prefill:
+            self.steps += 1
+        if plan.decode:
+            self.decode_steps += 1
+            self._decode(plan.decode, out)
+        if plan.prefill:
+            self._prefill(plan.prefill, out)
+        self._retire(out)
+        return out
+
+    def run(self, seq: Sequence) -> Iterator[Emitted]:
+        """A one-row client: add ``seq`` and step until it finishes, yielding what it did (its last
+        item has ``finished`` set)."""
+        self.add(seq)
+        try:
+            while True:
+                for e in self.step():
+                    if e.seq is seq:
+                        yield e
+                        if e.finished:
+                            return
+                if seq.pending is not None and not self.running:
+                    seq.pending.exception()  # nothing else to do: wait for its images
+                elif not self.has_work:
+                    raise PromptError("the request left the step core without finishing")
+        finally:
+            if not seq.finished:  # abandoned by the consumer
+                seq.cancelled = True
+                self._drop_cancelled([])
+
+    def _admit(self, seq: Sequence) -> None:
+        if self.admit_hook is not None:
+            self.admit_hook(seq)
+        self.prepare(seq)
+        seq.prefill_start = time.perf_counter()
+
+    def _resolve_images(self, out: list[Emitted]) -> None:
+        for seq in self.prefilling:
+            if seq.pending is not None and seq.pending.done() and not seq.finished:
+                future, seq.pending = seq.pending, None
+                self._guard(seq, out, self._take_images, seq, future)
+
+    @staticmethod
+    def _take_images(seq: Sequence, future: Future) -> None:
+        seq.image_embeds = future.result()
+        seq.ready = True
+
+    def _guard(self, seq: Sequence, out: list[Emitted], fn, *args) -> bool:
+        """Run one row's own work; any exception ends that row with an error, never the step."""
+        try:
+            fn(*args)
+            return True
+        except Exception as e:  # noqa: BLE001 - a request's failure is that request's
+            msg = str(e) if isinstance(e, FlashVLError) else f"the request failed ({_one_line(e)})"
+            seq.finish("error", msg)
+            seq.exception = e
+            return False
+
+    def _sample(self, seq: Sequence, logits: np.ndarray, out: list[Emitted]) -> None:
+        holder: list = []
+        if self._guard(seq, out, lambda: holder.append(seq.take(seq.choose(logits)))):
+            if holder[0] is not None:  # a stop token is no text: the row's finish says it
+                out.append(Emitted(seq, seq.last_token, holder[0], False))
+
+    def _model(self, fn, *args):
+        try:
+            return fn(*args)
+        except FlashVLError:
+            raise
+        except Exception as e:  # the graph itself failed: no row can go on
+            raise ModelError(f"the model failed in a step ({_one_line(e)})") from e
+
+    def _decode(self, rows: list[Sequence], out: list[Emitted]) -> None:
+        table, dtype = self.gen.embed_table, self.llm.embeds_dtype
+        if self.batched:
+            x = np.asarray(table[np.asarray([s.last_token for s in rows], np.int64)], dtype=dtype)[:, None, :]
+            logits = self._model(self.llm.forward_batch, x, self.batch)
+        else:
+            inputs = [np.asarray(table[s.last_token:s.last_token + 1], dtype=dtype) for s in rows]
+            logits = self._model(self.llm.forward_rows, [s.cache for s in rows], inputs)
+        for seq, row in zip(rows, logits):
+            self._sample(seq, row, out)
+
+    def _prefill(self, chunks: list[tuple[Sequence, int, int]], out: list[Emitted]) -> None:
+        inputs = []
+        for seq, a, b in list(chunks):
+            if self._guard(seq, out, lambda s=seq, a=a, b=b: inputs.append(s.chunk_embeds(self.gen, a, b))):
+                continue
+            chunks.remove((seq, a, b))
+        if not chunks:
+            return
+        logits = self._model(self.llm.forward_rows, [s.cache for s, _, _ in chunks], inputs)
+        for (seq, _, b), row in zip(chunks, logits):
+            seq.prefilled = b
+            if not seq.prefill_done:
+                continue
+            if seq.on_prefilled is not None:
+                self._guard(seq, out, seq.on_prefilled)
+            self._sample(seq, row, out)
+            if seq.finished:
+                continue  # leaves in _retire, with its finish
+            self.prefilling.remove(seq)
+            if self.batched:
+                if self.batch is None:
+                    self.batch = self.llm.new_batch()
+                self._model(self.llm.batch_add, self.batch, seq.cache)
+                seq.cache = None  # its KV is the batch's row now
+            self.running.append(seq)
+
+    def _drop_cancelled(self, out: list[Emitted]) -> None:
+        for seq in list(self.waiting) + self.prefilling + self.running:
+            if seq.cancelled:
+                seq.finish("cancelled")
+        self._retire(out)
+
+    def _retire(self, out: list[Emitted]) -> None:
+        """Finished rows leave now, each with its last event (held-back text, the finish)."""
+        done = [s for s in list(self.waiting) + self.prefilling + self.running if s.finished]
+        if not done:
+            return
+        keep = [i for i, s in enumerate(self.running) if not s.finished]
+        if self.batched and self.batch is not None and len(keep) != len(self.running):
+            self._model(self.llm.batch_keep, self.batch, keep)
+        self.running = [self.running[i] for i in keep]
+        self.prefilling = [s for s in self.prefilling if not s.finished]
+        self.waiting = deque(s for s in self.waiting if not s.finished)
+        for seq in done:
+            text = ""
+            if seq.finish_reason in ("stop", "length", "cancelled"):
+                text = self._tail(seq)
+            out.append(Emitted(seq, None, text, True))
+
+    @staticmethod
+    def _tail(seq: Sequence) -> str:
+        try:
+            return seq.tail()
+        except Exception:  # noqa: BLE001 - the text of a finished row is best effort
+            return ""
+
+    def fail_all(self, message: str) -> list[Emitted]:
+        """End every row with ``message`` (the model failed); the core is empty afterwards."""
+        out = []
+        for seq in list(self.waiting) + self.prefilling + self.running:
+            seq.finish("error", message)
+            out.append(Emitted(seq, None, "", True))
+        self.waiting, self.prefilling, self.running, self.batch = deque(), [], [], None
+        return out

@@ -1,0 +1,330 @@
+"""The step core (runtime/core.py): chunked and batched prefill give the answer of a plain prefill,
+whatever else runs and whenever a request arrives; a runner without batching serves in batches of
+one; a failure of one request ends that request, a failure of the model ends every request.
+
+The chunk size here (24) is not a multiple of the prefix cache's 16-token blocks, so chunks end inside
+image tokens and inside cached prefixes. The tiny bundles' LLM weights are scaled so greedy decoding
+depends on its input, and every comparison is shown to fail on a broken variant: a chunk's positions
+off by one, a chunk's KV dropped, two rows' chunks swapped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from events import collect
+
+from flashvl_edge.main import main
+from flashvl_edge.runtime.backends import base, ort
+from flashvl_edge.runtime.core import ModelError, Sequence, StepCore
+from flashvl_edge.runtime.generate import SamplingParams
+from flashvl_edge.runtime.pipeline import Pipeline
+from flashvl_edge.runtime.samples import test_photo as photo
+from flashvl_edge.runtime.scheduler import GenerationRequest, Scheduler
+
+CHUNK = 24
+NEW = 10
+# (question, images): 8 requests of different lengths, images and texts
+CASES = [
+    ("Hi", []),
+    ("Describe the image in detail, please, with colours.", ["astronaut"]),
+    ("What is in this picture?", ["coffee"]),
+    ("Compare the two photos.", ["chelsea", "astronaut"]),
+    ("a b c d e f g h i j k l m n o p q r s t u v w x y z", []),
+    ("And this one?", ["coffee", "chelsea"]),
+    ("x", ["astronaut"]),
+    ("Count the cats.", ["chelsea"]),
+]
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return {name: photo(name) for name in ("astronaut", "coffee", "chelsea")}
+
+
+@pytest.fixture(scope="module")
+def int4_bundle(tiny_dynamic_bundle, tmp_path_factory):
+    out = tmp_path_factory.mktemp("q") / "tiny-dynamic-int4"
+    assert main(["calibrate", str(tiny_dynamic_bundle), "--out", str(out), "--vision", "int8", "--llm", "int4",
+                 "--samples", "4", "--holdout", "1", "--report-tokens", "4", "--quiet"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module", params=["fp32", "int4"])
+def pipe(request, tiny_dynamic_bundle):
+    bundle = tiny_dynamic_bundle if request.param == "fp32" else request.getfixturevalue("int4_bundle")
+    with Pipeline.from_bundle(bundle, device="cpu", prefill_chunk=CHUNK, kv_cache_bytes=0, image_cache_bytes=0) as p:
+        p.kind = request.param
+        yield p
+
+
+def prepared(pipe, photos, question, names):
+    return pipe.prepare_prompt([pipe.prompts.user_message(question, len(names))], [photos[n] for n in names])
+
+
+def whole_prefill_reference(pipe, photos, question, names, n=NEW) -> list[int]:
+    """Greedy tokens with the prompt run in ONE forward and each token fed alone: the plain loop,
+    written here without the step core."""
+    prep = prepared(pipe, photos, question, names)
+    gen = pipe.generator
+    embeds = gen.embed(prep.token_ids, pipe.encode_prompt_images(prep), prep.image_mask)
+    cache = pipe.llm.new_cache()
+    logits = pipe.llm.forward(embeds, cache)
+    tokens = []
+    for _ in range(n):
+        tokens.append(int(np.argmax(logits)))
+        if tokens[-1] in gen.stop_token_ids:
+            break
+        logits = pipe.llm.forward(np.asarray(gen.embed_table[tokens[-1]:tokens[-1] + 1])[None], cache)
+    return tokens
+
+
+def alone(pipe, photos, cases=CASES) -> list[list[int]]:
+    return [pipe.chat(q, images=[photos[x] for x in names], max_new_tokens=NEW).token_ids for q, names in cases]
+
+
+def together(pipe, photos, cases=CASES, max_batch=8, budget=None) -> list[list[int]]:
+    """All requests through the server's scheduler: half at once, the rest after the first request's
+    second token, so they join running rows and each other's chunks mid-way."""
+    reqs = [GenerationRequest(prepared(pipe, photos, q, n), SamplingParams(max_new_tokens=NEW)) for q, n in cases]
+    half = len(reqs) // 2
+
+    async def run():
+        sched = Scheduler(pipe, max_batch=max_batch, max_num_batched_tokens=budget).start()
+        try:
+            first = [sched.submit(r) for r in reqs[:half]]
+            rest, tokens = [], []
+            async for ev in first[0]:
+                if getattr(ev, "token_id", None) is not None:
+                    tokens.append(ev.token_id)
+                    if len(tokens) == 2:
+                        rest = [sched.submit(r) for r in reqs[half:]]
+            rest = rest or [sched.submit(r) for r in reqs[half:]]
+            got = await asyncio.wait_for(asyncio.gather(*[collect(h) for h in first[1:] + rest]), 120)
+            for fin in [first[0].finished] + [g[2] for g in got]:
+                assert fin.finish_reason in ("stop", "length"), fin.error
+            return [tokens] + [g[0] for g in got]
+        finally:
+            sched.shutdown(5)
+    return asyncio.run(run())
+
+
+def strip_stop(pipe, tokens):
+    return [t for t in tokens if t not in pipe.generator.stop_token_ids]
+
+
+# -- chunked prefill = plain prefill ----------------------------------------------------------------
+
+def test_chunks_end_inside_image_tokens(pipe, photos):
+    """The cases really cut images: some chunk boundary (a multiple of CHUNK) falls strictly inside a
+    run of image positions."""
+    cut = 0
+    for q, names in CASES:
+        mask = np.asarray(prepared(pipe, photos, q, names).image_mask)
+        inside = [b for b in range(CHUNK, len(mask), CHUNK) if mask[b - 1] and mask[b]]
+        cut += len(inside)
+    assert cut >= 4
+
+
+def test_chunked_prefill_equals_whole_prefill(pipe, photos):
+    refs = [whole_prefill_reference(pipe, photos, q, n) for q, n in CASES]
+    assert len({tuple(r) for r in refs}) == len(refs)  # greedy depends on the input
+    assert alone(pipe, photos) == refs
+
+
+def _off_by_one(monkeypatch):
+    real = base.step_inputs
+
+    def shifted(past, new, cols):
+        mask, pos = real(past, new, cols)
+        return mask, pos + (1 if max(new) > 1 and max(past) > 0 else 0)  # chunks after the first
+    monkeypatch.setattr(ort, "step_inputs", shifted)
+
+
+def _kv_dropped(monkeypatch):
+    real = ort.OrtDecoder.forward
+
+    def forget(self, x, cache):
+        if x.shape[1] > 1 and cache.length > 0:  # a later chunk runs as if the earlier ones were not there
+            length = cache.length
+            fresh = self.new_cache()
+            logits = real(self, x, fresh)
+            pad = [np.concatenate([np.zeros(a.shape[:2] + (length,) + a.shape[3:], a.dtype), a], axis=2)
+                   for a in self.cache_arrays(fresh)]
+            new = self.cache_from_arrays(pad, length + x.shape[1])
+            cache.values, cache.offset, cache.length, cache.hold = new.values, 0, new.length, new.hold
+            return logits
+        return real(self, x, cache)
+    monkeypatch.setattr(ort.OrtDecoder, "forward", forget)
+
+
+@pytest.mark.parametrize("broken", ["positions off by one", "chunk KV dropped"])
+def test_the_chunk_comparison_fails_on_a_broken_chunk(pipe, photos, monkeypatch, broken):
+    if pipe.kind != "fp32":
+        pytest.skip("shown once, on the fp32 bundle")
+    refs = [whole_prefill_reference(pipe, photos, q, n) for q, n in CASES[:4]]
+    (_off_by_one if broken == "positions off by one" else _kv_dropped)(monkeypatch)
+    assert alone(pipe, photos, CASES[:4]) != refs
+
+
+# -- the same answer whatever the load ------------------------------------------------------------
+
+def test_eight_requests_together_equal_each_alone(pipe, photos):
+    refs = [strip_stop(pipe, t) for t in alone(pipe, photos)]
+    out = together(pipe, photos)
+    assert [strip_stop(pipe, t) for t in out] == refs
+
+
+def test_a_tight_budget_changes_no_answer(pipe, photos):
+    """The smallest budget that fits a chunk beside the decode rows: prefills take many steps and
+    requests wait for room, and still every answer is the one alone."""
+    refs = [strip_stop(pipe, t) for t in alone(pipe, photos, CASES[:5])]
+    out = together(pipe, photos, CASES[:5], max_batch=3, budget=CHUNK + 2)
+    assert [strip_stop(pipe, t) for t in out] == refs
+
+
+def test_the_load_comparison_fails_when_two_rows_chunks_are_swapped(pipe, photos, monkeypatch):
+    if pipe.kind != "fp32":
+        pytest.skip("shown once, on the fp32 bundle")
+    refs = [strip_stop(pipe, t) for t in alone(pipe, photos)]
+    real = ort.OrtDecoder.forward_rows
+
+    def swapped(self, caches, inputs):
+        if len(inputs) > 1 and all(len(x) == len(inputs[0]) for x in inputs[:2]):
+            inputs = [inputs[1], inputs[0], *inputs[2:]]
+        return real(self, caches, inputs)
+    monkeypatch.setattr(ort.OrtDecoder, "forward_rows", swapped)
+    out = together(pipe, photos)
+    assert [strip_stop(pipe, t) for t in out] != refs
+
+
+# -- the plan -------------------------------------------------------------------------------------
+
+def test_the_plan_decodes_first_and_keeps_to_the_budget(pipe, photos):
+    if pipe.kind != "fp32":
+        pytest.skip("planning does not depend on the weights")
+    gen = pipe.generator
+    core = StepCore(gen, max_num_seqs=4, max_num_batched_tokens=CHUNK + 3, prefill_chunk=CHUNK)
+    seqs = []
+    for q, names in CASES[1:5]:
+        prep = prepared(pipe, photos, q, names)
+        seqs.append(Sequence(SamplingParams(max_new_tokens=NEW), prompt_ids=prep.token_ids,
+                             image_mask=prep.image_mask, image_embeds=pipe.encode_prompt_images(prep),
+                             cache=pipe.llm.new_cache(), decode=pipe.prompts.decode))
+        core.add(seqs[-1])
+    plans = []
+    while core.has_work:
+        plan = core.schedule()
+        core.waiting.extendleft(reversed(plan.admit))  # schedule() is pure planning: let step() redo it
+        for s in plan.admit:
+            core.prefilling.remove(s)
+        plans.append(plan)
+        core.step()
+    for plan in plans:
+        assert plan.tokens <= core.budget
+        running = [s for s in plan.decode]
+        assert all(s.prefill_done for s in running)
+        for seq, a, b in plan.prefill:  # chunks end on multiples of CHUNK or at the prompt's end
+            assert (seq.start + b) % CHUNK == 0 or b == seq.n_new
+    assert any(plan.decode and plan.prefill for plan in plans)  # decode rows and chunks share steps
+    assert all(s.finish_reason == "length" for s in seqs)
+
+
+# -- a runner without batching, failures ------------------------------------------------------------
+
+class OneRowRunner:
+    """Like the TensorRT decoder: ``forward`` only, no batched decode (the rest is the real runner)."""
+
+    supports_batching = False
+
+    def __init__(self, llm):
+        self._llm = llm
+        self.rows_seen: list[int] = []
+
+    def __getattr__(self, name):
+        if name in ("new_batch", "batch_add", "batch_keep", "forward_batch"):
+            raise AttributeError(name)  # never called: the core must not need them
+        return getattr(self._llm, name)
+
+    def forward(self, x, cache):
+        self.rows_seen.append(x.shape[0])
+        return self._llm.forward(x, cache)
+
+    def forward_rows(self, caches, inputs):
+        return base.DecoderRunner.forward_rows(self, caches, inputs)
+
+
+def test_a_runner_without_batching_serves_in_batches_of_one(tiny_dynamic_bundle, photos):
+    with Pipeline.from_bundle(tiny_dynamic_bundle, device="cpu", prefill_chunk=CHUNK) as p:
+        refs = [strip_stop(p, t) for t in alone(p, photos, CASES[:4])]
+        p.llm = p.generator.llm = OneRowRunner(p.llm)
+        out = together(p, photos, CASES[:4], max_batch=4)
+        assert [strip_stop(p, t) for t in out] == refs
+        assert set(p.llm.rows_seen) == {1}
+
+
+def test_one_requests_failure_ends_that_request_only(tiny_dynamic_bundle, photos, monkeypatch):
+    from flashvl_edge.runtime import core
+
+    real = core.sample
+
+    def sample(logits, seen, params, rng):
+        if params.seed == 666:
+            raise FloatingPointError("probabilities are not finite")
+        return real(logits, seen, params, rng)
+    monkeypatch.setattr(core, "sample", sample)
+    with Pipeline.from_bundle(tiny_dynamic_bundle, device="cpu") as p:
+        good = GenerationRequest(prepared(p, photos, "Hi", []), SamplingParams(max_new_tokens=6))
+        bad = GenerationRequest(prepared(p, photos, "x", ["coffee"]), SamplingParams(max_new_tokens=6, seed=666))
+
+        async def run():
+            sched = Scheduler(p, max_batch=4).start()
+            try:
+                hs = [sched.submit(good), sched.submit(bad)]
+                out = await asyncio.wait_for(asyncio.gather(*[collect(h) for h in hs]), 60)
+                assert sched.ready  # still serving
+                again = await asyncio.wait_for(collect(sched.submit(GenerationRequest(
+                    prepared(p, photos, "Hi", []), SamplingParams(max_new_tokens=6)))), 60)
+                return out, again
+            finally:
+                sched.shutdown(5)
+        (ok, failed), again = asyncio.run(run())
+    assert ok[2].finish_reason == "length" and again[0] == ok[0]
+    assert failed[2].finish_reason == "error" and "not finite" in failed[2].error
+
+
+def test_a_model_failure_ends_every_request_and_stops_the_scheduler(tiny_dynamic_bundle, photos, monkeypatch):
+    fatal = []
+    with Pipeline.from_bundle(tiny_dynamic_bundle, device="cpu") as p:
+        reqs = [GenerationRequest(prepared(p, photos, q, n), SamplingParams(max_new_tokens=50, ignore_eos=True))
+                for q, n in CASES[:3]]
+        calls = []
+        real = ort.OrtDecoder.forward_batch
+
+        def dies(self, x, batch):
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            return real(self, x, batch)
+        monkeypatch.setattr(ort.OrtDecoder, "forward_batch", dies)
+
+        async def run():
+            sched = Scheduler(p, max_batch=2, on_fatal=fatal.append).start()  # the third request waits
+            try:
+                hs = [sched.submit(r) for r in reqs]
+                return await asyncio.wait_for(asyncio.gather(*[collect(h) for h in hs]), 60), sched.ready
+            finally:
+                sched.shutdown(5)
+        out, ready = asyncio.run(run())
+    assert [fin.finish_reason for _, _, fin in out] == ["error"] * 3
+    assert all("illegal memory access" in fin.error for _, _, fin in out)
+    assert not ready and fatal and "illegal memory access" in fatal[0]
+
+
+def test_one_row_clients_raise_model_errors(tiny_dynamic_bundle, monkeypatch):
+    with Pipeline.from_bundle(tiny_dynamic_bundle, device="cpu") as p:
+        monkeypatch.setattr(ort.OrtDecoder, "forward", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+        with pytest.raises(ModelError, match="boom"):
+            p.chat("Hi", max_new_tokens=3)
