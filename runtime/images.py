@@ -56,32 +56,23 @@ ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 @dataclass
 class DecodeLimits:
     """What decoding one image may cost, beyond the pixel limit (``flashvl serve --max-image-bytes``,
-    ``--max-concurrent-decodes``, ``--image-formats``).
+    ``--max-concurrent-decodes``, ``--image-formats``; the server hands one to its pipeline).
 
     ``max_bytes``: the memory a decode needs, estimated from the header before any pixel is decoded
     (the source pixels at their mode's depth plus the RGB result), so a 95 KB PNG of 1 x 49,000,000
     pixels, under a 50 Mpx limit, is refused at no cost. ``formats``: the decoders allowed.
-    ``max_concurrent``: decodes at once in this process (the others wait, at most ``wait_s``)."""
+    ``max_concurrent``: decodes at once through these limits (the others wait, at most ``wait_s``)."""
 
     max_bytes: int | None = None
     formats: tuple = ALLOWED_FORMATS
     max_concurrent: int | None = None
     wait_s: float = 30.0
 
-
-_limits = DecodeLimits()
-_slots: "threading.BoundedSemaphore | None" = None
-
-
-def configure(limits: DecodeLimits) -> None:
-    """Set this process's decode limits (the server does, from its options)."""
-    global _limits, _slots
-    _limits = limits
-    _slots = threading.BoundedSemaphore(limits.max_concurrent) if limits.max_concurrent else None
+    def __post_init__(self) -> None:
+        self.slots = threading.BoundedSemaphore(self.max_concurrent) if self.max_concurrent else None
 
 
-def decode_limits() -> DecodeLimits:
-    return _limits
+DEFAULT_LIMITS = DecodeLimits()
 
 
 # bytes per pixel as Pillow holds a decoded image of each mode (multi-band modes take 4)
@@ -114,14 +105,16 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Inde
 # Decoding
 
 
-def load_image(src: ImageSource, max_pixels: int | None = None) -> Image.Image:
+def load_image(src: ImageSource, max_pixels: int | None = None, limits: DecodeLimits | None = None) -> Image.Image:
     """Decode ``src`` (path, bytes, file object, PIL image or HxW[xC] array) into an RGB PIL image.
 
     Raises :class:`ImageError` (one line: what is wrong, which input, what to do) for missing,
     empty, non-image, corrupt or truncated inputs and for images above ``max_pixels``
-    (default :data:`DEFAULT_MAX_PIXELS`), the latter before the pixels are decoded.
+    (default :data:`DEFAULT_MAX_PIXELS`) or ``limits`` (:class:`DecodeLimits`: decode bytes, formats;
+    default: the formats of :data:`ALLOWED_FORMATS`), the latter before the pixels are decoded.
     """
     limit = DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels)
+    limits = DEFAULT_LIMITS if limits is None else limits
     if isinstance(src, np.ndarray):
         return _from_array(src, limit)
     if isinstance(src, Image.Image):
@@ -129,9 +122,9 @@ def load_image(src: ImageSource, max_pixels: int | None = None) -> Image.Image:
     if isinstance(src, (bytes, bytearray, memoryview)):
         if len(src) == 0:
             raise ImageError("the image data is empty (0 bytes); pass the bytes of an image file")
-        return _open_and_decode(io.BytesIO(bytes(src)), "the given image bytes", limit)
+        return _open_and_decode(io.BytesIO(bytes(src)), "the given image bytes", limit, limits)
     if hasattr(src, "read"):
-        return _open_and_decode(src, "the given image stream", limit)
+        return _open_and_decode(src, "the given image stream", limit, limits)
     if isinstance(src, (str, os.PathLike)):
         path = Path(src)
         name = repr(str(path))
@@ -147,13 +140,12 @@ def load_image(src: ImageSource, max_pixels: int | None = None) -> Image.Image:
         except OSError as e:
             raise ImageError(f"cannot open image file {name}: {e.strerror or e}; check its permissions") from None
         with f:
-            return _open_and_decode(f, f"image file {name}", limit)
+            return _open_and_decode(f, f"image file {name}", limit, limits)
     raise ImageError(
         f"cannot read an image from a {type(src).__name__}; pass a path, bytes, a PIL image or a numpy array")
 
 
-def _open_and_decode(fp, name: str, limit: int) -> Image.Image:
-    limits = _limits
+def _open_and_decode(fp, name: str, limit: int, limits: DecodeLimits = DEFAULT_LIMITS) -> Image.Image:
     formats = tuple(limits.formats or ALLOWED_FORMATS)
     try:
         with warnings.catch_warnings():
@@ -170,7 +162,7 @@ def _open_and_decode(fp, name: str, limit: int) -> Image.Image:
     with im:
         _check_pixels(im.width, im.height, name, limit)
         _check_bytes(im.width, im.height, im.mode, name, limits.max_bytes)
-        slots = _slots
+        slots = limits.slots
         if slots is None:
             return _decode(im, name, limit)
         if not slots.acquire(timeout=limits.wait_s):

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import hmac
 import json
 import logging
@@ -58,6 +59,14 @@ access_log = logging.getLogger("flashvl_edge.serve.access")
 
 MiB = 1024 * 1024
 DEFAULT_MAX_BODY_BYTES = 20 * MiB
+# 256 Ki characters of message text: more than a 32k context holds, tokenized in ~0.4 s (a 2B model's
+# tokenizer on this CPU), where 19 MiB took 26 s and 4.7 GB
+DEFAULT_MAX_PROMPT_CHARS = 256 * 1024
+# a 16-megapixel RGB photo (4 bytes a pixel as decoded, 4 more for the RGB copy)
+DEFAULT_MAX_IMAGE_BYTES = 128 * MiB
+# over the network: no TIFF (libtiff and its codecs are a large surface a camera frame does not need)
+DEFAULT_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+LOCALHOST_NAMES = ("localhost", "127.0.0.1", "::1")
 # OpenAI's default sampling: a client that sends no temperature gets temperature 1, as from the API
 DEFAULT_TEMPERATURE = 1.0
 DEFAULT_MAX_TOKENS = 256  # only for a pipeline that does not say its context length
@@ -69,17 +78,202 @@ class ServeOptions:
     """What the HTTP layer enforces (``flashvl serve`` flags of the same names)."""
 
     model_name: str
-    api_key: str | None = None  # with one, every /v1/* route needs "Authorization: Bearer KEY"
+    api_key: str | list | None = None  # with one, every /v1/* route needs "Authorization: Bearer KEY"
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     allowed_local_media_path: str | os.PathLike | None = None  # file:// images only below this directory
     max_images: int = 8  # image parts per request, counted before any is decoded
     grace_period_s: float = 30.0  # draining: in-flight requests may finish within this
     retry_after_s: int = 1  # the Retry-After of a 429
     max_model_len: int | None = None  # reported by /v1/models (the context)
+    # -- bounds on what one request may cost (docs/security.md has each with its reason) ----------
+    api_keys: tuple = ()  # more keys besides api_key; with several, each key is its own cache tenant
+    # Host header names answered (DNS rebinding): "auto" (flashvl serve's default) is localhost names
+    # on a loopback address and any name elsewhere; a tuple of names ("*": any); None: no check
+    allowed_hosts: tuple | str | None = None
+    max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS  # message text per request, before tokenizing
+    body_read_timeout_s: float = 30.0  # the whole body must arrive within this (408 otherwise)
+    header_read_timeout_s: float = 10.0  # a connection's request headers must arrive within this
+    keep_alive_timeout_s: float = 5.0  # an idle keep-alive connection is closed after this
+    max_header_bytes: int = 64 * 1024  # request line + headers (h11's max incomplete event size)
+    max_schema_bytes: int = 64 * 1024  # a json_schema, as JSON
+    schema_compile_timeout_s: float = 5.0
+    schema_compile_memory_bytes: int = 512 * MiB
+    max_template_chars: int | None = None  # the rendered chat template; None: max_prompt_chars + 64 Ki
+    template_timeout_s: float = 2.0
+    template_memory_bytes: int = 256 * MiB
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES  # estimated decode memory per image (header)
+    max_concurrent_decodes: int = 2
+    image_formats: tuple = DEFAULT_IMAGE_FORMATS
 
     @classmethod
     def coerce(cls, options: "ServeOptions | Mapping[str, Any]") -> "ServeOptions":
         return options if isinstance(options, cls) else cls(**dict(options))
+
+    def keys(self) -> list[str]:
+        """Every accepted API key (``api_key`` and ``api_keys``; comma-separated lists are split)."""
+        given = self.api_key if isinstance(self.api_key, (list, tuple)) else [self.api_key] if self.api_key else []
+        out: list[str] = []
+        for k in list(given) + list(self.api_keys or ()):
+            out += [x.strip() for x in str(k).split(",") if x.strip()]
+        return list(dict.fromkeys(out))
+
+    def template_chars(self) -> int:
+        return self.max_template_chars if self.max_template_chars is not None else self.max_prompt_chars + 65536
+
+
+# --------------------------------------------------------------------------------------------
+# The request body, as an OpenAPI schema (documentation and the tests' fuzzing; the checks are
+# parse_chat_request's, which also refuse what this schema allows but the server does not support)
+
+_TEXT_PART = {"type": "object", "required": ["type", "text"],
+              "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
+_IMAGE_PART = {"type": "object", "required": ["type", "image_url"],
+               "properties": {"type": {"const": "image_url"},
+                              "image_url": {"type": "object", "required": ["url"],
+                                            "properties": {"url": {"type": "string"}}}}}
+_MESSAGE = {"type": "object", "required": ["role", "content"], "properties": {
+    "role": {"type": "string", "enum": list(_ROLES)},
+    "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"anyOf": [_TEXT_PART, _IMAGE_PART]}}]}}}
+CHAT_REQUEST_SCHEMA = {
+    "type": "object", "required": ["messages"],
+    "properties": {
+        "model": {"type": "string"},
+        "messages": {"type": "array", "minItems": 1, "items": _MESSAGE},
+        "max_tokens": {"type": "integer", "minimum": 1},
+        "max_completion_tokens": {"type": "integer", "minimum": 1},
+        "temperature": {"type": "number", "minimum": 0},
+        "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        "top_k": {"type": "integer", "minimum": -1},
+        "repetition_penalty": {"type": "number", "exclusiveMinimum": 0},
+        "seed": {"type": "integer", "minimum": 0},
+        "stop": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 16}]},
+        "stream": {"type": "boolean"},
+        "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"},
+                                                             "continuous_usage_stats": {"type": "boolean"}}},
+        "n": {"type": "integer", "minimum": 1},
+        "ignore_eos": {"type": "boolean"},
+        "cache_salt": {"type": "string", "minLength": 1, "maxLength": 256},
+        "response_format": {"anyOf": [
+            {"type": "object", "required": ["type"], "properties": {"type": {"enum": ["text", "json_object"]}}},
+            {"type": "object", "required": ["type", "json_schema"], "properties": {
+                "type": {"const": "json_schema"},
+                "json_schema": {"type": "object", "required": ["schema"],
+                                "properties": {"name": {"type": "string"}, "schema": {"type": "object"}}}}}]},
+    },
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Limits on work per request, applied to the process's decoders, compilers and template renderer
+
+
+def _apply_limits(pipeline, options: ServeOptions) -> None:
+    """Image decode limits (bytes, formats, concurrent decodes), the json_schema compile budget and
+    the chat template's bounds, from ``options``. A stand-in pipeline without a PromptBuilder keeps
+    its own rendering."""
+    from . import images
+
+    if pipeline is not None:
+        try:
+            pipeline.decode_limits = images.DecodeLimits(max_bytes=options.max_image_bytes,
+                                                         formats=tuple(options.image_formats),
+                                                         max_concurrent=options.max_concurrent_decodes)
+        except AttributeError:  # a stand-in without attributes of its own
+            pass
+    try:
+        from . import structured
+    except ImportError:  # pragma: no cover - structured.py imports only numpy at module level
+        structured = None
+    if structured is not None:
+        structured.configure(structured.GrammarLimits(max_schema_bytes=options.max_schema_bytes,
+                                                      timeout_s=options.schema_compile_timeout_s,
+                                                      memory_bytes=options.schema_compile_memory_bytes))
+    prompts = getattr(pipeline, "prompts", None)
+    if prompts is not None and hasattr(prompts, "render_limits"):
+        from .prompt import RenderLimits
+
+        prompts.render_limits = RenderLimits(max_chars=options.template_chars(), timeout_s=options.template_timeout_s,
+                                             memory_bytes=options.template_memory_bytes, isolate=True)
+
+
+def _close_workers() -> None:
+    """The isolated schema compilers and template renderers die with the server."""
+    from . import structured
+    from .prompt import close_render_workers
+
+    close_render_workers()
+    structured.configure(structured.LIMITS)
+
+
+def http_protocol(header_timeout_s: float):
+    """uvicorn's h11 protocol with a header read timeout: a connection whose next request's headers
+    have not all arrived ``header_timeout_s`` after it opened (or after its last response) is closed.
+    uvicorn's own keep-alive timeout stops counting at the first byte, so without this a client
+    sending one header byte a minute holds a connection forever."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        def _arm(self) -> None:
+            cycle = self.cycle
+            self.loop.call_later(header_timeout_s, self._headers_late, cycle)
+
+        def _headers_late(self, armed_cycle) -> None:
+            if self.cycle is armed_cycle and not self.transport.is_closing():
+                # no new request started since the timer was set: the headers are late
+                if armed_cycle is None or armed_cycle.response_complete:
+                    self.transport.close()
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()
+
+    return Protocol
+
+
+def limit_options(args) -> dict:
+    """The ServeOptions fields of ``flashvl serve``'s limit flags (runtime/cli_serve.py)."""
+    hosts = "auto"
+    if args.allowed_hosts is not None:
+        hosts = tuple(h.strip().lower().strip("[]") for h in args.allowed_hosts.split(",") if h.strip())
+    return dict(
+        allowed_hosts=hosts, max_prompt_chars=args.max_prompt_chars, body_read_timeout_s=args.body_read_timeout,
+        header_read_timeout_s=args.header_read_timeout, keep_alive_timeout_s=args.keep_alive_timeout,
+        max_header_bytes=args.max_header_bytes, max_schema_bytes=args.max_schema_bytes,
+        schema_compile_timeout_s=args.schema_compile_timeout, schema_compile_memory_bytes=args.schema_compile_memory,
+        max_template_chars=args.max_template_chars, template_timeout_s=args.template_timeout,
+        template_memory_bytes=args.template_memory, max_image_bytes=args.max_image_bytes,
+        max_concurrent_decodes=args.max_concurrent_decodes,
+        image_formats=tuple(f.strip().upper() for f in args.image_formats.split(",") if f.strip()))
+
+
+_KNOWN_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+
+
+def check_limit_args(args) -> None:
+    """One FlashVLError line for a bad limit flag (called by cli_serve._check, before the bundle loads)."""
+    for name in ("max_prompt_chars", "max_header_bytes", "max_schema_bytes", "schema_compile_memory",
+                 "template_memory", "max_image_bytes", "max_concurrent_decodes"):
+        if getattr(args, name) < 1:
+            raise FlashVLError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.max_template_chars is not None and args.max_template_chars < 1:
+        raise FlashVLError(f"--max-template-chars must be at least 1, got {args.max_template_chars}")
+    for name in ("body_read_timeout", "header_read_timeout", "keep_alive_timeout", "schema_compile_timeout",
+                 "template_timeout"):
+        v = getattr(args, name)
+        if not math.isfinite(v) or v <= 0:
+            raise FlashVLError(f"--{name.replace('_', '-')} must be a number of seconds > 0, got {v}")
+    formats = [f.strip().upper() for f in args.image_formats.split(",") if f.strip()]
+    unknown = [f for f in formats if f not in _KNOWN_FORMATS]
+    if not formats or unknown:
+        raise FlashVLError(f"--image-formats takes a comma-separated list from {','.join(_KNOWN_FORMATS)}, "
+                           f"got {args.image_formats!r}")
+    if args.allowed_hosts is not None and not [h for h in args.allowed_hosts.split(",") if h.strip()]:
+        raise FlashVLError("--allowed-hosts needs at least one name (or '*' for any)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,6 +354,7 @@ class ChatRequest:
     # vLLM's extension: a chunk for every token (its text may be "") with the usage so far, so a
     # client can time each token even when its text is held back or empty
     continuous_usage: bool = False
+    cache_salt: str = ""  # vLLM's field: requests with different salts share no cached KV or image
 
 
 def _is_int(v) -> bool:
@@ -225,6 +420,9 @@ def parse_chat_request(body: Any, options: ServeOptions, placeholder: str) -> Ch
     if isinstance(stop, list) and (len(stop) > 16 or any(not isinstance(s, str) for s in stop)):
         raise ApiError(400, "stop must be a string or a list of at most 16 strings", param="stop")
     seed = _int(body, "seed")
+    cache_salt = body.get("cache_salt")
+    if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt or len(cache_salt) > 256):
+        raise ApiError(400, "cache_salt must be a non-empty string of at most 256 characters", param="cache_salt")
     json_schema, json_object = _response_format(body.get("response_format"))
     try:
         params = SamplingParams(
@@ -247,7 +445,8 @@ def parse_chat_request(body: Any, options: ServeOptions, placeholder: str) -> Ch
         raise ApiError(400, f"stream_options must be an object, got {opts!r}", param="stream_options")
     include_usage = _bool(opts or {}, "include_usage", "stream_options.include_usage")
     continuous = _bool(opts or {}, "continuous_usage_stats", "stream_options.continuous_usage_stats")
-    return ChatRequest(messages, images, params, max_tokens, stream, include_usage, continuous)
+    return ChatRequest(messages, images, params, max_tokens, stream, include_usage, continuous,
+                       cache_salt=cache_salt or "")
 
 
 def _response_format(fmt: Any) -> tuple[dict | None, bool]:
@@ -295,6 +494,7 @@ def _parse_messages(messages: Any, placeholder: str, options: ServeOptions) -> t
         raise ApiError(400, "messages must be a non-empty list of {role, content} objects", param="messages")
     out: list[dict] = []
     images: list[ImageRef] = []
+    n_chars = 0
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
@@ -323,6 +523,12 @@ def _parse_messages(messages: Any, placeholder: str, options: ServeOptions) -> t
             else:
                 text += value
             prev = kind
+        n_chars += len(text)
+        if n_chars > options.max_prompt_chars:
+            # before anything is tokenized: the cost of tokenizing grows with the text, not the context
+            raise ApiError(400, f"the messages hold more than {options.max_prompt_chars:,} characters of text "
+                                "(--max-prompt-chars); send a shorter conversation", param="messages",
+                           code="prompt_too_long")
         out.append({"role": role, "content": text})
     if len(images) > options.max_images:
         raise ApiError(400, f"the request has {len(images)} images but this server takes at most "
@@ -442,10 +648,21 @@ def _read_local(ref: ImageRef, root: Path, limit: int) -> bytes:
     return data
 
 
-def _prepare(pipeline, chat: ChatRequest, root: Path | None, limit: int):
-    """Worker thread: the image bytes, then ``pipeline.prepare_prompt`` (decode, template, checks)."""
+def _prepare(pipeline, chat: ChatRequest, root: Path | None, limit: int, salt: bytes = b""):
+    """Worker thread: the image bytes, then ``pipeline.prepare_prompt`` (decode, template, checks),
+    with the request's cache salt when it has one."""
     images = [_decode_base64(r) if r.kind == "data" else _read_local(r, root, limit) for r in chat.images]
+    if salt:
+        return pipeline.prepare_prompt(chat.messages, images, cache_salt=salt)
     return pipeline.prepare_prompt(chat.messages, images)
+
+
+def _cache_salt(key_salt: bytes, request_salt: str) -> bytes:
+    """The salt a request's cache entries are keyed with: its API key's (with several keys) and its
+    own ``cache_salt`` field, either of which may be empty."""
+    if not request_salt:
+        return key_salt
+    return key_salt + b"\0" + request_salt.encode("utf-8")
 
 
 # --------------------------------------------------------------------------------------------
@@ -535,10 +752,23 @@ class _Edge:
 
         path = scope.get("path", "")
         try:
-            if path.startswith("/v1") and not self._authorized(scope):
-                await _send_json(send_with_id, ApiError(401, "a valid API key is required: send the header "
-                                                             "'Authorization: Bearer KEY'", code="invalid_api_key"))
+            if not self._host_allowed(scope):
+                # DNS rebinding: a web page whose name now points at this device may not talk to it
+                await _send_json(send_with_id, ApiError(400, "the Host header names a host this server does not "
+                                                             "answer for (--allowed-hosts)", code="invalid_host"))
                 return
+            if scope.get("method") not in ("GET", "HEAD", "OPTIONS") and self._cross_origin(scope):
+                # a web page on another origin (CSRF): browsers send Origin with every cross-site POST
+                await _send_json(send_with_id, ApiError(403, "cross-origin requests are refused: the Origin header "
+                                                             "does not match the Host", code="cross_origin"))
+                return
+            if path.startswith("/v1"):
+                salt = self._authorized(scope)
+                if salt is None:
+                    await _send_json(send_with_id, ApiError(401, "a valid API key is required: send the header "
+                                                                 "'Authorization: Bearer KEY'", code="invalid_api_key"))
+                    return
+                scope["flashvl.key_salt"] = salt
             await self.app(scope, receive, send_with_id)
         except asyncio.CancelledError:
             if not self.state.draining:
@@ -556,15 +786,65 @@ class _Edge:
             self.state.metrics.requests.labels(_route_label(path), str(status)).inc()
             access_log.info(_access_line(info, scope, status))
 
-    def _authorized(self, scope) -> bool:
-        key = self.state.options.api_key
-        if not key:
-            return True
+    def _authorized(self, scope) -> bytes | None:
+        """None when a key is required and the request has none of them; else the key's cache salt
+        (b"" without keys or with one key: a single tenant shares its caches)."""
+        keys = self.state.keys
+        if not keys:
+            return b""
         for name, value in scope.get("headers", []):
             if name == b"authorization":
                 scheme, _, token = value.partition(b" ")
-                return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key.encode())
-        return False
+                token = token.strip()
+                found = None
+                for key, salt in keys:  # every key compared, in constant time each
+                    if hmac.compare_digest(token, key) and scheme.lower() == b"bearer":
+                        found = salt
+                return found
+        return None
+
+    @staticmethod
+    def _cross_origin(scope) -> bool:
+        origin = host = None
+        for name, value in scope.get("headers", []):
+            if name == b"origin":
+                origin = value.decode("latin-1").strip().lower()
+            elif name == b"host":
+                host = value.decode("latin-1").strip().lower()
+        if origin is None:
+            return False  # not a browser's cross-site request
+        return urlsplit(origin).netloc != (host or "")
+
+    def _host_allowed(self, scope) -> bool:
+        host = None
+        for name, value in scope.get("headers", []):
+            if name == b"host":
+                host = value.decode("latin-1").strip().lower()
+                break
+        allowed = self.state.options.allowed_hosts
+        if allowed is None:
+            return True
+        if allowed == "auto":
+            server = scope.get("server") or ("", 0)
+            if not _is_loopback(server[0]):
+                return True  # bound to the network: names are the operator's business (--allowed-hosts)
+            allowed = LOCALHOST_NAMES
+        if "*" in allowed:
+            return True
+        if host is None:
+            return False
+        name = host[1:host.index("]")] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0] \
+            if host.count(":") == 1 else host
+        return name.rstrip(".") in allowed or (name.endswith(".localhost") and "localhost" in allowed)
+
+
+def _is_loopback(address: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(address.split("%")[0]).is_loopback
+    except ValueError:
+        return address in ("localhost", "")
 
 
 def _access_line(info: _RequestInfo, scope, status: int) -> str:
@@ -600,6 +880,7 @@ class _AppState:
     media_root: Path | None
     created: int = field(default_factory=lambda: int(time.time()))
     loaded: bool = True  # the app is made after the pipeline opened its graphs
+    keys: list = field(default_factory=list)  # [(key bytes, its cache salt)]
     draining: bool = False
     drain_started: float | None = None
 
@@ -630,13 +911,21 @@ def create_app(scheduler, pipeline, options: ServeOptions | Mapping[str, Any]) -
         generator = getattr(pipeline, "generator", None)
         options.max_model_len = getattr(generator, "max_context", None)
     state = _AppState(scheduler, pipeline, options, _Metrics(scheduler, pipeline), root)
+    keys = options.keys()
+    # one key: one tenant (no salt, as without keys); several: each key its own cache tenant
+    state.keys = [(k.encode(), hashlib.sha256(b"flashvl api key\0" + k.encode()).digest() if len(keys) > 1 else b"")
+                  for k in keys]
+    _apply_limits(pipeline, options)
 
     @asynccontextmanager
     async def lifespan(app):
         yield
         state.drain()
         await run_in_threadpool(scheduler.shutdown, state.remaining_grace())
+        _close_workers()
 
+    # The OpenAPI document is not served (openapi_url=None); app.openapi() builds it for the tests'
+    # schema-driven fuzzing, with the chat request's body schema from CHAT_REQUEST_SCHEMA.
     app = FastAPI(title="flashvl serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.flashvl = state
     app.add_middleware(_Edge, state=state)
@@ -678,16 +967,20 @@ def create_app(scheduler, pipeline, options: ServeOptions | Mapping[str, Any]) -
     async def api_error(request: Request, exc: ApiError):
         return exc.response()
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra={"requestBody": {
+        "required": True, "content": {"application/json": {"schema": CHAT_REQUEST_SCHEMA}}}})
     async def chat_completions(request: Request):
         info: _RequestInfo = request.scope["flashvl"]
         info.id = rid = f"chatcmpl-{uuid.uuid4().hex}"
         try:
-            chat = parse_chat_request(await _read_json(request, options.max_body_bytes), options,
-                                      pipeline.prompts.placeholder)
+            _check_content_type(request)
+            body = await _read_json(request, options.max_body_bytes, options.body_read_timeout_s)
+            # in a worker thread: a json_schema is compiled here (in its own bounded process)
+            chat = await run_in_threadpool(parse_chat_request, body, options, pipeline.prompts.placeholder)
             if state.draining:
                 raise ShuttingDownError("the server is shutting down; retry on another instance")
-            prepared = await run_in_threadpool(_prepare, pipeline, chat, root, options.max_body_bytes)
+            salt = _cache_salt(request.scope.get("flashvl.key_salt", b""), chat.cache_salt)
+            prepared = await run_in_threadpool(_prepare, pipeline, chat, root, options.max_body_bytes, salt)
             if chat.max_tokens is None:  # as many as fit (the scheduler also stops at the context)
                 chat.params.max_new_tokens = max(1, options.max_model_len - len(prepared.token_ids)) \
                     if options.max_model_len else DEFAULT_MAX_TOKENS
@@ -712,9 +1005,22 @@ def create_app(scheduler, pipeline, options: ServeOptions | Mapping[str, Any]) -
     return app
 
 
-async def _read_json(request: Request, limit: int) -> Any:
+def _check_content_type(request: Request) -> None:
+    """415 unless the body is declared JSON: a web page can send a cross-site text/plain or form POST
+    without a CORS preflight, but not an application/json one."""
+    ctype = request.headers.get("content-type")
+    if ctype is None:
+        return  # read as JSON (what curl --data-binary and older clients send); a browser's blind POST
+        # of a typeless Blob is refused by the Origin check instead (_Edge._cross_origin)
+    media = ctype.split(";", 1)[0].strip().lower()
+    if media != "application/json":
+        raise ApiError(415, f"the request body must be JSON sent with 'Content-Type: application/json', got "
+                            f"{ctype[:80]!r}", code="unsupported_media_type")
+
+
+async def _read_json(request: Request, limit: int, timeout_s: float | None = None) -> Any:
     """The body (at most ``limit`` bytes: the declared Content-Length first, then what really
-    arrives) parsed as JSON; ApiError 413 / 400 otherwise."""
+    arrives, all of it within ``timeout_s``) parsed as JSON; ApiError 413 / 408 / 400 otherwise."""
     too_large = ApiError(413, f"the request body is larger than {limit:,} bytes (--max-body-bytes)",
                          code="request_too_large")
     declared = request.headers.get("content-length")
@@ -725,11 +1031,21 @@ async def _read_json(request: Request, limit: int) -> Any:
             raise too_large  # not worth reading: the client may see a reset instead of the 413
     buf = bytearray()
     stream = request.stream()
-    async for chunk in stream:
-        buf += chunk
-        if len(buf) > limit:
-            await _discard(stream, 2 * limit - len(buf))
-            raise too_large
+
+    async def read() -> None:
+        async for chunk in stream:
+            buf.extend(chunk)
+            if len(buf) > limit:
+                return
+
+    try:
+        await asyncio.wait_for(read(), timeout_s)
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout_s:g} s (--body-read-timeout)",
+                       code="request_timeout", headers={"Connection": "close"}) from None
+    if len(buf) > limit:
+        await _discard(stream, 2 * limit - len(buf))
+        raise too_large
     if not buf:
         raise ApiError(400, "the request body is empty; send a JSON object")
 
