@@ -38,10 +38,15 @@ def log(msg: str) -> None:
     print(f"[serve-load {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def start_server(bundle: str, max_batch: int, extra: list[str]) -> tuple[subprocess.Popen, int]:
+def start_server(bundle: str, max_batch: int, extra: list[str], src: str | None = None) -> tuple[subprocess.Popen, int]:
+    """``flashvl serve`` on 127.0.0.1; ``src``: run the flashvl_edge package found there instead (an older
+    checkout laid out by ``--baseline-src``, for an A/B in one run)."""
+    import os
+
     cmd = [sys.executable, "-m", "flashvl_edge.main", "serve", bundle, "--port", "0", "--host", "127.0.0.1",
            "--max-batch", str(max_batch), "--max-queue", "256", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=sys.stderr, text=True)
+    env = dict(os.environ, PYTHONPATH=src) if src else None
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=sys.stderr, text=True, env=env)
     deadline = time.monotonic() + 600  # a full-size bundle takes a while to load
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
@@ -113,12 +118,16 @@ def summarize(results: list[dict]) -> dict:
     # ITL of a stream across the moment another request got its first token (it was admitted
     # between two of this stream's decode steps): the stall continuous batching costs running streams
     firsts = sorted(r["token_times"][0] for r in results if r["token_times"])
-    itl_join = []
+    itl_join, itl_quiet = [], []
     for r in results:
         tt = r["token_times"]
         for a, b in zip(tt, tt[1:]):
-            if any(a < f <= b for f in firsts if f != tt[0]):
-                itl_join.append(b - a)
+            joined = any(a < f <= b for f in firsts if f != tt[0])
+            # a request is joining from its arrival to its first token: its vision and prefill run
+            # beside this stream's steps
+            busy = joined or any(o is not r and o["token_times"] and o["start"] < b and o["token_times"][0] > a
+                                 for o in results)
+            (itl_join if busy else itl_quiet).append(b - a)
     decode_tokens = sum(max(0, len(r["token_times"]) - 1) for r in results)
     decode_window = max((r["token_times"][-1] for r in results if r["token_times"]), default=t1) \
         - min((r["token_times"][0] for r in results if r["token_times"]), default=t0)
@@ -129,6 +138,7 @@ def summarize(results: list[dict]) -> dict:
         "ttft_p50_s": pct(ttft, 50), "ttft_p95_s": pct(ttft, 95),
         "itl_p50_s": pct(itl, 50), "itl_p95_s": pct(itl, 95),
         "itl_p95_while_joining_s": pct(itl_join, 95), "itl_samples_while_joining": len(itl_join),
+        "itl_p95_no_arrivals_s": pct(itl_quiet, 95), "itl_samples_no_arrivals": len(itl_quiet),
     }
 
 
@@ -163,6 +173,43 @@ def plot(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def package_layout(checkout: str) -> str:
+    """A directory whose ``flashvl_edge`` package is ``checkout``'s code (the layout pyproject.toml maps)."""
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="flashvl-baseline-"))
+    pkg = root / "flashvl_edge"
+    pkg.mkdir()
+    src = Path(checkout).resolve()
+    for f in (src / "cli").iterdir():
+        (pkg / f.name).symlink_to(f)
+    for name in ("export", "runtime", "calibration"):
+        (pkg / name).symlink_to(src / name)
+    return str(root)
+
+
+def sweep(args, body: dict, levels: list[int], server_args: list[str], src: str | None) -> list[dict]:
+    """One server (this checkout's code, or ``src``'s), every concurrency level against it."""
+    proc, port = start_server(args.bundle, args.max_batch, server_args, src)
+    out = []
+    try:
+        run_level(port, body, 1, 1)  # warm-up: graphs, page cache
+        for c in levels:
+            log(f"{'baseline' if src else 'this checkout'}, concurrency {c}: {args.requests} requests")
+            results = run_level(port, body, args.requests, c)
+            s = {"concurrency": c, **summarize(results), "server_peak_rss_bytes": vm_hwm_bytes(proc.pid)}
+            out.append(s)
+            log(f"  {s['output_tokens_per_s']:.2f} output tok/s, decode {s['decode_tokens_per_s'] or 0:.2f} tok/s, "
+                f"TTFT p50 {s['ttft_p50_s']:.2f} s, ITL p95 {1e3 * s['itl_p95_s']:.1f} ms")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("bundle")
@@ -173,6 +220,12 @@ def main() -> int:
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--out", default="build/serve-load")
     ap.add_argument("--image", help="image file (default: scikit-image's astronaut)")
+    ap.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                    help="extra flashvl serve argument for this checkout's server (repeatable), e.g. "
+                         "--server-arg=--max-num-batched-tokens --server-arg=136")
+    ap.add_argument("--baseline-src", metavar="CHECKOUT",
+                    help="also run the same sweep against the flashvl_edge code of another checkout (an older "
+                         "commit's worktree): same bundle, same run, ratios printed")
     ap.add_argument("--reuse", action="store_true",
                     help="keep the server's image and prefix caches on (default off: every request pays for its "
                          "vision graph and prefill, which is what batching is measured against)")
@@ -203,26 +256,12 @@ def main() -> int:
     bw_before = measure_bandwidth()
     log(f"{machine.get('cpu')}; bandwidth {bw_before['bytes_per_s'] / 1e9:.1f} GB/s; starting the server")
     caches = [] if args.reuse else ["--image-cache-bytes", "0", "--kv-cache-bytes", "0"]
-    proc, port = start_server(args.bundle, args.max_batch, caches)
     report = {"bundle": str(Path(args.bundle).resolve()), "machine": machine, "settings": vars(args),
               "bandwidth_before": bw_before, "levels": []}
-    try:
-        run_level(port, body, 1, 1)  # warm-up: graphs, page cache
-        for c in levels:
-            log(f"concurrency {c}: {args.requests} requests")
-            results = run_level(port, body, args.requests, c)
-            s = {"concurrency": c, **summarize(results), "server_peak_rss_bytes": vm_hwm_bytes(proc.pid)}
-            report["levels"].append(s)
-            log(f"  {s['output_tokens_per_s']:.2f} output tok/s, decode {s['decode_tokens_per_s'] or 0:.2f} tok/s, "
-                f"TTFT p50 {s['ttft_p50_s']:.2f} s, ITL p95 {1e3 * s['itl_p95_s']:.1f} ms")
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    report["levels"] = sweep(args, body, levels, caches + list(args.server_arg), None)
+    if args.baseline_src:
+        report["baseline_levels"] = sweep(args, body, levels, caches, package_layout(args.baseline_src))
     report["bandwidth_after"] = measure_bandwidth()
-    report["server_exit_code"] = proc.returncode
     weights = weight_file_bytes(bundle)
     by_c = {lv["concurrency"]: lv for lv in report["levels"]}
     if 1 in by_c and max(by_c) > 1:
@@ -232,19 +271,35 @@ def main() -> int:
             f"decode_tokens_per_s_c{max(by_c)}_over_c1": (top["decode_tokens_per_s"] or 0) / by_c[1]["decode_tokens_per_s"],
             f"peak_rss_c{max(by_c)}_over_weight_files": top["server_peak_rss_bytes"] / weights,
         }
+    for lv in report["levels"]:
+        if lv["itl_p95_while_joining_s"] and lv["itl_p95_no_arrivals_s"]:
+            report.setdefault("ratios", {})[f"itl_p95_joining_over_no_arrivals_c{lv['concurrency']}"] = \
+                lv["itl_p95_while_joining_s"] / lv["itl_p95_no_arrivals_s"]
+    base = {lv["concurrency"]: lv for lv in report.get("baseline_levels", [])}
+    for lv in report["levels"]:
+        old = base.get(lv["concurrency"])
+        if old:
+            report.setdefault("ratios", {})[f"ttft_p50_over_baseline_c{lv['concurrency']}"] = \
+                lv["ttft_p50_s"] / old["ttft_p50_s"]
+            if lv["concurrency"] == 1:
+                report["ratios"]["decode_tokens_per_s_c1_over_baseline"] = \
+                    lv["decode_tokens_per_s"] / old["decode_tokens_per_s"]
     report["weight_file_bytes"] = weights
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "serve_load.json").write_text(json.dumps(report, indent=2))
     plot(report, out / "serve_load.png")
     print(f"{machine.get('cpu')}, bandwidth {bw_before['bytes_per_s'] / 1e9:.1f} -> {report['bandwidth_after']['bytes_per_s'] / 1e9:.1f} GB/s")
-    print("| concurrency | output tok/s | decode tok/s | TTFT p50 / p95 s | ITL p50 / p95 ms | ITL p95 while joining ms | peak RSS GiB |")
-    print("|---|---|---|---|---|---|---|")
-    for lv in report["levels"]:
-        join = lv["itl_p95_while_joining_s"]
-        print(f"| {lv['concurrency']} | {lv['output_tokens_per_s']:.2f} | {lv['decode_tokens_per_s'] or 0:.2f} | "
-              f"{lv['ttft_p50_s']:.2f} / {lv['ttft_p95_s']:.2f} | {1e3 * lv['itl_p50_s']:.1f} / {1e3 * lv['itl_p95_s']:.1f} | "
-              f"{'-' if join is None else f'{1e3 * join:.0f}'} | {lv['server_peak_rss_bytes'] / 2**30:.2f} |")
+    print("| server | concurrency | output tok/s | decode tok/s | TTFT p50 / p95 s | ITL p50 / p95 ms | "
+          "ITL p95 no arrivals / while joining ms | peak RSS GiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    ms = lambda v: "-" if v is None else f"{1e3 * v:.0f}"  # noqa: E731
+    for who, rows in (("this", report["levels"]), ("baseline", report.get("baseline_levels", []))):
+        for lv in rows:
+            print(f"| {who} | {lv['concurrency']} | {lv['output_tokens_per_s']:.2f} | {lv['decode_tokens_per_s'] or 0:.2f} | "
+                  f"{lv['ttft_p50_s']:.2f} / {lv['ttft_p95_s']:.2f} | {1e3 * lv['itl_p50_s']:.1f} / "
+                  f"{1e3 * lv['itl_p95_s']:.1f} | {ms(lv['itl_p95_no_arrivals_s'])} / {ms(lv['itl_p95_while_joining_s'])} | "
+                  f"{lv['server_peak_rss_bytes'] / 2**30:.2f} |")
     for k, v in (report.get("ratios") or {}).items():
         print(f"{k}: {v:.2f}")
     print(f"wrote {out / 'serve_load.json'} and {out / 'serve_load.png'}")

@@ -97,7 +97,7 @@ def _providers(device: str) -> tuple[list, str]:
     return ["CPUExecutionProvider"], "cpu"
 
 
-def session_options(threads: int | None = None):
+def session_options(threads: int | None = None, spinning: bool = True):
     ort = _ort()
     so = ort.SessionOptions()
     levels = {"none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -109,6 +109,8 @@ def session_options(threads: int | None = None):
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.log_severity_level = 3  # warnings about unused initializers etc. are not the user's business
+    if not spinning:  # idle threads sleep instead of spinning (see OrtRunner)
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
 
 
@@ -121,11 +123,15 @@ class OrtRunner(Runner):
     """One ONNX graph in one ``InferenceSession``."""
 
     def __init__(self, model_path: str | os.PathLike, name: str | None = None, device: str = "auto",
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, spinning: bool = True) -> None:
         super().__init__(name or Path(model_path).stem)
         self.model_path = Path(model_path)
         self.requested_device = device
         self.threads = threads
+        # ORT's pool threads spin between kernels by default. The vision graph may run on the server's
+        # encoder thread beside the LLM's decode steps: its threads must not spin on the cores the
+        # decode needs (on 2 cores, spinning pools of two sessions at once cost the decode several x).
+        self.spinning = spinning
         self.session = None
         self.device = None
 
@@ -133,7 +139,8 @@ class OrtRunner(Runner):
         ort = _ort()
         providers, self.device = _providers(self.requested_device)
         try:
-            self.session = ort.InferenceSession(str(self.model_path), sess_options=session_options(self.threads),
+            self.session = ort.InferenceSession(str(self.model_path),
+                                                sess_options=session_options(self.threads, self.spinning),
                                                 providers=providers)
         except Exception as e:  # ORT raises its own Fail/InvalidGraph/... types
             msg = " ".join(str(e).split())[:300]
@@ -416,7 +423,7 @@ class OrtBatchKVCache(BatchKVCache):
 
 
 def open_vision(bundle, device: str = "auto", threads: int | None = None) -> OrtRunner:
-    return OrtRunner(bundle.graph_path("vision"), "vision", device=device, threads=threads).activate()
+    return OrtRunner(bundle.graph_path("vision"), "vision", device=device, threads=threads, spinning=False).activate()
 
 
 def open_llm(bundle, device: str = "auto", threads: int | None = None) -> OrtDecoder:
