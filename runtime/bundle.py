@@ -24,7 +24,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 from .contract import FileEntry, GraphSpec, Manifest
@@ -52,6 +52,163 @@ def safe_member(root: Path, name: str) -> Path:
     if real != real_root and real_root not in real.parents:
         raise BundleError(f"bundle file {name!r} is a link that points outside the bundle; refusing to load it")
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX external data: every file a graph makes ONNX Runtime open must be a hashed bundle file
+
+# The protobuf fields (onnx.proto) on the way to a TensorProto's external_data, in every place a
+# tensor can sit: graph initializers, sparse initializers, node attributes (tensors and subgraphs,
+# e.g. an If's branches) and model-local functions.
+_MODEL_GRAPH, _MODEL_FUNCTIONS = 7, 25
+_GRAPH_NODE, _GRAPH_INITIALIZER, _GRAPH_SPARSE_INITIALIZER = 1, 5, 15
+_NODE_ATTRIBUTE, _FUNCTION_NODE = 5, 7
+_ATTR_T, _ATTR_G, _ATTR_TENSORS, _ATTR_GRAPHS, _ATTR_SPARSE, _ATTR_SPARSES = 5, 6, 10, 11, 22, 23
+_SPARSE_VALUES, _SPARSE_INDICES = 1, 2
+_TENSOR_EXTERNAL_DATA = 13
+
+
+def _varint(buf, pos: int, end: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= end or shift > 63:
+            raise ValueError("truncated varint")
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _fields(buf, start: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(field number, start, end) of each length-delimited field of the message in buf[start:end];
+    other wire types are skipped."""
+    pos = start
+    while pos < end:
+        key, pos = _varint(buf, pos, end)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            _, pos = _varint(buf, pos, end)
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        elif wire == 2:
+            n, pos = _varint(buf, pos, end)
+            if pos + n > end:
+                raise ValueError("a field runs past its message")
+            yield number, pos, pos + n
+            pos += n
+        elif wire == 3:  # a (deprecated) group: skipped up to its end marker, as protobuf parsers do
+            pos = _skip_group(buf, pos, end, number)
+        else:
+            raise ValueError(f"unexpected protobuf wire type {wire}")
+        if pos > end:
+            raise ValueError("a field runs past its message")
+
+
+def _skip_group(buf, pos: int, end: int, number: int) -> int:
+    while pos < end:
+        key, pos = _varint(buf, pos, end)
+        wire = key & 7
+        if wire == 4:
+            if key >> 3 != number:
+                raise ValueError("mismatched group end")
+            return pos
+        if wire == 0:
+            _, pos = _varint(buf, pos, end)
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        elif wire == 2:
+            n, pos = _varint(buf, pos, end)
+            pos += n
+        elif wire == 3:
+            pos = _skip_group(buf, pos, end, key >> 3)
+        else:
+            raise ValueError(f"unexpected protobuf wire type {wire}")
+    raise ValueError("unterminated group")
+
+
+def _external_locations(buf, start: int, end: int, kind: str, out: set, depth: int = 0) -> None:
+    if depth > 64:
+        raise ValueError("graphs nested too deeply")
+    for number, a, b in _fields(buf, start, end):
+        if kind == "model":
+            if number == _MODEL_GRAPH:
+                _external_locations(buf, a, b, "graph", out, depth + 1)
+            elif number == _MODEL_FUNCTIONS:
+                _external_locations(buf, a, b, "function", out, depth + 1)
+        elif kind == "graph":
+            if number == _GRAPH_NODE:
+                _external_locations(buf, a, b, "node", out, depth + 1)
+            elif number == _GRAPH_INITIALIZER:
+                _external_locations(buf, a, b, "tensor", out, depth + 1)
+            elif number == _GRAPH_SPARSE_INITIALIZER:
+                _external_locations(buf, a, b, "sparse", out, depth + 1)
+        elif kind == "function" and number == _FUNCTION_NODE:
+            _external_locations(buf, a, b, "node", out, depth + 1)
+        elif kind == "node" and number == _NODE_ATTRIBUTE:
+            _external_locations(buf, a, b, "attribute", out, depth + 1)
+        elif kind == "attribute":
+            if number in (_ATTR_T, _ATTR_TENSORS):
+                _external_locations(buf, a, b, "tensor", out, depth + 1)
+            elif number in (_ATTR_G, _ATTR_GRAPHS):
+                _external_locations(buf, a, b, "graph", out, depth + 1)
+            elif number in (_ATTR_SPARSE, _ATTR_SPARSES):
+                _external_locations(buf, a, b, "sparse", out, depth + 1)
+        elif kind == "sparse" and number in (_SPARSE_VALUES, _SPARSE_INDICES):
+            _external_locations(buf, a, b, "tensor", out, depth + 1)
+        elif kind == "tensor" and number == _TENSOR_EXTERNAL_DATA:
+            entry = {k: bytes(buf[x:y]) for k, x, y in _fields(buf, a, b)}
+            if entry.get(1) == b"location":
+                out.add(entry.get(2, b"").decode("utf-8", "replace"))
+
+
+def external_data_files(path: str | os.PathLike) -> set[str] | None:
+    """The ``location`` of every external-data entry in the ONNX model at ``path``: the files ONNX
+    Runtime will open, relative to the model's directory. Read from the protobuf directly (no onnx
+    package), skipping tensor payloads, so a graph with its weights inside costs a walk, not a read.
+    None for a file that is not a well-formed protobuf (no runtime can load it either)."""
+    import mmap
+
+    out: set[str] = set()
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return out
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            try:
+                _external_locations(m, 0, size, "model", out)
+            except (ValueError, IndexError):
+                return None  # not a protobuf ONNX Runtime could parse either: it refuses the file itself
+    return out
+
+
+def check_external_data(root: Path, manifest: Manifest) -> None:
+    """Every file a graph references as external data is a bundle file listed (so hashed) in the
+    manifest; otherwise BundleError. ONNX Runtime opens these files itself, by the names inside the
+    graph: an unlisted one would be loaded unchecked, a '..' one from outside the bundle."""
+    for name in sorted(manifest.graphs):
+        spec = manifest.graph(name)
+        graph_path = safe_member(root, spec.file)
+        if not graph_path.is_file():
+            continue  # verify_files reports a missing graph
+        base = PurePosixPath(spec.file).parent
+        for location in sorted(external_data_files(graph_path) or ()):
+            rel = PurePosixPath(location)
+            if not location or location.startswith(("/", "\\")) or "\\" in location or rel.is_absolute() \
+                    or any(part in ("..", "") for part in rel.parts):
+                raise BundleError(f"graphs.{name} ({spec.file}) references external data {location!r} outside the "
+                                  "bundle; refusing to load it")
+            member = (base / rel).as_posix() if str(base) != "." else rel.as_posix()
+            if member not in manifest.files:
+                raise BundleError(f"graphs.{name} ({spec.file}) references external data file {member!r}, which "
+                                  "the manifest's 'files' does not list, so it is not hashed; refusing to load it "
+                                  "(re-export the bundle, or add the file with its sha256)")
+            safe_member(root, member)
 
 
 def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
@@ -142,6 +299,7 @@ class Bundle:
             safe_member(root, name)
         if verify != "none":
             bundle.verify_files(full=(verify == "full"))
+        check_external_data(root, manifest)
         return bundle
 
     # -- files --------------------------------------------------------------------------------

@@ -32,6 +32,23 @@ RESAMPLE_NAMES = ("nearest", "lanczos", "bilinear", "bicubic", "box", "hamming")
 DIM_NAMES = ("num_tiles", "batch", "seq", "past", "total")
 
 
+# What a reader may rely on in each part of a manifest, written into every manifest as "trust" (for
+# the person who receives a bundle; the loader never reads it back: a manifest cannot raise its own
+# trust). The manifest itself is not signed: whoever hands over a bundle controls all of it, so
+# compare manifest.json's sha256 with its publisher's; the files are then bound to it by their hashes.
+# docs/security.md ("Untrusted bundles") says the same.
+TRUST = {
+    "files": "hashed: size and sha256 of every file, checked on load (flashvl verify --integrity re-hashes "
+             "all); every file a graph references as ONNX external data must be listed here, or loading refuses",
+    "graphs, embeddings, tokenizer, engines": "validated: names stay inside the bundle, interfaces and shapes "
+                                              "match the vision/llm sections; the graph files are parsed and run "
+                                              "by ONNX Runtime / TensorRT (trust their source as you would code)",
+    "chat_template": "code: Jinja run in a sandbox; flashvl serve bounds its output size, time and memory",
+    "vision, llm, image, preprocess, iss, generation": "validated: types, ranges and cross-section rules",
+    "source, tools, quantization, trust": "informational: shown, never acted on",
+}
+
+
 # --------------------------------------------------------------------------------------------
 # Reading helpers: each names the field it rejects, so a broken manifest costs one clear line.
 
@@ -719,6 +736,7 @@ class Manifest:
             "quantization": None if self.quantization is None else self.quantization.to_json(),
             "engines": {k: e.to_json() for k, e in self.engines.items()},
             "tools": dict(self.tools), "files": {k: f.to_json() for k, f in self.files.items()},
+            "trust": dict(TRUST),
         }
 
     @classmethod
@@ -824,6 +842,6 @@ __all__ = [
     "SCHEMA_VERSION", "PAST_PREFIX", "PRESENT_PREFIX", "TensorSpec", "GraphIO", "GraphSpec", "past_names",
     "present_names", "vision_io", "llm_io", "SourceSpec", "VisionSpec", "LLMSpec", "ImageSpec", "PreprocessSpec",
     "ISSSpec", "GenerationSpec", "TokenizerSpec", "EmbeddingsSpec", "QuantizationSpec", "EngineLimits",
-    "EngineGraph", "EngineEntry", "FileEntry", "Manifest", "check_member_name",
+    "EngineGraph", "EngineEntry", "FileEntry", "Manifest", "check_member_name", "TRUST",
 ]
 
