@@ -635,7 +635,7 @@ def _parse_network(trt, onnx_path: Path, strongly_typed: bool, logger=None):
     """(builder, network, parser) with ``onnx_path`` parsed by library ``trt``'s ONNX parser; parser errors
     raise ExportError naming the node. Weights stored next to the graph are read from its folder. The
     parser owns the weights the network points to: keep it until the network is built."""
-    logger = logger or trt.Logger(trt.Logger.ERROR)
+    logger = logger or _capturing_logger(trt)  # quiet: what the parser says is in the ExportError
     builder = trt.Builder(logger)
     flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
     network = builder.create_network((1 << int(flag)) if strongly_typed and flag is not None else 0)

@@ -3,21 +3,28 @@
 The table of supported operators lives in ``export/data/trt_onnx_ops.json`` (with its source: onnx-tensorrt's
 ``docs/operators.md`` and changelog). :func:`lint` reports, for a target TensorRT version:
 
-- opset out of the documented range, non-default domains (``com.microsoft`` contrib ops never parse),
-  ONNX local functions before TensorRT 9;
+- opset out of the documented range (a warning: NVIDIA's parser imports node by node, older opsets too),
+  non-default domains (``com.microsoft`` contrib ops never parse), ONNX local functions before TensorRT 9;
 - operators the parser does not support, or only from a newer release, and the per-op restrictions that
-  bite exported transformers (constant ``axes`` for Reduce/Slice/Squeeze/Unsqueeze, LayerNormalization with
-  more than one output, Resize modes);
-- QDQ placement: every QuantizeLinear feeds a DequantizeLinear, no dangling Q or DQ, zero points 0 (TensorRT
-  only does symmetric quantization), INT4 / block quantization only from TensorRT 10; weights of
-  Conv/MatMul/Gemm quantized per tensor or off the output-channel axis are warnings (TensorRT builds them,
-  less accurately);
+  bite exported transformers (constant ``axes`` for Reduce/Squeeze/Unsqueeze, and for Slice before 10.3;
+  LayerNormalization with more than one output; Resize antialiasing or a mode other than
+  nearest/linear/cubic; ScatterND reductions);
+- QDQ: zero points 0 and constant (TensorRT only does symmetric quantization), quantized types TensorRT
+  has, INT4 / block quantization only from TensorRT 10; placement (a QuantizeLinear that feeds anything but
+  a DequantizeLinear, dangling Q or DQ) and weights of Conv/MatMul/Gemm quantized per tensor or off the
+  output-channel axis are warnings (TensorRT builds them; they point at a quantizer bug or cost accuracy);
 - graph inputs against the manifest's declared shapes and the engine builder's optimization profiles
   (a dimension the profile varies must be dynamic in the graph, static dims must agree);
 - INT64 inputs (TensorRT 8.6 casts them to INT32, so the runtime must bind int32 buffers).
 
 :func:`fp32_layers` finds the nodes a weakly typed fp16 build must keep in fp32 (rotary angles,
 normalization statistics); ``flashvl build`` pins them.
+
+Every rule that applies to a TensorRT 10 target is checked against NVIDIA's own parser and builder
+(TensorRT-RTX's, which installs everywhere) on a graph made to trigger it (tests/test_trt_support.py):
+an error here is a graph they reject, a warning one they build. Rules about older targets (8.6: opset 17,
+no functions, INT8-only Q/DQ, INT64 cast) stay as documented, as no parser of those releases runs here.
+``flashvl build --dry-run`` also runs the real parse when TensorRT-RTX is installed.
 
 Models are opened with ``load_external_data=False``: a full-size graph lints without reading its weights
 (only zero-point tensors are read, and only when they were stored externally).
@@ -181,9 +188,10 @@ def _model_opset(model: onnx.ModelProto) -> int | None:
 
 
 def _check_opset(model: onnx.ModelProto, version: str, out: list[Finding]) -> None:
-    """Below the documented range is an error. Above it is a warning: the parser imports node by node
-    (TensorRT 10.x parses opset-21 block-quantized DequantizeLinear although its table says "up to 20"),
-    and the op signatures that changed are checked per node (e.g. Reduce* axes as an input, opset 18)."""
+    """Outside the documented range is a warning: the parser imports node by node (TensorRT 10.x parses
+    opset-21 block-quantized DequantizeLinear although its table says "up to 20", and NVIDIA's parser
+    imports opset 7 graphs although the table starts at 9), and the op signatures that changed are checked
+    per node (e.g. Reduce* axes as an input, opset 18)."""
     entry = _version_entry(version)
     opset = _model_opset(model)
     if opset is None:
@@ -191,8 +199,8 @@ def _check_opset(model: onnx.ModelProto, version: str, out: list[Finding]) -> No
         return
     lo, hi = entry["opset_min"], entry["opset_max"]
     if lo is not None and opset < lo:
-        out.append(Finding(ERROR, "opset", f"opset {opset} is older than TensorRT {version} parses "
-                                           f"(opset {lo}..{hi}); re-export with a newer opset"))
+        out.append(Finding(WARNING, "opset", f"opset {opset} is older than TensorRT {version} documents "
+                                             f"(opset {lo}..{hi}); re-export with a newer opset"))
     elif opset > hi:
         out.append(Finding(WARNING, "opset", f"opset {opset} is newer than TensorRT {version} documents (up to "
                                              f"opset {hi}); nodes whose signature changed since are checked one by one"))
@@ -249,17 +257,16 @@ def _check_restrictions(g: _Graph, node: onnx.NodeProto, label: str, version: st
         need_const(1, "axes")
     elif op == "Slice" and v < (10, 3):
         need_const(3, "axes")
-    elif op in ("Squeeze", "Unsqueeze") and v < (10, 7):
+    elif op in ("Squeeze", "Unsqueeze"):
         need_const(1, "axes")
-    elif op == "CumSum":
-        need_const(1, "axis")
     elif op == "LayerNormalization" and any(o for o in node.output[1:]):
         out.append(Finding(ERROR, "restriction", "LayerNormalization: only the first output (Y) is supported", label))
     elif op == "Resize":
         mode = _attr(node, "mode", b"nearest")
         mode = mode.decode() if isinstance(mode, bytes) else mode
-        if mode not in ("nearest", "linear"):
-            out.append(Finding(ERROR, "restriction", f"Resize mode {mode!r} is not supported (nearest, linear)", label))
+        if mode not in ("nearest", "linear", "cubic"):
+            out.append(Finding(ERROR, "restriction", f"Resize mode {mode!r} is not supported (nearest, linear, "
+                                                     "cubic)", label))
         if _attr(node, "antialias", 0):
             out.append(Finding(ERROR, "restriction", "Resize with antialias is not supported", label))
     elif op == "ScatterND":
@@ -301,25 +308,27 @@ def _check_qdq_node(g: _Graph, node: onnx.NodeProto, label: str, version: str, b
         out.append(Finding(ERROR, "qdq-needs-trt10", f"{node.op_type}: block quantization (block_size) needs "
                                                      f"TensorRT 10 (target {version})", label))
 
-    # placement: Q -> DQ pairs, nothing dangling
+    # placement: Q -> DQ pairs, nothing dangling. NVIDIA's parser and builder accept each of these (a Q
+    # whose int8 output is used as is, an unused Q or DQ, a DQ of an int8 graph input): warnings, as they
+    # almost always mean the quantizer placed nodes wrongly, not that the build fails
     outs = [o for o in node.output if o]
     consumers = [c for o in outs for c in g.consumers.get(o, [])]
     if node.op_type == "QuantizeLinear":
         if not consumers and not any(o in g.outputs for o in outs):
-            out.append(Finding(ERROR, "qdq-dangling", "QuantizeLinear output is never used", label))
+            out.append(Finding(WARNING, "qdq-dangling", "QuantizeLinear output is never used", label))
         bad = [c.op_type for c in consumers if c.op_type != "DequantizeLinear"]
         if bad or any(o in g.outputs for o in outs):
-            out.append(Finding(ERROR, "qdq-dangling", "QuantizeLinear must feed only DequantizeLinear nodes "
+            out.append(Finding(WARNING, "qdq-dangling", "QuantizeLinear should feed only DequantizeLinear nodes "
                                f"(feeds {', '.join(sorted(set(bad))) or 'a graph output'})", label))
     else:
         src = node.input[0]
         src_const = g.is_constant(src)
         prod = g.producer.get(src)
         if not src_const and (prod is None or prod.op_type != "QuantizeLinear"):
-            out.append(Finding(ERROR, "qdq-dangling", "DequantizeLinear input comes from neither a QuantizeLinear "
-                               "nor a quantized constant weight", label))
+            out.append(Finding(WARNING, "qdq-dangling", "DequantizeLinear input comes from neither a "
+                               "QuantizeLinear nor a quantized constant weight", label))
         if not consumers and not any(o in g.outputs for o in outs):
-            out.append(Finding(ERROR, "qdq-dangling", "DequantizeLinear output is never used", label))
+            out.append(Finding(WARNING, "qdq-dangling", "DequantizeLinear output is never used", label))
         if src_const:
             _check_weight_dq(g, node, label, consumers, out)
 
