@@ -83,6 +83,8 @@ def _child(bundle: str, graph: str, variant: str, precision: str, ccs: list[str]
         by_name = {p["name"]: p for p in plan.profiles["llm"]}
         by_name["merged"] = merged_profile(by_name, plan.limits)
         plan.profiles["llm"] = [by_name[n] for n in VARIANTS[variant]]
+    if os.environ.get("FLASHVL_BENCH_READ_WEIGHTS"):  # the parser reads the weights into its own copy
+        E._external_weights = lambda path: None
     if variant.endswith("-weightless"):
         adapter = E.ADAPTERS["tensorrt-rtx"]
         configure = adapter.configure
@@ -115,6 +117,7 @@ def run_one(bundle: str, graph: str, variant: str, precision: str, ccs: list[str
     b = Bundle.load(bundle, verify="none")
     weights = graph_initializer_bytes(b.graph_path(graph))
     row = {"bundle": Path(bundle).name, "graph": graph, "variant": variant if graph == "llm" else "vision",
+           "weights_io": "read" if os.environ.get("FLASHVL_BENCH_READ_WEIGHTS") else "mapped",
            "profiles": len(VARIANTS[variant]) if graph == "llm" else 1, "weights_bytes": weights}
     if line is None:
         row["error"] = (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1][:300]
@@ -133,7 +136,7 @@ def fmt(rows: list[dict]) -> str:
         if "error" in r:
             lines.append(f"| {r['bundle']} | {r['graph']} | {r['variant']} | failed: {r['error']} | | | | | |")
             continue
-        lines.append(f"| {r['bundle']} | {r['graph']} | {r['variant']} | {r['seconds']} | {r['peak_rss_bytes'] / g:.2f} "
+        lines.append(f"| {r['bundle']} | {r['graph']} | {r['variant']} ({r.get('weights_io', 'mapped')}) | {r['seconds']} | {r['peak_rss_bytes'] / g:.2f} "
                      f"| {r['engine_bytes'] / g:.2f} | {r['weights_bytes'] / g:.2f} | {r['engine_over_weights']:.2f}x "
                      f"| {r['rss_over_weights']:.2f}x |")
     return "\n".join(lines)
@@ -148,11 +151,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-vision", action="store_true")
     ap.add_argument("--out", default="build/trt-rtx-bench", help="scratch folder for the engines (deleted per row)")
     ap.add_argument("--json", default=None, help="append the rows to this JSON file")
+    ap.add_argument("--read-weights", action="store_true",
+                    help="let the parser read the weights into its own copy (parse_from_file) instead of mapping "
+                         "the weight file (what flashvl build does): the comparison row")
     args = ap.parse_args(argv)
     from flashvl_edge.runtime.backends.trt_library import TENSORRT_RTX, library_version
     from flashvl_edge.runtime.bundle import Bundle
 
     variants = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
+    if args.read_weights:
+        os.environ["FLASHVL_BENCH_READ_WEIGHTS"] = "1"
     print(f"CPU: {cpu_model()}; TensorRT-RTX {library_version(TENSORRT_RTX)}; compute capability "
           f"{' '.join(args.compute_capability)}; {platform.platform()}", flush=True)
     rows = []

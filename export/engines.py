@@ -426,8 +426,10 @@ def format_plan(plan: BuildPlan, engine_dir: str) -> str:
         f"  library / target    {target}",
         f"  precision           {plan.precision}: {types}",
         f"  optimization level  {plan.builder_optimization_level if plan.builder_optimization_level is not None else 'TensorRT default (3)'}",
-        f"  hardware compat     {plan.hardware_compatibility or 'none (this GPU only)'}",
-        f"  version compatible  {'yes' if plan.version_compatible else 'no'}",
+        f"  hardware compat     {plan.hardware_compatibility or 'none (this GPU only)'}" if not rtx else
+        "  portable to         GPUs of the compute capabilities above (specialised on the device at first load)",
+        f"  version compatible  {'yes' if plan.version_compatible else 'no'}" if not rtx else
+        "  version compatible  no (engines run on the TensorRT-RTX version that built them)",
         f"  workspace limit     {plan.workspace_bytes} bytes ({plan.workspace_bytes / 2**30:g} GiB)",
         f"  timing cache        {'none (TensorRT-RTX tunes on the device)' if rtx else plan.timing_cache}",
         f"  limits              batch<={plan.limits.max_batch} input_len<={plan.limits.max_input_len} "
@@ -631,21 +633,68 @@ def rtx_engine_dir_name(compute_capabilities: Sequence[str], version: str) -> st
     return "rtx_sm" + "-".join(c.replace(".", "") for c in compute_capabilities) + f"_rtx{version}"
 
 
+class _ParserHandle:
+    """The ONNX parser and the memory-mapped weights it was given: both must outlive the network."""
+
+    def __init__(self, parser, buffers: list) -> None:
+        self.parser, self.buffers = parser, buffers
+
+
+def _external_weights(onnx_path: Path) -> list[tuple[str, Path, int, int]] | None:
+    """(initializer, data file, offset, length) of every externally stored initializer, or None when the
+    graph keeps its weights inline (or records no length for one of them)."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    out = []
+    for t in model.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        if "location" not in info or "length" not in info:
+            return None
+        out.append((t.name, onnx_path.parent / info["location"], int(info.get("offset", 0)), int(info["length"])))
+    return out or None
+
+
 def _parse_network(trt, onnx_path: Path, strongly_typed: bool, logger=None):
-    """(builder, network, parser) with ``onnx_path`` parsed by library ``trt``'s ONNX parser; parser errors
-    raise ExportError naming the node. Weights stored next to the graph are read from its folder. The
-    parser owns the weights the network points to: keep it until the network is built."""
+    """(builder, network, parser handle) with ``onnx_path`` parsed by library ``trt``'s ONNX parser; parser
+    errors raise ExportError naming the node. Keep the handle until the network is built.
+
+    Weights stored outside the graph (a full-size bundle's ``llm.onnx.data``) are handed to the parser
+    memory-mapped (``load_initializer``) instead of being read into a copy it owns: the build then holds
+    the weights once, as pages of the file, rather than once more in the parser's heap."""
     logger = logger or _capturing_logger(trt)  # quiet: what the parser says is in the ExportError
     builder = trt.Builder(logger)
     flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
     network = builder.create_network((1 << int(flag)) if strongly_typed and flag is not None else 0)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
+    onnx_path = Path(onnx_path)
+    external = _external_weights(onnx_path) if hasattr(parser, "load_initializer") else None
+    buffers: list = []
+    if external:
+        import numpy as np
+
+        ok = parser.load_model_proto(onnx_path.read_bytes(), str(onnx_path))
+        maps: dict[Path, Any] = {}
+        for name, data_file, offset, length in external:
+            if not ok:
+                break
+            if data_file not in maps:
+                maps[data_file] = np.memmap(data_file, dtype=np.uint8, mode="r")
+            view = maps[data_file][offset:offset + length]
+            buffers.append(view)
+            ok = parser.load_initializer(name, int(view.ctypes.data), int(length))
+        buffers += list(maps.values())
+        ok = ok and parser.parse_model_proto()
+    else:
+        ok = parser.parse_from_file(str(onnx_path))
+    if not ok:
         errs = [parser.get_error(i) for i in range(parser.num_errors)]
         said = "; ".join(f"{e.node_name() or e.node()} ({e.node_operator()}): {' '.join(str(e.desc()).split())}"
                          for e in errs[:3]) or "no reason given"
-        raise ExportError(f"NVIDIA's ONNX parser rejects {Path(onnx_path).name}: {said[:400]}")
-    return builder, network, parser
+        raise ExportError(f"NVIDIA's ONNX parser rejects {onnx_path.name}: {said[:400]}")
+    return builder, network, _ParserHandle(parser, buffers)
 
 
 def _write_plan(trt, builder, network, config, engine_path: Path) -> bool:
