@@ -413,3 +413,13 @@ def test_library_choice_from_the_manifest_entry(rtx_built):
     older = dataclasses.replace(entry, trt_version="1.0.0.0")
     with pytest.raises(EngineMismatchError, match="rebuild"):
         L.library_for_entry(older, GpuInfo("NVIDIA GeForce RTX 4090", "8.9", 24 << 30))
+
+
+def test_doctor_reports_tensorrt_rtx(capsys):
+    assert main(["doctor", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)["machine"]
+    assert info["tensorrt_rtx"] == trt.__version__
+    ok, hint = info["backends"]["trt-rtx"]
+    assert "--library tensorrt-rtx" in hint
+    assert main(["doctor"]) == 0
+    assert f"tensorrt-rtx {trt.__version__}" in capsys.readouterr().out
