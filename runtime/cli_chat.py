@@ -54,6 +54,8 @@ def add_arguments(p) -> None:
     p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
                    help="prefill prompts in chunks ending at multiples of N positions (default 64, as 'flashvl "
                         "serve': the same value gives the same answers)")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="as 'flashvl serve --batch-invariant': the answer a batch-invariant server gives")
 
 
 def _sampling(args) -> dict:
@@ -161,7 +163,7 @@ def run(args) -> int:
     options = {"device": args.device} if args.backend == "ort" else {}
     pipe = Pipeline.from_bundle(args.bundle, backend=args.backend, max_image_pixels=args.max_image_pixels,
                                 max_tiles=args.max_tiles, max_images=args.max_images,
-                                prefill_chunk=args.prefill_chunk, **options)
+                                prefill_chunk=args.prefill_chunk, batch_invariant=args.batch_invariant, **options)
     try:
         if params.constrained:
             from .structured import StructuredOutput

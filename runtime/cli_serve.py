@@ -44,6 +44,9 @@ def add_arguments(p) -> None:
                    help="prompts are prefilled in chunks ending at multiples of N positions, so a running "
                         "stream waits at most one chunk while a request joins (default 64; the same in "
                         "'flashvl chat', which gives the same answers)")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="every LLM run takes at least two rows, so an INT8/INT4 bundle gives each request the "
+                        "answer it gets alone whatever else runs (a lone stream decodes slower; docs/serving.md)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting for a batch slot before new ones get 429 (default 64)")
     p.add_argument("--backend", choices=["ort", "trt"], default="ort",
@@ -64,6 +67,16 @@ def add_arguments(p) -> None:
                    help="prompt-prefix KV kept for reuse across requests (default 256 MiB; 0 = off)")
     p.add_argument("--grace-period", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, let in-flight requests finish for up to S seconds (default 30)")
+    # -- several replicas behind one endpoint, on Ray Serve (runtime/cluster.py, docs/scaling.md) -----
+    p.add_argument("--ray", action="store_true",
+                   help="serve through Ray Serve: --replicas copies of this server behind one endpoint, each request "
+                        "routed to the replica that holds its image's cache (needs the 'cluster' extra)")
+    p.add_argument("--replicas", type=int, default=None, metavar="N",
+                   help="with --ray: replicas to run, each with its own pipeline over the bundle (default: one per "
+                        "Ray node)")
+    p.add_argument("--address", default=None, metavar="ADDR",
+                   help="with --ray: the Ray cluster to join ('auto', HEAD_IP:6379); default: a local Ray instance "
+                        "on 127.0.0.1")
     # -- what one request may cost (docs/security.md: each limit, its default and why) --------------
     g = p.add_argument_group("limits on hostile input (docs/security.md)")
     g.add_argument("--allowed-hosts", default=None, metavar="NAMES",
@@ -186,6 +199,10 @@ def _url(host: str, port: int) -> str:
 
 
 def run(args) -> int:
+    if getattr(args, "ray", False):  # replicas on Ray Serve behind one endpoint
+        from .cluster import run as run_cluster
+
+        return run_cluster(args)
     _check(args)
     # the serve extra, before the bundle loads: a missing one is reported in one line
     from . import server as http
@@ -200,7 +217,7 @@ def run(args) -> int:
         pipe = Pipeline.from_bundle(args.bundle, backend=args.backend, max_image_pixels=args.max_image_pixels,
                                     max_tiles=args.max_tiles, max_images=args.max_images,
                                     image_cache_bytes=args.image_cache_bytes, kv_cache_bytes=args.kv_cache_bytes,
-                                    prefill_chunk=args.prefill_chunk, **options)
+                                    prefill_chunk=args.prefill_chunk, batch_invariant=args.batch_invariant, **options)
     except BaseException:
         sock.close()
         raise

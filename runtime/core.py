@@ -82,6 +82,7 @@ class Sequence:
         self.cancelled = False
         self.cached_tokens = 0  # prompt tokens whose KV came from the prefix cache
         self.pending: Future | None = None
+        self.keep_cache = False  # the owner wants the KV back in ``cache`` at the end (a chat session)
         self.on_prefilled: Callable[[], None] | None = None
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None
@@ -219,10 +220,13 @@ class StepCore:
     per-step token budget (a decode row costs one token); ``prefill_chunk``: the chunk size, at most the
     budget minus the other rows' decode tokens, so one chunk always fits. ``admit``: the owner's
     admission work for a waiting row (prefix reuse, starting its image encoding); it may raise
-    FlashVLError, which ends that row only."""
+    FlashVLError, which ends that row only. ``batch_invariant``: every LLM run has an even number of
+    sequences (see ``__init__``). A row whose ``keep_cache`` is set gets its KV back in its own ``cache`` when it
+    finishes (a chat session's next turn builds on it)."""
 
     def __init__(self, generator, max_num_seqs: int = 1, max_num_batched_tokens: int | None = None,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, admit: Callable[[Sequence], None] | None = None) -> None:
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, admit: Callable[[Sequence], None] | None = None,
+                 batch_invariant: bool = False) -> None:
         if max_num_seqs < 1 or prefill_chunk < 1:
             raise PromptError("max_num_seqs and prefill_chunk must be at least 1")
         budget = max_num_batched_tokens if max_num_batched_tokens is not None else prefill_chunk + max_num_seqs - 1
@@ -236,9 +240,17 @@ class StepCore:
         self.budget = budget
         self.chunk = prefill_chunk
         self.admit_hook = admit
+        # Batch-invariant mode: every LLM run has an even number of sequences (so an even number of
+        # token rows too, and of lm_head rows). ONNX Runtime's INT4 MatMulNBits computes rows in pairs
+        # and an odd last row with another kernel (measured: tests/test_step_core.py, docs/serving.md),
+        # so with no odd row left over a row's result is the same whatever else runs. A padding row
+        # makes the count even, at the cost of its compute.
+        self.batch_invariant = bool(batch_invariant) and bool(self.llm.supports_batching) \
+            and bool(self.llm.supports_cache_arrays)
         # one row at a time needs no batch: the row keeps its own cache (the chat path); a runner
         # without batched decode is never asked for one
-        self.batched = bool(self.llm.supports_batching) and max_num_seqs > 1
+        self.batched = bool(self.llm.supports_batching) and (max_num_seqs > 1 or self.batch_invariant)
+        self.pad = False  # the batch's last row is padding (batch-invariant mode, an odd number running)
         self.waiting: deque[Sequence] = deque()
         self.prefilling: list[Sequence] = []
         self.running: list[Sequence] = []
@@ -380,13 +392,28 @@ class StepCore:
     def _decode(self, rows: list[Sequence], out: list[Emitted]) -> None:
         table, dtype = self.gen.embed_table, self.llm.embeds_dtype
         if self.batched:
-            x = np.asarray(table[np.asarray([s.last_token for s in rows], np.int64)], dtype=dtype)[:, None, :]
-            logits = self._model(self.llm.forward_batch, x, self.batch)
+            if self.batch_invariant and len(rows) % 2 == 1 and not self.pad:
+                self._model(self._add_pad_row)
+            tokens = [s.last_token for s in rows] + [0] * self.pad  # the padding row reads token 0
+            x = np.asarray(table[np.asarray(tokens, np.int64)], dtype=dtype)[:, None, :]
+            logits = self._model(self.llm.forward_batch, x, self.batch)[:len(rows)]
         else:
             inputs = [np.asarray(table[s.last_token:s.last_token + 1], dtype=dtype) for s in rows]
             logits = self._model(self.llm.forward_rows, [s.cache for s in rows], inputs)
         for seq, row in zip(rows, logits):
             self._sample(seq, row, out)
+
+    def _add_pad_row(self) -> None:
+        """A padding row of one zero position (what it attends to never reaches a real row)."""
+        shapes = [a.shape for a in self.llm.cache_arrays(self.llm.new_cache())]
+        zeros = [np.zeros(s[:2] + (1,) + s[3:], np.float32) for s in shapes]
+        self.llm.batch_add(self.batch, self.llm.cache_from_arrays(zeros, 1))
+        self.pad = True
+
+    def _drop_pad_row(self) -> None:
+        if self.pad:
+            self._model(self.llm.batch_keep, self.batch, list(range(len(self.running))))
+            self.pad = False
 
     def _prefill(self, chunks: list[tuple[Sequence, int, int]], out: list[Emitted]) -> None:
         inputs = []
@@ -396,7 +423,10 @@ class StepCore:
             chunks.remove((seq, a, b))
         if not chunks:
             return
-        logits = self._model(self.llm.forward_rows, [s.cache for s, _, _ in chunks], inputs)
+        caches = [s.cache for s, _, _ in chunks]
+        if self.batch_invariant and len(chunks) % 2 == 1:  # the lm_head's rows are the sequences
+            caches, inputs = caches + [self.llm.new_cache()], inputs + [np.zeros_like(inputs[0][:1])]
+        logits = self._model(self.llm.forward_rows, caches, inputs)
         for (seq, _, b), row in zip(chunks, logits):
             seq.prefilled = b
             if not seq.prefill_done:
@@ -410,8 +440,10 @@ class StepCore:
             if self.batched:
                 if self.batch is None:
                     self.batch = self.llm.new_batch()
+                self._drop_pad_row()  # the new row is the last one; two real rows need no padding
                 self._model(self.llm.batch_add, self.batch, seq.cache)
-                seq.cache = None  # its KV is the batch's row now
+                if not seq.keep_cache:
+                    seq.cache = None  # its KV is the batch's row now
             self.running.append(seq)
 
     def _drop_cancelled(self, out: list[Emitted]) -> None:
@@ -427,7 +459,11 @@ class StepCore:
             return
         keep = [i for i, s in enumerate(self.running) if not s.finished]
         if self.batched and self.batch is not None and len(keep) != len(self.running):
-            self._model(self.llm.batch_keep, self.batch, keep)
+            for i, seq in enumerate(self.running):
+                if seq.finished and seq.keep_cache and seq.cache is not None:
+                    self._model(self.llm.batch_take, self.batch, i, seq.cache)
+            self._model(self.llm.batch_keep, self.batch, keep)  # drops the padding row too
+            self.pad = False
         self.running = [self.running[i] for i in keep]
         self.prefilling = [s for s in self.prefilling if not s.finished]
         self.waiting = deque(s for s in self.waiting if not s.finished)

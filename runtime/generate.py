@@ -130,7 +130,8 @@ def sample(logits: np.ndarray, seen_ids: Sequence[int], params: SamplingParams, 
     if params.temperature == 0.0:
         return int(np.argmax(logits))  # first maximum, as torch.argmax
 
-    logits /= params.temperature
+    with np.errstate(over="ignore"):  # inf here is caught below, as non-finite probabilities
+        logits /= params.temperature
     candidates = np.arange(logits.shape[0])
     if params.top_k and params.top_k < logits.shape[0]:
         candidates = np.argpartition(-logits, params.top_k - 1)[: params.top_k]
@@ -168,6 +169,9 @@ class Generator:
     # prefill chunk size of every request (runtime/core.py): a property of the request, so an answer
     # is the same alone, in a batch, and in the server; None: the core's default
     prefill_chunk: int | None = None
+    # every LLM run has at least two rows (runtime/core.py): exact answers on quantized graphs whatever
+    # the load, at the cost of a two-row step for a lone row
+    batch_invariant: bool = False
 
     def __post_init__(self) -> None:
         if self.prefill_chunk is None:
@@ -220,7 +224,7 @@ class Generator:
         """A step core for one row at a time over this generator (the chat path's chunking)."""
         from .core import StepCore
 
-        return StepCore(self, prefill_chunk=self.prefill_chunk)
+        return StepCore(self, prefill_chunk=self.prefill_chunk, batch_invariant=self.batch_invariant)
 
     def image_positions(self, token_ids: Sequence[int], image_embeds: np.ndarray | None,
                         image_mask: Sequence[bool] | None) -> list[bool] | None:
@@ -244,6 +248,7 @@ class Generator:
         seq = Row(params, prompt_ids=ids, image_mask=self.image_positions(ids, image_embeds, image_mask),
                   image_embeds=image_embeds, prompt_embeds=None if inputs_embeds is None else inputs_embeds[0],
                   cache=cache, keep_logits=keep_logits, forced=forced)
+        seq.keep_cache = True
         for _ in self.core().run(seq):
             pass
         if seq.finish_reason == "error":

@@ -140,7 +140,7 @@ class Pipeline:
                  max_image_pixels: int | None = None, max_tiles: int | None = None,
                  max_images: int = DEFAULT_MAX_IMAGES, max_vision_batch: int | None = None,
                  image_cache_bytes: int = DEFAULT_IMAGE_CACHE_BYTES, kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES,
-                 prefill_chunk: int | None = None) -> None:
+                 prefill_chunk: int | None = None, batch_invariant: bool = False) -> None:
         self.bundle = bundle
         self.manifest = bundle.manifest
         self.vision = vision
@@ -176,7 +176,7 @@ class Pipeline:
         if prefill_chunk is not None:
             _positive_int(prefill_chunk, "prefill_chunk")
         self.generator = Generator(llm, embed_table, prompts.image_token_id, frozenset(stop_ids), max_context,
-                                   prefill_chunk=prefill_chunk)
+                                   prefill_chunk=prefill_chunk, batch_invariant=bool(batch_invariant))
         # structured output (json_schema / json_object); cheap: llguidance loads on first constrained use
         from .structured import StructuredOutput
 
@@ -197,7 +197,7 @@ class Pipeline:
                     max_tiles: int | None = None, verify: str = "cached", max_images: int = DEFAULT_MAX_IMAGES,
                     max_vision_batch: int | None = None, image_cache_bytes: int = DEFAULT_IMAGE_CACHE_BYTES,
                     kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES, prefill_chunk: int | None = None,
-                    **backend_options) -> "Pipeline":
+                    batch_invariant: bool = False, **backend_options) -> "Pipeline":
         """Load ``path`` (integrity-checked), open both graphs on ``backend`` ("ort" or "trt").
 
         ``max_image_pixels`` overrides the bundle's decode limit; ``max_tiles`` lowers its tile budget
@@ -206,7 +206,8 @@ class Pipeline:
         every tile of a request at once on ONNX Runtime); ``image_cache_bytes`` / ``kv_cache_bytes``
         bound the image-embedding and prompt-prefix KV caches (0 disables one; runtime/cache.py);
         ``prefill_chunk``: prompts are prefilled in chunks ending at multiples of this many positions
-        (runtime/core.py; the server uses the same, so answers agree);
+        (runtime/core.py; the server uses the same, so answers agree); ``batch_invariant``: no LLM run has
+        fewer than two rows, so quantized graphs give a row the same result alone and in a batch;
         ``backend_options`` go to the backend (ort: ``device``, ``threads``)."""
         from .backends import open_runners
 
@@ -237,7 +238,7 @@ class Pipeline:
             raise
         try:
             return cls(bundle, vision, llm, prompts, table, max_image_pixels, max_tiles, max_images,
-                       max_vision_batch, image_cache_bytes, kv_cache_bytes, prefill_chunk)
+                       max_vision_batch, image_cache_bytes, kv_cache_bytes, prefill_chunk, batch_invariant)
         except Exception:
             for runner in (vision, llm):
                 runner.deactivate()
@@ -648,6 +649,7 @@ class _Turn:
         gen = self.pipe.generator
         seq = Row(self.params, prompt_ids=new_ids, image_mask=gen.image_positions(new_ids, image_embeds, image_mask),
                   image_embeds=image_embeds, cache=cache, seen=seen_ids, decode=self.pipe.prompts.decode)
+        seq.keep_cache = True  # a session's next turn builds on it
         for e in gen.core().run(seq):
             if e.text:
                 yield e.text

@@ -154,7 +154,7 @@ class Scheduler:
         if budget is None:  # the default budget, widened when a larger chunk or batch needs it
             budget = max(DEFAULT_MAX_NUM_BATCHED_TOKENS, chunk + self.max_batch - 1)
         return StepCore(self.pipe.generator, max_num_seqs=self.max_batch, max_num_batched_tokens=budget,
-                        prefill_chunk=chunk, admit=self._admit)
+                        prefill_chunk=chunk, admit=self._admit, batch_invariant=self.pipe.generator.batch_invariant)
 
     @property
     def steps(self) -> int:

@@ -328,3 +328,77 @@ def test_one_row_clients_raise_model_errors(tiny_dynamic_bundle, monkeypatch):
         monkeypatch.setattr(ort.OrtDecoder, "forward", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
         with pytest.raises(ModelError, match="boom"):
             p.chat("Hi", max_new_tokens=3)
+
+
+# -- batch-invariant mode ---------------------------------------------------------------------------
+
+def _logits(pipe, photos, cases, together_: bool, invariant: bool) -> list[np.ndarray]:
+    """Each case's greedy logits, every case alone (one-row cores) or all in one core. A case is
+    (question, image names) or a list of token ids."""
+    gen = pipe.generator
+    seqs = []
+    for case in cases:
+        if isinstance(case, list):
+            kw = dict(prompt_ids=case)
+        else:
+            prep = prepared(pipe, photos, *case)
+            kw = dict(prompt_ids=prep.token_ids, image_mask=prep.image_mask,
+                      image_embeds=pipe.encode_prompt_images(prep))
+        seqs.append(Sequence(SamplingParams(max_new_tokens=NEW, ignore_eos=True), cache=pipe.llm.new_cache(),
+                             keep_logits=True, **kw))
+    if together_:
+        core = StepCore(gen, max_num_seqs=len(cases), max_num_batched_tokens=len(cases) * (CHUNK + 1),
+                        prefill_chunk=CHUNK, batch_invariant=invariant)
+        for s in seqs:
+            core.add(s)
+        while core.has_work:
+            core.step()
+    else:
+        for s in seqs:
+            for _ in StepCore(gen, prefill_chunk=CHUNK, batch_invariant=invariant).run(s):
+                pass
+    return [np.stack(s.logits) for s in seqs]
+
+
+@pytest.mark.parametrize("invariant", [True, False])
+def test_batch_invariant_mode_gives_a_row_the_same_logits_alone_and_together(pipe, photos, invariant):
+    """Rows of equal length (no padding anywhere): a row's logits alone and beside others are bitwise
+    equal on fp32 always, and on the INT4 bundle in batch-invariant mode; without it an INT4 row that
+    ends up the odd one out of a run takes another kernel and its logits differ."""
+    ids = prepared(pipe, photos, "a b c d e f g h", []).token_ids
+    cases = [ids[:8] + [100 + 7 * i] + ids[9:] for i in range(3)]
+    alone_ = _logits(pipe, photos, cases, False, invariant)
+    both = _logits(pipe, photos, cases, True, invariant)
+    worst = max(float(np.abs(a - b).max()) for a, b in zip(alone_, both))
+    if invariant or pipe.kind == "fp32":
+        assert worst == 0.0
+    else:
+        assert worst > 0.0
+
+
+def test_batch_invariant_mode_never_runs_one_row(pipe, photos, monkeypatch):
+    """Structurally: in batch-invariant mode every LLM run (prefill chunks, decode steps) has an even
+    number of sequences, alone or together; a one-row client still gets its cache back for the next turn."""
+    if pipe.kind != "fp32":
+        pytest.skip("structure, not numerics")
+    rows = []
+    real = ort.OrtDecoder._vector_run
+
+    def spy(self, embeds, mask, positions, past, size):
+        rows.append(embeds.shape[0])
+        return real(self, embeds, mask, positions, past, size)
+    monkeypatch.setattr(ort.OrtDecoder, "_vector_run", spy)
+    _logits(pipe, photos, [CASES[0]], False, True)
+    _logits(pipe, photos, CASES[:3], True, True)
+    assert rows and all(n % 2 == 0 for n in rows)
+    pipe.generator.batch_invariant = True
+    try:
+        chat = pipe.session()
+        r1 = chat.ask("Hi", max_new_tokens=4)
+        assert chat.cache.length == len(r1.prompt_token_ids) + len(r1.token_ids) - 1
+        r2 = chat.ask("And then?", max_new_tokens=4)
+    finally:
+        pipe.generator.batch_invariant = False
+    again = pipe.session()
+    assert again.ask("Hi", max_new_tokens=4).token_ids == r1.token_ids
+    assert again.ask("And then?", max_new_tokens=4).token_ids == r2.token_ids

@@ -219,6 +219,10 @@ class DecoderRunner(Runner):
         """One new token per row, ``inputs_embeds`` [rows, 1, hidden]: last-position logits [rows, vocab]."""
         raise BackendError(f"the {self.name} runner decodes one sequence at a time (no batched decode)")
 
+    def batch_take(self, batch: "BatchKVCache", row: int, into: KVCache) -> None:
+        """Copy row ``row``'s positions out of the batch into the single-sequence cache ``into``."""
+        raise BackendError(f"the {self.name} runner decodes one sequence at a time (no batched decode)")
+
 
 def step_inputs(past_lengths, new_lengths, past_columns: int) -> tuple[np.ndarray, np.ndarray]:
     """``attention_mask`` [rows, past_columns + S] and ``position_ids`` [rows, S] for one LLM run,

@@ -344,6 +344,12 @@ class OrtDecoder(OrtRunner, DecoderRunner):
         batch.values = self._to_values(kept, batch)
         batch.lengths, batch.total = lengths, total
 
+    def batch_take(self, batch: "OrtBatchKVCache", row: int, into: OrtKVCache) -> None:
+        cut = batch.total - batch.lengths[row]
+        arrays = [np.ascontiguousarray(a[row:row + 1, :, cut:, :]) for a in self._numpy(batch.values)]
+        taken = self.cache_from_arrays(arrays, batch.lengths[row])
+        into.values, into.offset, into.length, into.hold = taken.values, 0, taken.length, taken.hold
+
     def forward_rows(self, caches: list[OrtKVCache], inputs: list[np.ndarray]) -> np.ndarray:
         """Several sequences' new tokens in one run (batched prefill chunks).
 
