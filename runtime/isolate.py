@@ -12,7 +12,7 @@ work runs in a long-lived child (``python -m flashvl_edge.runtime.isolate``):
 - the child caps its own address space (``RLIMIT_AS`` = its size after start-up + ``memory_bytes``),
   so a runaway allocation fails there (MemoryError, or native code aborting the child);
 - the parent waits at most ``timeout_s`` for the answer, then kills the child (SIGKILL) and starts
-  a fresh one on the next call; the child also dies with its parent (``PR_SET_PDEATHSIG``), so a
+  a fresh one on the next call (start-up, with the ``preload`` modules imported, is not counted); the child also dies with its parent (``PR_SET_PDEATHSIG``), so a
   stuck render never outlives the server;
 - requests and answers are JSON lines (never pickle): the child runs only functions named by
   ``module:function`` under ``flashvl_edge.runtime``, with JSON arguments, and returns JSON.
@@ -38,6 +38,12 @@ import time
 
 MiB = 1024 * 1024
 _ALLOWED_PREFIX = "flashvl_edge.runtime."
+# what a child may import before its memory cap (besides runtime modules): the native libraries
+_PRELOADABLE = ("llguidance", "llguidance.numpy", "jinja2", "jinja2.sandbox", "tokenizers", "numpy")
+
+
+def _preloadable(name: str) -> bool:
+    return name.startswith(_ALLOWED_PREFIX) or name in _PRELOADABLE
 
 
 class WorkerError(Exception):
@@ -51,12 +57,21 @@ class WorkerError(Exception):
 
 
 class _Child:
-    def __init__(self, memory_bytes: int) -> None:
+    def __init__(self, memory_bytes: int, preload: tuple = (), start_timeout_s: float = 60.0) -> None:
         env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
-        self.proc = subprocess.Popen([sys.executable, "-m", "flashvl_edge.runtime.isolate", str(int(memory_bytes))],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     env=env, close_fds=True)
+        self.proc = subprocess.Popen([sys.executable, "-m", "flashvl_edge.runtime.isolate", str(int(memory_bytes)),
+                                      *preload], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, env=env, close_fds=True)
         self.buf = b""
+        # start-up (interpreter, imports) is not part of any call's time budget: wait for "ready"
+        try:
+            ready = self._read_line(time.monotonic() + start_timeout_s)
+        except WorkerError:
+            self.kill()
+            raise
+        if ready != b"ready":
+            self.kill()
+            raise WorkerError("crashed", "the worker process did not start")
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -83,6 +98,9 @@ class _Child:
             self.proc.stdin.flush()
         except (BrokenPipeError, OSError):
             raise WorkerError("crashed", "the worker process is gone") from None
+        return json.loads(self._read_line(deadline))
+
+    def _read_line(self, deadline: float) -> bytes:
         fd = self.proc.stdout.fileno()
         while b"\n" not in self.buf:
             left = deadline - time.monotonic()
@@ -99,15 +117,16 @@ class _Child:
                 raise WorkerError(kind, f"the worker process ended (exit code {code})")
             self.buf += chunk
         line, _, self.buf = self.buf.partition(b"\n")
-        return json.loads(line)
+        return line
 
 
 class WorkerPool:
     """Up to ``size`` isolated children, started on first use and replaced after a timeout or a crash."""
 
-    def __init__(self, name: str, size: int = 2, memory_bytes: int = 512 * MiB) -> None:
+    def __init__(self, name: str, size: int = 2, memory_bytes: int = 512 * MiB, preload: tuple = ()) -> None:
         self.name = name
         self.memory_bytes = int(memory_bytes)
+        self.preload = tuple(m for m in preload if _preloadable(m))
         self._idle: queue.LifoQueue = queue.LifoQueue()
         for _ in range(max(1, int(size))):
             self._idle.put(None)  # a slot; the child is started when the slot is first used
@@ -147,7 +166,7 @@ class WorkerPool:
     def _start(self) -> _Child:
         if self._closed:
             raise WorkerError("crashed", f"the {self.name} workers are shut down")
-        child = _Child(self.memory_bytes)
+        child = _Child(self.memory_bytes, self.preload)
         with self._lock:
             self._children.add(child)
         return child
@@ -193,11 +212,22 @@ def _die_with_parent() -> None:
         os._exit(0)
 
 
-def _serve(memory_bytes: int) -> None:
+def _serve(memory_bytes: int, preload: list[str]) -> None:
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C in a terminal is the parent's to handle
     out = sys.stdout.buffer
     limited = False
+    for name in preload:
+        if _preloadable(name):
+            importlib.import_module(name)
+    if preload and memory_bytes > 0:
+        import resource
+
+        cap = _vm_size() + memory_bytes
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+        limited = True
+    out.write(b"ready\n")
+    out.flush()
     for raw in sys.stdin.buffer:
         try:
             req = json.loads(raw)
@@ -227,4 +257,4 @@ def _serve(memory_bytes: int) -> None:
 
 
 if __name__ == "__main__":
-    _serve(int(sys.argv[1]) if len(sys.argv) > 1 else 0)
+    _serve(int(sys.argv[1]) if len(sys.argv) > 1 else 0, sys.argv[2:])

@@ -177,7 +177,8 @@ def _pool_for(limits: RenderLimits):
     key = (limits.memory_bytes, limits.workers)
     if _render_pool is None or _render_pool_key != key:
         old, _render_pool = _render_pool, WorkerPool("chat template", size=limits.workers,
-                                                     memory_bytes=limits.memory_bytes)
+                                                     memory_bytes=limits.memory_bytes,
+                                                     preload=("flashvl_edge.runtime.prompt", "jinja2.sandbox"))
         _render_pool_key = key
         if old is not None:
             old.close()

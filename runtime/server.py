@@ -438,6 +438,8 @@ def parse_chat_request(body: Any, options: ServeOptions, placeholder: str) -> Ch
         ).validate()
     except PromptError as e:
         param = _param_of(str(e))
+        if param is None and str(e).startswith(("json_schema", "invalid or unsupported json_schema")):
+            param = "response_format.json_schema.schema"
         raise ApiError(400, str(e).replace("max_new_tokens", name), param=name if param == "max_tokens" else param)
     stream = _bool(body, "stream")
     opts = body.get("stream_options")

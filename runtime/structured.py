@@ -180,7 +180,8 @@ def _compile(schema_text: str) -> tuple[str | None, str | None]:
     global _pool
     with _pool_lock:
         if _pool is None:
-            _pool = WorkerPool("json_schema compiler", size=lim.workers, memory_bytes=lim.memory_bytes)
+            _pool = WorkerPool("json_schema compiler", size=lim.workers, memory_bytes=lim.memory_bytes,
+                               preload=("flashvl_edge.runtime.structured", "llguidance.numpy"))
         pool = _pool
     try:
         return pool.call("flashvl_edge.runtime.structured:_compile_in_worker", schema_text, _limits_dict(lim),
