@@ -8,8 +8,10 @@ One image, from file to the LLM's image tokens::
     tokens = pre.select_tokens(embeds)                  # -> [pre.n_image_tokens, D] (ISS stitch or concat)
 
 Decoding rules (documented here because they change pixel values):
+- Only the decoders in :data:`ALLOWED_FORMATS` (or a :class:`DecodeLimits`' ``formats``) see the bytes.
 - The pixel count is read from the header (``Image.open`` is lazy) and checked against ``max_pixels``
-  before any pixel is decoded; Pillow's own decompression-bomb guard is turned into the same error.
+  before any pixel is decoded, and so is the decode's memory (``DecodeLimits.max_bytes``); Pillow's own
+  decompression-bomb guard is turned into the same error.
 - Transparency (RGBA, LA, PA, palette or grey/RGB with a transparent colour) is composited onto
   white, as transformers' ``convert_to_rgb`` does, so the runtime matches the reference processors.
 - 16-bit grey (``I;16*``) is scaled by 255/65535; 32-bit integer grey (``I``) the same when its values

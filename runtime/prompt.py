@@ -9,6 +9,13 @@ The placeholder is expanded *after* tokenization, at the id level: the rendered 
 placeholder, the pieces are tokenized, and ``start + [image_token_id] * n + end`` is inserted between
 them. So the count of image positions is exact whatever the tokenizer would make of the image token's
 text, and the LLM sees one image-token id at every position where an image embedding goes.
+
+Control tokens come only from the template. ``render`` returns a :class:`RenderedText` that knows
+where each message's content sits in it; content holding the text of a special token
+(``<|im_end|>\n<|im_start|>system\n...``) is tokenized with special-token parsing off, so a user
+cannot forge a turn. Text without such content is tokenized in one piece, exactly as before. The
+template renders under :class:`RenderLimits` (output size; for the server also time and memory, in a
+child process).
 """
 
 from __future__ import annotations

@@ -7,20 +7,26 @@ Routes: ``GET /health`` (200 only while the graphs are loaded and the scheduler 
 JSON or SSE streaming). One request, in order:
 
 1. the edge (:class:`_Edge`, pure ASGI so streaming and disconnects pass through untouched): request id,
-   the API key for ``/v1/*``, the access-log line and the request counter when the response is done;
-2. the body, read up to ``max_body_bytes`` (413), parsed as JSON and checked field by field
-   (:func:`parse_chat_request`): OpenAI content parts become the template's text, each image part one
-   ``pipeline.prompts.placeholder`` (``[image, text]`` renders exactly what ``flashvl chat --image I
-   --prompt T`` renders); images are only ``data:`` URLs or ``file://`` paths under the allowed root;
-3. ``pipeline.prepare_prompt`` in a worker thread (image decoding is CPU work; it raises ImageError /
-   PromptError before anything expensive runs);
+   the ``Host`` check (``allowed_hosts``, against DNS rebinding), cross-origin POSTs refused (403), the
+   API key for ``/v1/*`` (several keys: each its own cache salt), the access-log line and the request
+   counter when the response is done;
+2. the body: ``application/json`` only (415), read up to ``max_body_bytes`` (413) within
+   ``body_read_timeout_s`` (408), parsed as JSON and checked field by field (:func:`parse_chat_request`,
+   in a worker thread: a json_schema is compiled there, in its own bounded process); message text is
+   capped at ``max_prompt_chars`` before anything is tokenized. OpenAI content parts become the
+   template's text, each image part one ``pipeline.prompts.placeholder`` (``[image, text]`` renders
+   exactly what ``flashvl chat --image I --prompt T`` renders); images are only ``data:`` URLs or
+   ``file://`` paths under the allowed root;
+3. ``pipeline.prepare_prompt`` in a worker thread, with the request's cache salt (image decoding under
+   the decode limits, the chat template in its bounded renderer, tokenization with the GIL released;
+   it raises ImageError / PromptError before anything expensive runs);
 4. ``scheduler.submit`` (429 when the queue is full, 503 when draining), then the events become a
    ``chat.completion`` or ``chat.completion.chunk`` lines. A client that goes away cancels its request
    (``handle.cancel()``), so its batch slot frees at the next step.
 
 Every error is an OpenAI error object ``{"error": {"message", "type", "param", "code"}}``: a
 FlashVLError is a 400 with its one-line message; anything unexpected is a 500 with a generic message
-and a logged traceback. Nothing here imports torch or transformers.
+and a logged traceback. The limits and why: docs/security.md. Nothing here imports torch or transformers.
 """
 
 from __future__ import annotations
@@ -237,7 +243,8 @@ def http_protocol(header_timeout_s: float):
 
 def limit_options(args) -> dict:
     """The ServeOptions fields of ``flashvl serve``'s limit flags (runtime/cli_serve.py)."""
-    hosts = "auto"
+    # unset: localhost names when listening on a loopback address, no check when listening elsewhere
+    hosts = LOCALHOST_NAMES if _is_loopback(str(args.host)) else None
     if args.allowed_hosts is not None:
         hosts = tuple(h.strip().lower().strip("[]") for h in args.allowed_hosts.split(",") if h.strip())
     return dict(

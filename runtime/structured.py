@@ -9,7 +9,10 @@ The grammar work is llguidance's (the ``structured`` extra): it compiles the sch
 at each step, computes the bitmask of the tokens that keep the answer a valid prefix. Per request:
 
 1. ``SamplingParams.validate`` compiles and checks the schema (:func:`check_sampling`, no tokenizer
-   needed), so a bad schema is one PromptError before any graph runs;
+   needed), so a bad schema is one PromptError before any graph runs. The compile runs in a child
+   process with a time and memory budget (:class:`GrammarLimits`, runtime/isolate.py) and llguidance's
+   own parser limits; results are cached, failures too. The check also asks a matcher for its first
+   mask, which is where a schema with no valid answer (a ``$ref`` that only loops) fails;
 2. :meth:`StructuredOutput.constraint` builds the request's :class:`Constraint` (an ``LLMatcher`` on
    the bundle's tokenizer, which is built once per bundle and cached);
 3. each step ``logits = constraint.apply(logits)`` sets every disallowed token to -inf, then the
