@@ -81,55 +81,44 @@ def _varint(buf, pos: int, end: int) -> tuple[int, int]:
         shift += 7
 
 
+def _field(buf, pos: int, end: int) -> tuple[int, int, int, int]:
+    """The field at ``pos``: (field number, wire type, payload start, where the next field starts)."""
+    key, pos = _varint(buf, pos, end)
+    number, wire = key >> 3, key & 7
+    if wire == 0:
+        return number, wire, pos, _varint(buf, pos, end)[1]
+    if wire in (1, 5):
+        return number, wire, pos, pos + (8 if wire == 1 else 4)
+    if wire == 2:
+        n, pos = _varint(buf, pos, end)
+        return number, wire, pos, pos + n
+    if wire == 3:  # a (deprecated) group: skipped up to its end marker, as protobuf parsers do
+        return number, wire, pos, _skip_group(buf, pos, end, number)
+    if wire == 4:
+        return number, wire, pos, pos
+    raise ValueError(f"unexpected protobuf wire type {wire}")
+
+
+def _skip_group(buf, pos: int, end: int, number: int) -> int:
+    while pos < end:
+        n, wire, _, pos = _field(buf, pos, end)
+        if wire == 4:
+            if n != number:
+                raise ValueError("mismatched group end")
+            return pos
+    raise ValueError("unterminated group")
+
+
 def _fields(buf, start: int, end: int) -> Iterator[tuple[int, int, int]]:
     """(field number, start, end) of each length-delimited field of the message in buf[start:end];
     other wire types are skipped."""
     pos = start
     while pos < end:
-        key, pos = _varint(buf, pos, end)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            _, pos = _varint(buf, pos, end)
-        elif wire == 1:
-            pos += 8
-        elif wire == 5:
-            pos += 4
-        elif wire == 2:
-            n, pos = _varint(buf, pos, end)
-            if pos + n > end:
-                raise ValueError("a field runs past its message")
-            yield number, pos, pos + n
-            pos += n
-        elif wire == 3:  # a (deprecated) group: skipped up to its end marker, as protobuf parsers do
-            pos = _skip_group(buf, pos, end, number)
-        else:
-            raise ValueError(f"unexpected protobuf wire type {wire}")
-        if pos > end:
+        number, wire, a, pos = _field(buf, pos, end)
+        if pos > end or wire == 4:
             raise ValueError("a field runs past its message")
-
-
-def _skip_group(buf, pos: int, end: int, number: int) -> int:
-    while pos < end:
-        key, pos = _varint(buf, pos, end)
-        wire = key & 7
-        if wire == 4:
-            if key >> 3 != number:
-                raise ValueError("mismatched group end")
-            return pos
-        if wire == 0:
-            _, pos = _varint(buf, pos, end)
-        elif wire == 1:
-            pos += 8
-        elif wire == 5:
-            pos += 4
-        elif wire == 2:
-            n, pos = _varint(buf, pos, end)
-            pos += n
-        elif wire == 3:
-            pos = _skip_group(buf, pos, end, key >> 3)
-        else:
-            raise ValueError(f"unexpected protobuf wire type {wire}")
-    raise ValueError("unterminated group")
+        if wire == 2:
+            yield number, a, pos
 
 
 def _external_locations(buf, start: int, end: int, kind: str, out: set, depth: int = 0) -> None:

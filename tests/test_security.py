@@ -434,3 +434,66 @@ def test_pipeline_uses_the_manifest_pixel_limit(tmp_path, tiny_static_bundle):
     with pytest.raises(FlashVLError) as ei:
         pipe.chat("hi", image=big, max_new_tokens=1)
     assert_api_error(ei, ImageError, "pixel")
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX external data: every file a graph makes ONNX Runtime open must be listed and hashed
+
+
+def _with_external_data(src: Path, dst: Path, location: str | None = None) -> Path:
+    """A copy of ``src`` whose llm.onnx keeps its weights in one external file (``llm.onnx.data``),
+    re-finalized so the manifest lists it; ``location`` then rewrites the graph's reference."""
+    onnx = pytest.importorskip("onnx")
+    from flashvl_edge.runtime.bundle import finalize_manifest
+    from flashvl_edge.runtime.contract import Manifest
+
+    root = copy_bundle(src, dst)
+    model = onnx.load(root / "llm.onnx")
+    onnx.save_model(model, root / "llm.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="llm.onnx.data", size_threshold=0)
+    if location is not None:
+        model = onnx.load(root / "llm.onnx", load_external_data=False)
+        for t in model.graph.initializer:
+            for e in t.external_data:
+                if e.key == "location":
+                    e.value = location
+        onnx.save_model(model, root / "llm.onnx")
+    finalize_manifest(root, Manifest.from_json(json.loads((root / "manifest.json").read_text())))
+    return root
+
+
+def test_external_data_listed_and_hashed_loads(tmp_path, tiny_static_bundle):
+    from flashvl_edge.runtime.bundle import Bundle, external_data_files
+
+    root = _with_external_data(tiny_static_bundle, tmp_path / "b")
+    assert external_data_files(root / "llm.onnx") == {"llm.onnx.data"}
+    assert "llm.onnx.data" in Bundle.load(root, verify="full").manifest.files
+
+
+def test_external_data_the_manifest_does_not_list_is_refused(capsys, tmp_path, tiny_static_bundle):
+    root = _with_external_data(tiny_static_bundle, tmp_path / "b")
+    rewrite_manifest(root, lambda m: m["files"].pop("llm.onnx.data"))
+    rc, _, err = cli_in_process(capsys, "verify", root, "--integrity")
+    assert_user_error(rc, err, "llm.onnx.data", "not hashed")
+    # guard off: without the check the unlisted file is loaded as it is (and may be swapped at will)
+    from flashvl_edge.runtime import bundle as B
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(B, "check_external_data", lambda root, manifest: None)
+        B.Bundle.load(root, verify="full")
+
+
+def test_external_data_outside_the_bundle_is_refused(tmp_path, tiny_static_bundle):
+    from flashvl_edge.runtime.bundle import Bundle
+
+    root = _with_external_data(tiny_static_bundle, tmp_path / "b", location="../outside.data")
+    with pytest.raises(FlashVLError, match="outside the bundle"):
+        Bundle.load(root)
+
+
+def test_manifests_say_what_is_trusted(tiny_static_bundle):
+    from flashvl_edge.runtime.contract import TRUST
+
+    trust = json.loads((Path(tiny_static_bundle) / "manifest.json").read_text()).get("trust")
+    assert trust is None or trust == TRUST  # bundles exported before the table have none
+    assert "files" in TRUST and "chat_template" in TRUST
