@@ -11,6 +11,8 @@ work runs in a long-lived child (``python -m flashvl_edge.runtime.isolate``):
 
 - the child caps its own address space (``RLIMIT_AS`` = its size after start-up + ``memory_bytes``),
   so a runaway allocation fails there (MemoryError, or native code aborting the child);
+- a child that grew by more than a quarter of its budget is replaced after its call, so memory a
+  hostile request made it take is not kept;
 - the parent waits at most ``timeout_s`` for the answer, then kills the child (SIGKILL) and starts
   a fresh one on the next call (start-up, with the ``preload`` modules imported, is not counted); the child also dies with its parent (``PR_SET_PDEATHSIG``), so a
   stuck render never outlives the server;
@@ -72,6 +74,15 @@ class _Child:
         if ready != b"ready":
             self.kill()
             raise WorkerError("crashed", "the worker process did not start")
+        self.base_rss = self.rss()
+
+    def rss(self) -> int:
+        """Resident bytes of the child (0 where /proc cannot tell)."""
+        try:
+            with open(f"/proc/{self.proc.pid}/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return 0
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -156,6 +167,10 @@ class WorkerPool:
                 self._drop(child)
                 child = None
                 raise WorkerError("crashed", f"the worker's answer could not be read ({e})") from None
+            if child is not None and child.rss() > child.base_rss + self.memory_bytes // 4:
+                # a big call leaves its pages with the allocator: start afresh rather than keep them
+                self._drop(child)
+                child = None
         finally:
             self._idle.put(child)
         if "error" in answer:

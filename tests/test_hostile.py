@@ -656,3 +656,22 @@ def test_fuzzed_and_hostile_requests_left_the_process_whole(srv):
     """Last: the scheduler still runs (health), and the log has no traceback from any of the above."""
     still_serves(srv)
     assert "Traceback" not in srv.log()
+
+
+def test_isolated_workers_bound_memory_and_do_not_keep_it():
+    from flashvl_edge.runtime.isolate import WorkerError, WorkerPool
+
+    pool = WorkerPool("test", size=1, memory_bytes=96 * 2**20, preload=("flashvl_edge.runtime.prompt",))
+    render = "flashvl_edge.runtime.prompt:_render_in_worker"
+    try:
+        with pytest.raises(WorkerError) as e:  # 300 MB: over the child's cap, refused there
+            pool.call(render, "{{ 'A' * 300000000 }}", [], False, {}, 10**9, timeout_s=20)
+        assert e.value.kind == "memory"
+        text, _ = pool.call(render, "{{ 'A' * 10000000 }}", [], False, {}, 10**9, timeout_s=20)
+        assert len(text) == 10_000_000
+        # what that call took is not kept: given back by the child, or the child replaced
+        child = pool._idle.queue[0]
+        assert child is None or child.rss() <= child.base_rss + pool.memory_bytes // 4
+        assert pool.call(render, "ok", [], False, {}, 10, timeout_s=20)[0] == "ok"
+    finally:
+        pool.close()
