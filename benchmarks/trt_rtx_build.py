@@ -11,6 +11,8 @@ whose peak RSS (``ru_maxrss``) is the build's; only the LLM's profile list diffe
 - ``3-profiles``: prefill, decode, extend (what ``flashvl build`` ships by default);
 - ``prefill+decode``: no extend profile (the runtime then runs tokens on a cache one at a time);
 - ``decode``: the decode profile alone (the size floor: one profile);
+- ``prefill+extend``: two profiles, both with ``seq`` ranges (no seq = 1 profile);
+- ``3-profiles-decode-seq2``: the default three with decode's ``seq`` 1..2 instead of exactly 1;
 - ``merged``: one profile covering prefill, decode and extend (``seq`` 1..max_input_len, ``past``
   0..max_context-1, ``total`` 1..max_context; opt = decode's point). TensorRT-RTX builds it (its max point
   is not a shape the graph takes, which the builder accepts); the runtime's decoder does not run a
@@ -40,6 +42,8 @@ VARIANTS = {
     "prefill+decode": ("prefill", "decode"),
     "decode": ("decode",),
     "merged": ("merged",),
+    "prefill+extend": ("prefill", "extend"),
+    "3-profiles-decode-seq2": ("prefill", "decode2", "extend"),
     "3-profiles-weightless": ("prefill", "decode", "extend"),
 }
 
@@ -52,6 +56,18 @@ def cpu_model() -> str:
     except OSError:
         pass
     return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def decode_seq2_profile(decode: dict) -> dict:
+    """The decode profile with seq 1..2 instead of exactly 1 (same past and total ranges)."""
+    shapes = {}
+    for name, (mn, opt, mx) in decode["shapes"].items():
+        if name in ("inputs_embeds", "position_ids"):
+            mx = list(mx)
+            mx[1] = 2
+            mx = tuple(mx)
+        shapes[name] = (mn, opt, mx)
+    return {"name": "decode", "shapes": shapes}
 
 
 def merged_profile(by_name: dict, limits) -> dict:
@@ -116,6 +132,7 @@ def _child(bundle: str, graph: str, variant: str, precision: str, ccs: list[str]
     if graph == "llm":
         by_name = {p["name"]: p for p in plan.profiles["llm"]}
         by_name["merged"] = merged_profile(by_name, plan.limits)
+        by_name["decode2"] = decode_seq2_profile(by_name["decode"])
         plan.profiles["llm"] = [by_name[n] for n in VARIANTS[variant]]
     if os.environ.get("FLASHVL_BENCH_READ_WEIGHTS"):  # the parser reads the weights into its own copy
         E._external_weights = lambda path: None
