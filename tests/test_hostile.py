@@ -675,3 +675,61 @@ def test_isolated_workers_bound_memory_and_do_not_keep_it():
         assert pool.call(render, "ok", [], False, {}, 10, timeout_s=20)[0] == "ok"
     finally:
         pool.close()
+
+
+def test_guard_off_a_looping_ref_passes_validation_and_fails_mid_answer(prompts):
+    """What the probe at validation prevents: llguidance's own validation accepts the looping schema,
+    and a matcher on the bundle's tokenizer fails only when asked for its first mask."""
+    import llguidance
+    import llguidance.numpy
+
+    grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(LOOPING_SCHEMA))
+    assert llguidance.LLMatcher.validate_grammar_with_warnings(grammar)[0] is False
+    tok = llguidance.LLTokenizer(prompts.tokenizer.to_str(), eos_token=[2])
+    matcher = llguidance.LLMatcher(tok, grammar, log_level=0)
+    assert not matcher.is_error()
+    llguidance.numpy.fill_next_token_bitmask(matcher, llguidance.numpy.allocate_token_bitmask(1, tok.vocab_size))
+    assert matcher.is_error()
+    with pytest.raises(PromptError, match="no valid answer"):
+        SamplingParams(json_schema=LOOPING_SCHEMA).validate()
+
+
+@pytest.mark.parametrize("guarded", [True, False], ids=["guarded", "guard-off"])
+def test_slow_headers_and_bodies_with_and_without_the_timeouts(guarded, monkeypatch):
+    from flashvl_edge.runtime import server
+
+    if not guarded:
+        from uvicorn.protocols.http.h11_impl import H11Protocol
+
+        monkeypatch.setattr(server, "http_protocol", lambda header_timeout_s: H11Protocol)
+    pipe = FakePipeline()
+    srv = InProcess(create_app(FakeScheduler(pipe).start(), pipe, ServeOptions(
+        model_name="m", header_read_timeout_s=0.5, body_read_timeout_s=0.5 if guarded else None)))
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+            headers = read_until_closed(sock, 2.0)
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
+                         b"\r\nContent-Length: 100\r\n\r\n{")
+            body = read_until_closed(sock, 2.0)
+    finally:
+        srv.stop()
+    if guarded:
+        assert headers == b"" and body.startswith(b"HTTP/1.1 408")
+    else:
+        assert headers.endswith(b"<still open>") and body.endswith(b"<still open>")
+
+
+def test_guard_off_the_origin_check(monkeypatch):
+    from flashvl_edge.runtime import server
+
+    pipe = FakePipeline()
+    srv = InProcess(create_app(FakeScheduler(pipe).start(), pipe, ServeOptions(model_name="m")))
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    try:
+        assert call(srv.port, "POST", "/v1/chat/completions", body, {"Origin": "http://evil.example"})[0] == 403
+        monkeypatch.setattr(server._Edge, "_cross_origin", staticmethod(lambda scope: False))
+        assert call(srv.port, "POST", "/v1/chat/completions", body, {"Origin": "http://evil.example"})[0] == 200
+    finally:
+        srv.stop()
