@@ -135,6 +135,8 @@ def _render_in_worker(source: str, messages: list, add_generation_prompt: bool, 
     content: when putting the contents back into that render gives exactly the first one, the
     template inserts contents verbatim and the markers' places are the contents' places."""
     text = _render_capped(_compile_template(source), messages, add_generation_prompt, specials, max_chars)
+    if not all(isinstance(m.get("content"), str) for m in messages):
+        return [text, None]  # structured contents: no spans to find
     nonce = secrets.token_hex(8)
     marks = [f"\U000f0000{nonce}:{i}\U000f0001" for i in range(len(messages))]
     marked = [{**m, "content": mark} for m, mark in zip(messages, marks)]
