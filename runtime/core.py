@@ -48,7 +48,8 @@ from .generate import SamplingParams, TextAssembler, sample
 # steps while a long image prompt joins, and costs the prefill little next to whole-prompt runs.
 DEFAULT_PREFILL_CHUNK = 64
 DEFAULT_MAX_NUM_SEQS = 8
-DEFAULT_MAX_NUM_BATCHED_TOKENS = DEFAULT_PREFILL_CHUNK + DEFAULT_MAX_NUM_SEQS
+# one chunk beside a decode token of every other admitted request: a chunk always fits
+DEFAULT_MAX_NUM_BATCHED_TOKENS = DEFAULT_PREFILL_CHUNK + DEFAULT_MAX_NUM_SEQS - 1
 
 
 class ModelError(FlashVLError):

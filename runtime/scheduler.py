@@ -34,7 +34,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, AsyncIterator, Callable
 
-from .core import DEFAULT_MAX_NUM_BATCHED_TOKENS, Emitted, Sequence, StepCore
+from .core import Emitted, Sequence, StepCore
 from .errors import FlashVLError, PromptError
 from .generate import SamplingParams
 
@@ -151,8 +151,8 @@ class Scheduler:
     def _make_core(self, max_num_batched_tokens: int | None) -> StepCore | None:
         budget = max_num_batched_tokens
         chunk = self.pipe.generator.prefill_chunk
-        if budget is None:  # the default budget, widened when a larger chunk or batch needs it
-            budget = max(DEFAULT_MAX_NUM_BATCHED_TOKENS, chunk + self.max_batch - 1)
+        if budget is None:  # one chunk beside a decode token of every other admitted request
+            budget = chunk + self.max_batch - 1
         return StepCore(self.pipe.generator, max_num_seqs=self.max_batch, max_num_batched_tokens=budget,
                         prefill_chunk=chunk, admit=self._admit, batch_invariant=self.pipe.generator.batch_invariant)
 

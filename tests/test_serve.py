@@ -723,7 +723,8 @@ def served(tiny_dynamic_bundle, tmp_path_factory):
 
 
 def test_ready_line_and_models(served):
-    assert served.ready_line == f"flashvl serve: ready on http://127.0.0.1:{served.port} (model tiny, max batch 4)"
+    assert served.ready_line == (f"flashvl serve: ready on http://127.0.0.1:{served.port} (model tiny, max batch 4, "
+                                 "67 tokens a step, prefill chunk 64)")
     assert served.stdout_lines.empty()  # exactly one line on stdout
     models = served.client().models.list().data
     assert [m.id for m in models] == ["tiny"]
