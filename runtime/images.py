@@ -157,8 +157,10 @@ def _open_and_decode(fp, name: str, limit: int, limits: DecodeLimits = DEFAULT_L
     except Image.DecompressionBombError as e:
         raise ImageError(f"{name} is too large to decode safely ({e}); downscale it first") from None
     except UnidentifiedImageError:
-        raise ImageError(f"{name} is not a readable image (unknown format, a format not allowed here, or a corrupt "
-                         f"header); pass a {', '.join(formats)} image") from None
+        raise ImageError(f"{name} is not a readable image (unknown or disallowed format, or corrupt header); "
+                         f"pass a {', '.join(formats[:-1])} or {formats[-1]} image" if len(formats) > 1 else
+                         f"{name} is not a readable image (unknown or disallowed format, or corrupt header); "
+                         f"pass a {formats[0]} image") from None
     except _DECODE_ERRORS as e:
         raise ImageError(f"{name} is corrupt and cannot be read ({_short(e)}); re-save or replace it") from None
     with im:

@@ -103,10 +103,10 @@ class ServeOptions:
     max_header_bytes: int = 64 * 1024  # request line + headers (h11's max incomplete event size)
     max_schema_bytes: int = 64 * 1024  # a json_schema, as JSON
     schema_compile_timeout_s: float = 5.0
-    schema_compile_memory_bytes: int = 512 * MiB
+    schema_compile_memory_bytes: int = 256 * MiB
     max_template_chars: int | None = None  # the rendered chat template; None: max_prompt_chars + 64 Ki
     template_timeout_s: float = 2.0
-    template_memory_bytes: int = 256 * MiB
+    template_memory_bytes: int = 128 * MiB
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES  # estimated decode memory per image (header)
     max_concurrent_decodes: int = 2
     image_formats: tuple = DEFAULT_IMAGE_FORMATS
@@ -186,14 +186,11 @@ def _apply_limits(pipeline, options: ServeOptions) -> None:
                                                          max_concurrent=options.max_concurrent_decodes)
         except AttributeError:  # a stand-in without attributes of its own
             pass
-    try:
-        from . import structured
-    except ImportError:  # pragma: no cover - structured.py imports only numpy at module level
-        structured = None
-    if structured is not None:
-        structured.configure(structured.GrammarLimits(max_schema_bytes=options.max_schema_bytes,
-                                                      timeout_s=options.schema_compile_timeout_s,
-                                                      memory_bytes=options.schema_compile_memory_bytes))
+    from . import structured
+
+    structured.configure(structured.GrammarLimits(max_schema_bytes=options.max_schema_bytes,
+                                                  timeout_s=options.schema_compile_timeout_s,
+                                                  memory_bytes=options.schema_compile_memory_bytes))
     prompts = getattr(pipeline, "prompts", None)
     if prompts is not None and hasattr(prompts, "render_limits"):
         from .prompt import RenderLimits

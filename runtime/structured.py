@@ -100,7 +100,7 @@ class GrammarLimits:
 
     max_schema_bytes: int = 64 * 1024
     timeout_s: float = 5.0
-    memory_bytes: int = 512 * 1024 * 1024
+    memory_bytes: int = 256 * 1024 * 1024
     isolate: bool = True
     workers: int = 2
     # llguidance's parser limits, lower than its defaults: a small model's answers need little
