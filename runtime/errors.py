@@ -71,6 +71,8 @@ EXTRA_MODULES: dict[str, tuple[str, ...]] = {
     "structured": ("llguidance",),
     # flashvl serve (starlette and pydantic come with fastapi; openai is the client the tests and docs use)
     "serve": ("fastapi", "starlette", "pydantic", "uvicorn", "prometheus_client", "openai", "llguidance"),
+    # flashvl serve --ray (runtime/cluster.py)
+    "cluster": ("ray",),
     # flashvl calibrate --int4-method awq: NVIDIA ModelOpt and what its ONNX quantizer imports. Last, so
     # that a module another extra also carries (torch, onnx, polygraphy) is named with that extra.
     "awq": ("modelopt", "onnx_graphsurgeon", "ml_dtypes", "onnxconverter_common", "onnxslim", "lief",
