@@ -311,6 +311,7 @@ class StepCore:
         :class:`ModelError` (the owner ends every row); anything a single row brings ends that row."""
         out: list[Emitted] = []
         self._drop_cancelled(out)
+        self._resolve_images(out)  # images encoded since the last step: their rows can prefill now
         plan = self.schedule()
         for seq in plan.admit:
             self._guard(seq, out, self._admit, seq)

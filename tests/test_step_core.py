@@ -171,10 +171,21 @@ def test_the_chunk_comparison_fails_on_a_broken_chunk(pipe, photos, monkeypatch,
 
 # -- the same answer whatever the load ------------------------------------------------------------
 
-def test_eight_requests_together_equal_each_alone(pipe, photos):
+BATCHED = 3 * CHUNK + 8  # a budget that runs several requests' chunks in one LLM call
+
+
+def test_eight_requests_together_equal_each_alone(pipe, photos, monkeypatch):
     refs = [strip_stop(pipe, t) for t in alone(pipe, photos)]
-    out = together(pipe, photos)
+    multi = []
+    real = ort.OrtDecoder.forward_rows
+
+    def spy(self, caches, inputs):
+        multi.append(len(inputs))
+        return real(self, caches, inputs)
+    monkeypatch.setattr(ort.OrtDecoder, "forward_rows", spy)
+    out = together(pipe, photos, budget=BATCHED)
     assert [strip_stop(pipe, t) for t in out] == refs
+    assert max(multi) >= 2  # chunks of several requests did run as one call
 
 
 def test_a_tight_budget_changes_no_answer(pipe, photos):
@@ -191,12 +202,13 @@ def test_the_load_comparison_fails_when_two_rows_chunks_are_swapped(pipe, photos
     refs = [strip_stop(pipe, t) for t in alone(pipe, photos)]
     real = ort.OrtDecoder.forward_rows
 
-    def swapped(self, caches, inputs):
-        if len(inputs) > 1 and all(len(x) == len(inputs[0]) for x in inputs[:2]):
-            inputs = [inputs[1], inputs[0], *inputs[2:]]
+    def swapped(self, caches, inputs):  # the last positions of two rows' chunks trade places
+        if len(inputs) > 1:
+            inputs = [x.copy() for x in inputs]
+            inputs[0][-1], inputs[1][-1] = inputs[1][-1].copy(), inputs[0][-1].copy()
         return real(self, caches, inputs)
     monkeypatch.setattr(ort.OrtDecoder, "forward_rows", swapped)
-    out = together(pipe, photos)
+    out = together(pipe, photos, budget=BATCHED)
     assert [strip_stop(pipe, t) for t in out] != refs
 
 
