@@ -381,6 +381,10 @@ class FlashVLReplica:
                 self.loop.call_soon_threadsafe(lambda: gone[0].set() if gone else gone.append(_set_event()))
                 await asyncio.wait({asyncio.wrap_future(task)}, timeout=5.0)
 
+    async def asgi_once(self, scope: dict, body: bytes, route_key: str | None = None) -> list:
+        """All of a request's ASGI messages in one answer (not streamed: one Ray call, no generator)."""
+        return [message async for batch in self.asgi(scope, body) for message in batch]
+
     def _status(self) -> str:
         if self.failed:
             return self.failed
@@ -649,7 +653,7 @@ class _IngressApp:
     async def _forward(self, scope, receive, send) -> None:
         ing = self.ingress
         fwd = {k: scope[k] for k in _SCOPE_KEYS if k in scope}
-        key = None
+        key, stream = None, False
         if not ing.authorized(scope):
             body = b""  # the replica answers 401 before it would read a body
         else:
@@ -663,14 +667,18 @@ class _IngressApp:
                 return  # the client left
             if method_is_chat(scope):
                 try:
-                    key = route_key(json.loads(body))
+                    parsed = json.loads(body)
                 except (ValueError, RecursionError):
-                    key = None  # the replica answers the 400
+                    parsed = None  # the replica answers the 400
+                key = route_key(parsed)
+                stream = isinstance(parsed, dict) and parsed.get("stream") is True
         started = streaming = False
         for attempt in (0, 1):
-            gen = ing.stream.asgi.remote(fwd, body, route_key=key)
+            # a stream's messages as they come; any other answer in one call, which costs less
+            gen = ing.stream.asgi.remote(fwd, body, route_key=key) if stream else \
+                ing.replicas.asgi_once.remote(fwd, body, route_key=key)
             try:
-                async for batch in gen:
+                async for batch in (gen if stream else _one(gen)):
                     for message in batch:
                         if message["type"] == "http.response.start":
                             started = True
@@ -704,6 +712,10 @@ class _IngressApp:
                                 "body": f"data: {json.dumps(err)}\n\ndata: [DONE]\n\n".encode()})
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 return
+
+
+async def _one(response):
+    yield await response
 
 
 def method_is_chat(scope) -> bool:

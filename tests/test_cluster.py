@@ -36,6 +36,7 @@ ray = pytest.importorskip("ray")  # the cluster extra (installed by dev)
 from ray import serve  # noqa: E402
 
 from flashvl_edge.runtime import cluster  # noqa: E402
+from test_serve import wait_until  # noqa: E402
 
 MODEL = "tiny"
 
@@ -51,16 +52,6 @@ def image_message(image: bytes, question: str) -> list[dict]:
     url = "data:image/png;base64," + base64.b64encode(image).decode()
     return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                          {"type": "text", "text": question}]}]
-
-
-def wait_until(check, timeout_s: float, what: str, every_s: float = 0.1):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every_s)
-    raise AssertionError(f"not within {timeout_s:g} s: {what}")
 
 
 def get(port: int, path: str, timeout: float = 10.0) -> tuple[int, bytes]:
@@ -311,14 +302,14 @@ def test_flashvl_serve_ray_drains_on_sigterm(ray_app, tiny_static_bundle, tmp_pa
         ready = lines.get(timeout=120)
         assert ready.strip() == (f"flashvl serve: ready on http://127.0.0.1:{port} (model tiny-static, 1 replica on "
                                  "Ray, cache-aware routing)"), ready
-        wait_until(lambda: health(port).get("healthy") == 1, 60, "the replica is healthy")
+        wait_until(lambda: health(port).get("healthy") == 1, 60, "the replica is healthy", every_s=0.2)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
         stream = client.chat.completions.create(model="tiny-static", max_tokens=1000, stream=True,
                                                 messages=[{"role": "user", "content": "A long story"}],
                                                 extra_body={"ignore_eos": True})
         next(iter(stream))
         proc.send_signal(signal.SIGTERM)
-        wait_until(lambda: health(port).get("status") != "ok", 20, "/health stops saying ok")
+        wait_until(lambda: health(port).get("status") != "ok", 20, "/health stops saying ok", every_s=0.05)
         chunks = list(stream)
         assert chunks[-1].choices[0].finish_reason == "length"  # the in-flight stream finished
         assert proc.wait(timeout=60) == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
