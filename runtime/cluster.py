@@ -59,6 +59,7 @@ ROUTER_PATH = "flashvl_edge.runtime.cluster:CacheAffinityRouter"
 POLICIES = ("cache", "round-robin")
 PREFIX_CHARS = 256  # leading prompt text in the routing key
 VIRTUAL_NODES = 64  # ring points per replica
+HOLD_S = 5.0  # the router counts a chosen replica's load this long before the request is sent
 BROADCAST_TIMEOUT_S = 3.0  # /health, /metrics: a replica that does not answer within this is "unreachable"
 REPLICA_HEADER = b"x-flashvl-replica"
 
@@ -169,9 +170,14 @@ def _router_class():
             self._policy, self._spill_at, self._vnodes = policy, spill_at, virtual_nodes
             self._ring = HashRing((), virtual_nodes)
             self._cursor = 0
-            self._placed: dict[str, str] = {}  # internal request id -> its ring owner, or how it was ranked
-            self._inflight: dict[str, int] = {}
-            self._counted: dict[str, str] = {}  # internal request id -> the replica counted for it
+            # Loads are this router's own counts, kept from the moment a replica is chosen (choices made at
+            # the same instant must see each other; Ray's queue-length cache hears of a request only once
+            # it reached its replica, and keeps an entry up to 10 s): requests chosen but not yet sent
+            # (forgotten after HOLD_S: one cancelled while it waited is never sent), and requests sent and
+            # not completed.
+            self._held: dict[str, tuple] = {}  # internal request id -> (replica, monotonic time, decision)
+            self._sent: dict[str, str] = {}  # internal request id -> replica
+            self._busy: dict[str, int] = {}  # replica -> requests sent and not completed
 
         def update_replicas(self, replicas) -> None:
             super().update_replicas(replicas)
@@ -180,26 +186,15 @@ def _router_class():
             if frozenset(ids) != self._ring.ids:
                 self._ring = HashRing(ids, getattr(self, "_vnodes", VIRTUAL_NODES))
 
-        # Requests this router sent and that have not completed, per replica, counted from the moment a
-        # replica is chosen: concurrent choices must see each other (Ray's queue-length cache is updated
-        # only once a request is on its way).
         def _load(self, replica) -> int:
-            n = self.replica_queue_len_cache.get(replica.replica_id) or 0
-            return max(n, self._inflight.get(replica.replica_id.unique_id, 0))
-
-        def _reserve(self, rid: str, uid: str) -> None:
-            self._release(rid)
-            self._inflight[uid] = self._inflight.get(uid, 0) + 1
-            self._counted[rid] = uid
-
-        def _release(self, rid: str) -> None:
-            uid = self._counted.pop(rid, None)
-            if uid is not None:
-                self._inflight[uid] = max(0, self._inflight.get(uid, 0) - 1)
+            uid = replica.replica_id.unique_id
+            return self._busy.get(uid, 0) + sum(1 for r, _, _ in self._held.values() if r == uid)
 
         def _ranked(self, rid: str, first, rest, decision: str):
-            self._reserve(rid, first.replica_id.unique_id)
-            self._placed[rid] = decision
+            now = time.monotonic()
+            for old in [k for k, (_, t, _) in self._held.items() if now - t > HOLD_S]:
+                del self._held[old]
+            self._held[rid] = (first.replica_id.unique_id, now, decision)
             return [[first], sorted(rest, key=self._load)]  # then the least loaded of the others
 
         async def choose_replicas(self, candidate_replicas, pending_request=None):
@@ -234,18 +229,22 @@ def _router_class():
             return self._ranked(rid, first, [r for r in order if r is not first], owner_id)
 
         def on_request_routed(self, pending_request, replica_id, result) -> None:
-            rid = pending_request.metadata.internal_request_id
-            placed = self._placed.pop(rid, None)
-            if rid in self._counted and self._counted[rid] != replica_id.unique_id:
-                self._reserve(rid, replica_id.unique_id)  # another rank took it
+            rid, uid = pending_request.metadata.internal_request_id, replica_id.unique_id
+            _, _, placed = self._held.pop(rid, (None, None, None))
+            if placed is None:
+                return  # a request for one replica: not counted
+            self._sent[rid] = uid
+            self._busy[uid] = self._busy.get(uid, 0) + 1
             routed = _shared().ROUTED
             if placed in ("round_robin", "any"):
                 routed[placed] += 1
-            elif placed is not None:
-                routed["affine" if placed == replica_id.unique_id else "spilled"] += 1
+            else:
+                routed["affine" if placed == uid else "spilled"] += 1
 
         def on_request_completed(self, replica_id, internal_request_id) -> None:
-            self._release(internal_request_id)
+            uid = self._sent.pop(internal_request_id, None)
+            if uid is not None:
+                self._busy[uid] = max(0, self._busy.get(uid, 0) - 1)
 
     CacheAffinityRouter.__module__, CacheAffinityRouter.__qualname__ = __name__, "CacheAffinityRouter"
     return CacheAffinityRouter
