@@ -188,26 +188,31 @@ def package_layout(checkout: str) -> str:
     return str(root)
 
 
-def sweep(args, body: dict, levels: list[int], server_args: list[str], src: str | None) -> list[dict]:
-    """One server (this checkout's code, or ``src``'s), every concurrency level against it."""
-    proc, port = start_server(args.bundle, args.max_batch, server_args, src)
-    out = []
+def sweep(args, body: dict, levels: list[int], servers: dict[str, tuple[list[str], str | None]]) -> dict[str, list[dict]]:
+    """Every concurrency level against each server (this checkout's code, or a baseline's), the servers'
+    runs of one level back to back, so both see the same machine state."""
+    procs = {}
     try:
-        run_level(port, body, 1, 1)  # warm-up: graphs, page cache
+        for name, (server_args, src) in servers.items():
+            procs[name] = start_server(args.bundle, args.max_batch, server_args, src)
+            run_level(procs[name][1], body, 1, 1)  # warm-up: graphs, page cache
+        out: dict[str, list[dict]] = {name: [] for name in servers}
         for c in levels:
-            log(f"{'baseline' if src else 'this checkout'}, concurrency {c}: {args.requests} requests")
-            results = run_level(port, body, args.requests, c)
-            s = {"concurrency": c, **summarize(results), "server_peak_rss_bytes": vm_hwm_bytes(proc.pid)}
-            out.append(s)
-            log(f"  {s['output_tokens_per_s']:.2f} output tok/s, decode {s['decode_tokens_per_s'] or 0:.2f} tok/s, "
-                f"TTFT p50 {s['ttft_p50_s']:.2f} s, ITL p95 {1e3 * s['itl_p95_s']:.1f} ms")
+            for name, (proc, port) in procs.items():
+                log(f"{name}, concurrency {c}: {args.requests} requests")
+                results = run_level(port, body, args.requests, c)
+                s = {"concurrency": c, **summarize(results), "server_peak_rss_bytes": vm_hwm_bytes(proc.pid)}
+                out[name].append(s)
+                log(f"  {s['output_tokens_per_s']:.2f} output tok/s, decode {s['decode_tokens_per_s'] or 0:.2f} tok/s, "
+                    f"TTFT p50 {s['ttft_p50_s']:.2f} s, ITL p95 {1e3 * s['itl_p95_s']:.1f} ms")
+        return out
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    return out
+        for proc, _ in procs.values():
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 def main() -> int:
@@ -258,9 +263,13 @@ def main() -> int:
     caches = [] if args.reuse else ["--image-cache-bytes", "0", "--kv-cache-bytes", "0"]
     report = {"bundle": str(Path(args.bundle).resolve()), "machine": machine, "settings": vars(args),
               "bandwidth_before": bw_before, "levels": []}
-    report["levels"] = sweep(args, body, levels, caches + list(args.server_arg), None)
+    servers = {"this checkout": (caches + list(args.server_arg), None)}
     if args.baseline_src:
-        report["baseline_levels"] = sweep(args, body, levels, caches, package_layout(args.baseline_src))
+        servers["baseline"] = (caches, package_layout(args.baseline_src))
+    runs = sweep(args, body, levels, servers)
+    report["levels"] = runs["this checkout"]
+    if args.baseline_src:
+        report["baseline_levels"] = runs["baseline"]
     report["bandwidth_after"] = measure_bandwidth()
     weights = weight_file_bytes(bundle)
     by_c = {lv["concurrency"]: lv for lv in report["levels"]}

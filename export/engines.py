@@ -91,6 +91,7 @@ from flashvl_edge.runtime.backends.trt import LLM_PROFILES, engine_kv_dtype, par
 from flashvl_edge.runtime.bundle import Bundle, finalize_manifest, staging_dir
 from flashvl_edge.runtime.contract import (PAST_PREFIX, PRESENT_PREFIX, EngineEntry, EngineGraph, EngineLimits,
                                            Manifest, TensorSpec)
+from flashvl_edge.runtime.core import DEFAULT_MAX_NUM_BATCHED_TOKENS
 from flashvl_edge.runtime.errors import BackendError, BundleError, ExportError
 
 PRECISIONS = ("fp16", "int8", "best", "fp32")
@@ -99,10 +100,13 @@ DEFAULT_WORKSPACE_GB = 4.0
 # the profiles' "opt" point: a typical 4:3 photo (tiled by the runtime's own grid choice) plus a short question
 TYPICAL_IMAGE_SIZE = (1024, 768)
 TYPICAL_TEXT_TOKENS = 64
-# the extend profile's largest seq unless --max-num-batched-tokens says otherwise (see _dim_ranges). The
-# serving side's default per-step token budget will be runtime/core.py's DEFAULT_MAX_NUM_BATCHED_TOKENS
-# (flashvl serve --max-num-batched-tokens); until that constant exists this is its value, 256.
-DEFAULT_MAX_NUM_BATCHED_TOKENS = 256
+# the extend profile's largest seq unless --max-num-batched-tokens says otherwise (see _dim_ranges): the
+# serving side's default per-step token budget (flashvl serve --max-num-batched-tokens), so a step's
+# prefill chunk is one engine run
+# TensorRT-RTX's decode profile takes seq 1..2, not exactly 1: with a seq = 1 profile beside the others the
+# engine holds the LLM's weights twice (full-size fp16 LLM, 3 profiles: 5.73 GB with seq = 1, 3.10 GB = 1.00x
+# the ONNX weights with seq 1..2; docs/jetson.md). The runtime still decodes one token per call.
+RTX_DECODE_MAX_SEQ = 2
 # the TensorRT release whose ONNX parser TensorRT-RTX 1.x's is linted as (the newest in the lint's table)
 RTX_LINT_TARGET = "10.13"
 
@@ -138,9 +142,11 @@ def default_limits(manifest: Manifest, max_batch: int | None = None, max_input_l
     return EngineLimits(batch, inp, ctx, tiles)
 
 
-def _dim_ranges(limits: EngineLimits, manifest: Manifest, max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
-                ) -> dict[str, dict[str, tuple[int, int, int]]]:
-    """(min, opt, max) of every named dimension, per profile."""
+def _dim_ranges(limits: EngineLimits, manifest: Manifest, max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
+                decode_max_seq: int = 1) -> dict[str, dict[str, tuple[int, int, int]]]:
+    """(min, opt, max) of every named dimension, per profile. ``decode_max_seq`` > 1 (TensorRT-RTX) makes the
+    decode profile's max point (past max_context - 1 plus seq) one the graph never takes; the builder
+    accepts it and the runtime never asks it."""
     from flashvl_edge.runtime.images import image_to_tokens_plan
 
     typical = image_to_tokens_plan(*TYPICAL_IMAGE_SIZE, manifest, max_tiles=limits.max_tiles)
@@ -162,7 +168,8 @@ def _dim_ranges(limits: EngineLimits, manifest: Manifest, max_num_batched_tokens
         "vision": {"num_tiles": (1, opt_tiles, vision_batch)},
         "prefill": {"batch": batch, "seq": (1, opt_seq, limits.max_input_len), "past": (0, 0, 0),
                     "total": (1, opt_seq, limits.max_input_len)},
-        "decode": {"batch": batch, "seq": (1, 1, 1), "past": (1, opt_past, c - 1), "total": (2, opt_past + 1, c)},
+        "decode": {"batch": batch, "seq": (1, 1, decode_max_seq), "past": (1, opt_past, c - 1),
+                   "total": (2, opt_past + 1, c)},
         "extend": {"batch": batch, "seq": (1, ext_opt_seq, ext_seq), "past": (0, ext_opt_past, ext_past_max),
                    "total": (1, ext_opt_past + ext_opt_seq, c)},
     }
@@ -186,10 +193,11 @@ def _profile(name: str, inputs: Sequence[TensorSpec], ranges: dict[str, tuple[in
 
 
 def graph_profiles(manifest: Manifest, limits: EngineLimits,
-                   max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS) -> dict[str, list[dict[str, Any]]]:
+                   max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
+                   decode_max_seq: int = 1) -> dict[str, list[dict[str, Any]]]:
     """``{"vision": [profile], "llm": [prefill, decode, extend]}``; each profile ``{"name", "shapes": {input:
     (min, opt, max)}}``. The LLM's profile order is the engine's profile index (0 stays prefill)."""
-    ranges = _dim_ranges(limits, manifest, max_num_batched_tokens)
+    ranges = _dim_ranges(limits, manifest, max_num_batched_tokens, decode_max_seq)
     out = {"vision": [_profile("vision", manifest.graph("vision").inputs, ranges["vision"])]}
     out["llm"] = [_profile(role, manifest.graph("llm").inputs, ranges[role]) for role in LLM_PROFILES]
     return out
@@ -356,7 +364,8 @@ def plan_build(bundle: Bundle, precision: str, trt_target: str, limits: EngineLi
         tf32=not strongly, builder_optimization_level=opt_level, hardware_compatibility=hardware_compat,
         version_compatible=version_compatible, workspace_bytes=int(workspace_gb * (1 << 30)),
         timing_cache=str(timing_cache or default_timing_cache(cache_name)), limits=limits,
-        profiles=graph_profiles(m, limits, max_num_batched_tokens), graphs={g: e.file for g, e in m.graphs.items()},
+        profiles=graph_profiles(m, limits, max_num_batched_tokens, RTX_DECODE_MAX_SEQ if rtx else 1),
+        graphs={g: e.file for g, e in m.graphs.items()},
         notes=notes, fp32_layers=fp32_layers, precision_constraints="obey" if fp32_layers else None,
         io_dtypes=io_dtypes, kv_dtype=kv_dtype, library=library, compute_capabilities=list(compute_capabilities),
         max_num_batched_tokens=int(max_num_batched_tokens))
@@ -633,68 +642,23 @@ def rtx_engine_dir_name(compute_capabilities: Sequence[str], version: str) -> st
     return "rtx_sm" + "-".join(c.replace(".", "") for c in compute_capabilities) + f"_rtx{version}"
 
 
-class _ParserHandle:
-    """The ONNX parser and the memory-mapped weights it was given: both must outlive the network."""
-
-    def __init__(self, parser, buffers: list) -> None:
-        self.parser, self.buffers = parser, buffers
-
-
-def _external_weights(onnx_path: Path) -> list[tuple[str, Path, int, int]] | None:
-    """(initializer, data file, offset, length) of every externally stored initializer, or None when the
-    graph keeps its weights inline (or records no length for one of them)."""
-    import onnx
-
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    out = []
-    for t in model.graph.initializer:
-        if t.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        info = {e.key: e.value for e in t.external_data}
-        if "location" not in info or "length" not in info:
-            return None
-        out.append((t.name, onnx_path.parent / info["location"], int(info.get("offset", 0)), int(info["length"])))
-    return out or None
-
-
 def _parse_network(trt, onnx_path: Path, strongly_typed: bool, logger=None):
-    """(builder, network, parser handle) with ``onnx_path`` parsed by library ``trt``'s ONNX parser; parser
-    errors raise ExportError naming the node. Keep the handle until the network is built.
-
-    Weights stored outside the graph (a full-size bundle's ``llm.onnx.data``) are handed to the parser
-    memory-mapped (``load_initializer``) instead of being read into a copy it owns: the build then holds
-    the weights once, as pages of the file, rather than once more in the parser's heap."""
+    """(builder, network, parser) with ``onnx_path`` parsed by library ``trt``'s ONNX parser; parser errors
+    raise ExportError naming the node. Weights stored next to the graph are read from its folder (the
+    parser maps the weight file: handing it memory-mapped initializers instead measured the same peak
+    RSS, docs/jetson.md). The parser owns the weights the network points to: keep it until the network
+    is built."""
     logger = logger or _capturing_logger(trt)  # quiet: what the parser says is in the ExportError
     builder = trt.Builder(logger)
     flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
     network = builder.create_network((1 << int(flag)) if strongly_typed and flag is not None else 0)
     parser = trt.OnnxParser(network, logger)
-    onnx_path = Path(onnx_path)
-    external = _external_weights(onnx_path) if hasattr(parser, "load_initializer") else None
-    buffers: list = []
-    if external:
-        import numpy as np
-
-        ok = parser.load_model_proto(onnx_path.read_bytes(), str(onnx_path))
-        maps: dict[Path, Any] = {}
-        for name, data_file, offset, length in external:
-            if not ok:
-                break
-            if data_file not in maps:
-                maps[data_file] = np.memmap(data_file, dtype=np.uint8, mode="r")
-            view = maps[data_file][offset:offset + length]
-            buffers.append(view)
-            ok = parser.load_initializer(name, int(view.ctypes.data), int(length))
-        buffers += list(maps.values())
-        ok = ok and parser.parse_model_proto()
-    else:
-        ok = parser.parse_from_file(str(onnx_path))
-    if not ok:
+    if not parser.parse_from_file(str(onnx_path)):
         errs = [parser.get_error(i) for i in range(parser.num_errors)]
         said = "; ".join(f"{e.node_name() or e.node()} ({e.node_operator()}): {' '.join(str(e.desc()).split())}"
                          for e in errs[:3]) or "no reason given"
-        raise ExportError(f"NVIDIA's ONNX parser rejects {onnx_path.name}: {said[:400]}")
-    return builder, network, _ParserHandle(parser, buffers)
+        raise ExportError(f"NVIDIA's ONNX parser rejects {Path(onnx_path).name}: {said[:400]}")
+    return builder, network, parser
 
 
 def _write_plan(trt, builder, network, config, engine_path: Path) -> bool:

@@ -71,7 +71,9 @@ def _check_profiles_against_manifest(manifest, plan):
     assert dec["shapes"]["attention_mask"]["max"][1] == lim["max_context"]
     assert dec["shapes"][past]["min"][2] == 1
     # extend: seq 1..E on a cache from 0 up to max_context - E; every point a shape the graph can take
-    ext_seq = min(lim["max_input_len"], 256, lim["max_context"] // 2)
+    from flashvl_edge.runtime.core import DEFAULT_MAX_NUM_BATCHED_TOKENS  # the serving step's budget
+
+    ext_seq = min(lim["max_input_len"], DEFAULT_MAX_NUM_BATCHED_TOKENS, lim["max_context"] // 2)
     assert ext["shapes"]["inputs_embeds"]["max"][1] == ext_seq
     assert ext["shapes"][past]["min"][2] == 0 and ext["shapes"][past]["max"][2] == lim["max_context"] - ext_seq
     assert ext["shapes"]["attention_mask"]["max"][1] == lim["max_context"]
@@ -116,8 +118,12 @@ def test_dry_run_options_and_text(tiny_dynamic_bundle, capsys):
     assert "--builder-optimization-level 5" in out and "--hardware-compatibility-level ampere_plus" in out
     assert "--version-compatible" in out and "workspace:2147483648" in out and "/tmp/x.cache" in out
     # the numbers in the text are the profile's: 3 crop tiles + the thumbnail = 4 images max, past 511 max in
-    # decode, 512 - 200 = 312 in extend
-    assert f"max [{pre.vision_batch(3)},3," in out and pre.vision_batch(3) == 4 and ",511," in out and ",312," in out
+    # decode, 512 - E in extend (E: the serving step's token budget, at most the input length)
+    from flashvl_edge.runtime.core import DEFAULT_MAX_NUM_BATCHED_TOKENS
+
+    extend_past = 512 - min(200, DEFAULT_MAX_NUM_BATCHED_TOKENS)
+    assert f"max [{pre.vision_batch(3)},3," in out and pre.vision_batch(3) == 4 and ",511," in out
+    assert f",{extend_past}," in out
 
 
 def test_dry_run_for_trt86_reports_opset18_nodes(tiny_static_bundle):
