@@ -414,3 +414,33 @@ def test_batch_invariant_mode_never_runs_one_row(pipe, photos, monkeypatch):
     again = pipe.session()
     assert again.ask("Hi", max_new_tokens=4).token_ids == r1.token_ids
     assert again.ask("And then?", max_new_tokens=4).token_ids == r2.token_ids
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_chunks_cut_inside_a_cached_prefix_change_no_answer(tiny_dynamic_bundle, photos, monkeypatch, broken):
+    """With the prefix cache on, a request resumes after its longest cached prefix (a multiple of the
+    16-token block), which is not a chunk boundary: its first chunk is a short one up to the next
+    multiple of CHUNK. The answers are those of a cold cache (and not when the reused KV is lost)."""
+    cases = CASES[1:4]
+    if broken:
+        from flashvl_edge.runtime import pipeline
+
+        real = pipeline.join_blocks
+        monkeypatch.setattr(pipeline, "join_blocks", lambda blocks: [np.zeros_like(a) for a in real(blocks)])
+    with Pipeline.from_bundle(tiny_dynamic_bundle, device="cpu", prefill_chunk=CHUNK, kv_cache_bytes=0) as cold:
+        refs = [strip_stop(cold, t) for t in alone(cold, photos, cases)]
+    with Pipeline.from_bundle(tiny_dynamic_bundle, device="cpu", prefill_chunk=CHUNK) as warm:
+        alone(warm, photos, cases)  # fills the prefix cache
+
+        async def run():
+            sched = Scheduler(warm, max_batch=4, max_num_batched_tokens=BATCHED).start()
+            try:
+                hs = [sched.submit(GenerationRequest(prepared(warm, photos, q, n), SamplingParams(max_new_tokens=NEW)))
+                      for q, n in cases]
+                return await asyncio.wait_for(asyncio.gather(*[collect(h) for h in hs]), 120)
+            finally:
+                sched.shutdown(5)
+        out = asyncio.run(run())
+    cached = [fin.usage.cached_tokens for _, _, fin in out]
+    assert all(c > 0 for c in cached) and any(c % CHUNK for c in cached)
+    assert ([t for t, _, _ in out] == refs) is not broken
