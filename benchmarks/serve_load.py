@@ -3,6 +3,8 @@
 
     python benchmarks/serve_load.py BUNDLE [--concurrency 1,2,4,8] [--requests 8] [--new-tokens 64]
                                            [--question-tokens 32] [--out build/serve-load]
+                                           [--server-arg=--max-num-batched-tokens --server-arg=N]
+                                           [--baseline-src OLD_CHECKOUT]
 
 Starts ``flashvl serve BUNDLE --port 0`` (127.0.0.1 only), then for each concurrency level c sends the
 same ``--requests`` requests (the real photo as a data: URL + a ``--question-tokens`` question,
@@ -11,8 +13,12 @@ flight, streaming. Level 1 is the baseline: the same requests answered one at a 
 
 Per level: aggregate output tokens/s (all tokens / wall time), decode throughput (tokens after each
 request's first / the time between its first and last token, summed over the level's busiest window),
-TTFT p50/p95, inter-token latency p50/p95 of all streams, and the ITL p95 of streams that were
-decoding while another request was admitted (its vision + prefill run between two decode steps).
+TTFT p50/p95, inter-token latency p50/p95 of all streams, and the ITL p95 of running streams split
+in two: gaps while another request was joining (between its arrival and its first token: its vision
+graph and prefill ran beside or between this stream's steps) and gaps with no arrival; their ratio is
+what chunked prefill is for. With ``--baseline-src`` the same levels also run against another
+checkout's code (an older commit's worktree), each level on both servers back to back, and the TTFT
+and single-stream decode ratios to it are printed.
 Peak RSS of the server process (VmHWM) is compared with the bundle's weight files. The CPU model and
 a memory-bandwidth probe are printed with the figures: compare same-run ratios, not absolute numbers.
 Writes ``OUT/serve_load.json`` and ``OUT/serve_load.png``.
