@@ -8,18 +8,19 @@ Not a test: a full-size build takes minutes and up to tens of GB of memory (run 
 ``_build_one`` from ``flashvl build``'s own plan (``BuildOptions.plan``), each in a fresh child process
 whose peak RSS (``ru_maxrss``) is the build's; only the LLM's profile list differs between variants:
 
-- ``3-profiles``: prefill, decode, extend (what ``flashvl build`` ships by default);
+- ``3-profiles``: prefill, decode (seq = 1), extend (TensorRT's default plan);
 - ``prefill+decode``: no extend profile (the runtime then runs tokens on a cache one at a time);
 - ``decode``: the decode profile alone (the size floor: one profile);
 - ``prefill+extend``: two profiles, both with ``seq`` ranges (no seq = 1 profile);
-- ``3-profiles-decode-seq2``: the default three with decode's ``seq`` 1..2 instead of exactly 1;
+- ``3-profiles-decode-seq2``: the three with decode's ``seq`` 1..2 instead of exactly 1 (what
+  ``flashvl build --library tensorrt-rtx`` ships: ``RTX_DECODE_MAX_SEQ``);
 - ``merged``: one profile covering prefill, decode and extend (``seq`` 1..max_input_len, ``past``
   0..max_context-1, ``total`` 1..max_context; opt = decode's point). TensorRT-RTX builds it (its max point
   is not a shape the graph takes, which the builder accepts); the runtime's decoder does not run a
   single-profile engine yet, so this row measures the option;
-- ``3-profiles-weightless``: the default set built with ``STRIP_PLAN`` + ``REFIT`` (a weightless engine
-  that must be refit from the bundle's ONNX weights when loaded; the runtime does not do that, so this
-  row only measures what such an engine would weigh).
+- ``3-profiles-weightless``: the three built with ``STRIP_PLAN`` + ``REFIT_IDENTICAL`` (a weightless engine
+  refit from the bundle's ONNX weights when loaded; the runtime does not do that). TensorRT-RTX 1.7 does not
+  build it without a GPU (a Myelin CUDA check fails), so this row is for a machine with one.
 
 Engine size is compared with the graph's ONNX weight bytes (``runtime/weights.py``, initializers only).
 Building is not running: nothing here loads or executes an engine.
@@ -58,13 +59,13 @@ def cpu_model() -> str:
     return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
-def decode_seq2_profile(decode: dict) -> dict:
-    """The decode profile with seq 1..2 instead of exactly 1 (same past and total ranges)."""
+def decode_profile(decode: dict, max_seq: int) -> dict:
+    """The decode profile with seq 1..max_seq (same past and total ranges)."""
     shapes = {}
     for name, (mn, opt, mx) in decode["shapes"].items():
         if name in ("inputs_embeds", "position_ids"):
             mx = list(mx)
-            mx[1] = 2
+            mx[1] = max_seq
             mx = tuple(mx)
         shapes[name] = (mn, opt, mx)
     return {"name": "decode", "shapes": shapes}
@@ -131,11 +132,10 @@ def _child(bundle: str, graph: str, variant: str, precision: str, ccs: list[str]
     plan = opts.plan(b, E.RTX_LINT_TARGET, "bench")
     if graph == "llm":
         by_name = {p["name"]: p for p in plan.profiles["llm"]}
+        by_name["decode"] = decode_profile(by_name["decode"], 1)   # whatever the plan's default is
+        by_name["decode2"] = decode_profile(by_name["decode"], 2)
         by_name["merged"] = merged_profile(by_name, plan.limits)
-        by_name["decode2"] = decode_seq2_profile(by_name["decode"])
         plan.profiles["llm"] = [by_name[n] for n in VARIANTS[variant]]
-    if os.environ.get("FLASHVL_BENCH_READ_WEIGHTS"):  # the parser reads the weights into its own copy
-        E._external_weights = lambda path: None
     if variant.endswith("-weightless"):
         adapter = E.ADAPTERS["tensorrt-rtx"]
         configure = adapter.configure
@@ -170,7 +170,6 @@ def run_one(bundle: str, graph: str, variant: str, precision: str, ccs: list[str
     b = Bundle.load(bundle, verify="none")
     weights = graph_initializer_bytes(b.graph_path(graph))
     row = {"bundle": Path(bundle).name, "graph": graph, "variant": variant if graph == "llm" else "vision",
-           "weights_io": "read" if os.environ.get("FLASHVL_BENCH_READ_WEIGHTS") else "mapped",
            "profiles": len(VARIANTS[variant]) if graph == "llm" else 1, "weights_bytes": weights}
     if line is None:
         row["error"] = (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1][:300]
@@ -192,7 +191,7 @@ def fmt(rows: list[dict]) -> str:
             lines.append(f"| {r['bundle']} | {r['graph']} | {r['variant']} | failed: {r['error']} | | | | | |")
             continue
         anon = r.get("peak_anon_bytes")
-        lines.append(f"| {r['bundle']} | {r['graph']} | {r['variant']} ({r.get('weights_io', 'mapped')}) | {r['seconds']} "
+        lines.append(f"| {r['bundle']} | {r['graph']} | {r['variant']} | {r['seconds']} "
                      f"| {r['peak_rss_bytes'] / g:.2f}" + (f" ({anon / g:.2f})" if anon else "")
                      + f" | {r['engine_bytes'] / g:.2f} | {r['weights_bytes'] / g:.2f} | {r['engine_over_weights']:.2f}x "
                      f"| {r['rss_over_weights']:.2f}x" + (f" ({r['anon_over_weights']:.2f}x)" if anon else "") + " |")
@@ -208,16 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-vision", action="store_true")
     ap.add_argument("--out", default="build/trt-rtx-bench", help="scratch folder for the engines (deleted per row)")
     ap.add_argument("--json", default=None, help="append the rows to this JSON file")
-    ap.add_argument("--read-weights", action="store_true",
-                    help="let the parser read the weights into its own copy (parse_from_file) instead of mapping "
-                         "the weight file (what flashvl build does): the comparison row")
     args = ap.parse_args(argv)
     from flashvl_edge.runtime.backends.trt_library import TENSORRT_RTX, library_version
     from flashvl_edge.runtime.bundle import Bundle
 
     variants = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
-    if args.read_weights:
-        os.environ["FLASHVL_BENCH_READ_WEIGHTS"] = "1"
     print(f"CPU: {cpu_model()}; TensorRT-RTX {library_version(TENSORRT_RTX)}; compute capability "
           f"{' '.join(args.compute_capability)}; {platform.platform()}", flush=True)
     rows = []

@@ -350,6 +350,10 @@ def test_dry_run_parses_with_nvidias_parser(rtx_built, capsys, tmp_path):
     doc = json.loads(capsys.readouterr().out)
     assert doc["library"] == "tensorrt-rtx" and doc["compute_capabilities"] == ["8.0", "8.6", "8.9", "12.0", "12.1"]
     assert doc["parse"]["version"] == trt.__version__
+    # decode takes seq 1..2 on TensorRT-RTX: a seq = 1 profile doubles the engine's weights (docs/jetson.md)
+    decode = doc["profiles"]["llm"][1]
+    assert decode["name"] == "decode" and decode["shapes"]["inputs_embeds"]["max"][1] == 2
+    assert decode["shapes"]["inputs_embeds"]["min"][1] == decode["shapes"]["inputs_embeds"]["opt"][1] == 1
     assert all(r["ok"] and r["layers"] > 0 for r in doc["parse"]["graphs"].values())
     bad = Path(shutil.copytree(rtx_built["static-fp16"], tmp_path / "b"))
     model = onnx.load(str(bad / "llm.onnx"), load_external_data=False)
