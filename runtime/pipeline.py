@@ -97,19 +97,6 @@ class PreparedPrompt:
     # prefix KV or image embeddings (runtime/cache.py ``salted``); b"" shares with every unsalted one
     cache_salt: bytes = b""
 
-    def __post_init__(self) -> None:
-        if self.cache_salt and not isinstance(self.token_ids, _SaltedIds):
-            # the ids carry the salt too, so prefix_keys(prepared.token_ids, ...) sees it from any caller
-            self.token_ids = _SaltedIds(self.token_ids, self.cache_salt)
-
-
-class _SaltedIds(list):
-    """A prompt's token ids that remember the prompt's cache salt (a plain list otherwise)."""
-
-    def __init__(self, ids, cache_salt: bytes) -> None:
-        super().__init__(ids)
-        self.cache_salt = cache_salt
-
 
 DEFAULT_MAX_IMAGES = 8
 _ROLES = ("system", "user", "assistant")
@@ -324,9 +311,7 @@ class Pipeline:
                     raise
                 raise ImageError(f"image {i + 1} of {len(images)}: {e}") from None
         prepared = self._expand(text, encoded)
-        if cache_salt:
-            prepared.cache_salt = bytes(cache_salt)
-            prepared.__post_init__()
+        prepared.cache_salt = bytes(cache_salt)
         return prepared
 
     def encode_prompt_images(self, prepared: PreparedPrompt) -> np.ndarray | None:
@@ -341,17 +326,14 @@ class Pipeline:
 
     # -- prefill with prefix reuse --------------------------------------------------------------
     def prefix_keys(self, token_ids: Sequence[int], image_mask: Sequence[bool],
-                    images: Sequence[_EncodedImage], cache_salt: bytes | None = None) -> list[bytes]:
+                    images: Sequence[_EncodedImage], cache_salt: bytes = b"") -> list[bytes]:
         """The prompt's block keys (runtime/cache.py): image positions are tagged with their image's
         content address and index, so two images behind the same token ids never share KV; the
-        chain starts from the bundle's salt mixed with ``cache_salt`` (default: the salt the prompt
-        was prepared with, which its ``token_ids`` carry), so two salts never share a block."""
+        chain starts from the bundle's salt mixed with ``cache_salt``, so two salts never share a block."""
         if not self.prefix_cache.enabled:
             return []
         from .cache import salted
 
-        if cache_salt is None:
-            cache_salt = getattr(token_ids, "cache_salt", b"")
         tags: list[bytes | None] = [None] * len(token_ids)
         positions = [i for i, m in enumerate(image_mask) if m]
         k = 0
@@ -364,7 +346,7 @@ class Pipeline:
     def reuse_prefix(self, prepared: PreparedPrompt) -> tuple[KVCache, int, list[bytes]]:
         """A cache holding the longest cached prefix of the prompt (at least one token is left to
         prefill, whose logits start the answer), its length, and the prompt's block keys."""
-        keys = self.prefix_keys(prepared.token_ids, prepared.image_mask, prepared.images)
+        keys = self.prefix_keys(prepared.token_ids, prepared.image_mask, prepared.images, prepared.cache_salt)
         blocks = self.prefix_cache.longest(keys, (len(prepared.token_ids) - 1) // self.prefix_cache.block) \
             if keys else []
         if not blocks:

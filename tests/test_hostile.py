@@ -318,7 +318,7 @@ def test_guard_off_salts_would_share_keys(hostile_bundle, monkeypatch):
     try:
         msgs = [{"role": "system", "content": "S" * 80}, {"role": "user", "content": "hi"}]
         a, b = pipe.prepare_prompt(msgs, cache_salt=b"a"), pipe.prepare_prompt(msgs, cache_salt=b"b")
-        keys = lambda p: pipe.prefix_keys(p.token_ids, p.image_mask, p.images)  # noqa: E731
+        keys = lambda p: pipe.prefix_keys(p.token_ids, p.image_mask, p.images, p.cache_salt)  # noqa: E731
         assert keys(a) and not set(keys(a)) & set(keys(b))
         monkeypatch.setattr(cache, "salted", lambda salt, cache_salt: salt)
         assert keys(a) == keys(b)  # without the salt two tenants share every block
