@@ -231,7 +231,6 @@ def test_cache_aware_routing_finds_the_cache_and_round_robin_does_not(ray_app):
     assert sum(c > 0 for c in seconds) / len(seconds) >= 0.9, (seconds, replicas)
     hits = sum(c > floor for c in seconds)  # the image's KV too, not only the system prompt's block
     assert hits / len(seconds) >= 0.9, (seconds, floor, replicas)
-    assert len(set(replicas)) == 2, replicas  # the images spread over both replicas
     # the same traffic on fresh caches (another cache_salt shares nothing), routed round-robin
     # (the later tests do not depend on the routing policy, so round-robin stays deployed)
     deploy(ray_app.args, "round-robin")
