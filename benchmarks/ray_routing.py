@@ -12,6 +12,8 @@ bundle, 1 CPU each), then measures
    first) ``--requests`` times, alternating direct / Ray so both see the same machine state; latency p50
    and p95 of each and the difference (what the proxy -> ingress -> replica hops and the router add),
    for the whole answer and for the first streamed chunk;
+   and, beside it, what Ray Serve alone costs (an app that answers at once: proxy -> ingress, and proxy
+   -> ingress -> a second deployment);
 2. **memory**: resident memory of the direct server and of each Ray replica (the same pipeline and
    scheduler, inside a Ray worker), and of Ray's own processes (GCS, raylet, controller, proxy,
    ingress, idle workers), which a fleet pays once per node or once per cluster;
@@ -119,6 +121,64 @@ def overhead(direct: int, ray_port: int, n: int) -> dict:
     return out
 
 
+def floor(ray_port: int, n: int) -> dict:
+    """What Ray Serve itself costs here: an app whose ASGI ingress answers at once (proxy -> ingress), and
+    one that asks a second deployment first (proxy -> ingress -> replica): the hops any Ray Serve HTTP
+    endpoint pays, without flashvl's work."""
+    import http.client
+
+    from ray import serve
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+    class Echo:
+        async def once(self, body):
+            return body
+
+    class Answer:
+        def __init__(self, handle):
+            self.handle = handle
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] == "lifespan":
+                while (m := await receive())["type"] != "lifespan.shutdown":
+                    await send({"type": "lifespan.startup.complete"})
+                return await send({"type": "lifespan.shutdown.complete"})
+            body = (await receive()).get("body", b"")
+            if scope["path"].endswith("/hop"):
+                body = await self.handle.once.remote(body)
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+    @serve.ingress()
+    class Ingress:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __serve_build_asgi_app__(self):
+            return Answer(self.handle)
+
+    serve.run(Ingress.bind(Echo.bind()), name="floor", route_prefix="/floor")
+
+    def times(path: str) -> list[float]:
+        out = []
+        for _ in range(n):
+            conn = http.client.HTTPConnection("127.0.0.1", ray_port, timeout=60)
+            t0 = time.perf_counter()
+            conn.request("POST", path, body=b'{"messages": []}')
+            conn.getresponse().read()
+            out.append(time.perf_counter() - t0)
+            conn.close()
+        return out
+
+    times("/floor/hop")  # warm
+    one, two = times("/floor"), times("/floor/hop")
+    serve.delete("floor")
+    return {"ingress_p50_ms": pct(one, 50) * 1e3, "ingress_p95_ms": pct(one, 95) * 1e3,
+            "ingress_replica_p50_ms": pct(two, 50) * 1e3, "ingress_replica_p95_ms": pct(two, 95) * 1e3}
+
+
 def hit_run(port: int, n_images: int, n_questions: int, salt: str, seed: int) -> dict:
     questions = ["What is this?", "And the colours?", "Anything unusual?", "Describe the background.",
                  "How many objects?"][:n_questions]
@@ -190,6 +250,8 @@ def main() -> int:
         deploy("cache")
         log(f"overhead: {args.requests} requests to each endpoint")
         report["overhead"] = overhead(direct, ray_port, args.requests)
+        log(f"Ray Serve's own hops: {args.requests} requests each")
+        report["ray_floor"] = floor(ray_port, args.requests)
 
         from ray.serve.context import _get_global_client
 
@@ -227,6 +289,10 @@ def main() -> int:
         x = o[name]
         print(f"{name.replace('_', ' '):<28}{x['direct_p50_ms']:>11.1f}{x['direct_p95_ms']:>8.1f}{x['ray_p50_ms']:>9.1f}"
               f"{x['ray_p95_ms']:>8.1f}{x['overhead_p50_ms']:>14.1f}{x['overhead_p95_ms']:>8.1f}")
+    f = report["ray_floor"]
+    print(f"Ray Serve alone (an app that does nothing): proxy -> ingress p50 {f['ingress_p50_ms']:.1f} ms, "
+          f"p95 {f['ingress_p95_ms']:.1f}; proxy -> ingress -> replica p50 {f['ingress_replica_p50_ms']:.1f} ms, "
+          f"p95 {f['ingress_replica_p95_ms']:.1f}")
     print(f"memory (RSS, MiB): direct server {m['direct_server']:.0f}; replicas "
           f"{', '.join(f'{v:.0f}' for v in m['replicas'])}; Ray's own processes {m['ray_processes']:.0f}")
     for routing, x in h.items():
