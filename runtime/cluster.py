@@ -795,6 +795,24 @@ def app_builder(config: dict):
 # flashvl serve --ray
 
 
+def _bounded(func, timeout_s: float) -> bool:
+    """``func()`` in a thread, at most ``timeout_s``: True when it returned."""
+    done = threading.Event()
+    result = [False]
+
+    def call():
+        try:
+            func()
+            result[0] = True
+        except Exception as e:  # noqa: BLE001 - reported by the caller's line
+            print(f"flashvl serve: {type(e).__name__} while draining", file=sys.stderr, flush=True)
+        finally:
+            done.set()
+
+    threading.Thread(target=call, daemon=True).start()
+    return done.wait(timeout_s) and result[0]
+
+
 def _free_port(host: str) -> int:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))
@@ -825,23 +843,34 @@ def run(args) -> int:
         signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": args.host, "port": port})
+        from ray.serve.context import _get_global_client
+
+        http = _get_global_client().http_config  # a Serve instance already running keeps its own
+        if (http.host, http.port) != (args.host, port):
+            print(f"flashvl serve: Ray Serve already runs on this cluster and listens on {http.host}:{http.port}; "
+                  f"--host/--port are not applied", file=sys.stderr, flush=True)
+            args.host, port = http.host, http.port
         app = build_app(args, replicas=replicas)
         try:
             handle = serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
         except Exception as e:  # noqa: BLE001 - a replica that cannot start: one line
             raise FlashVLError(f"the Ray Serve application did not start: {str(e).strip().splitlines()[-1]}") \
                 from None
+        drain = handle.drain  # made now: making a handle method talks to Ray's GCS, which may be gone later
         print(f"flashvl serve: ready on {cli_serve._url(args.host, port)} (model {_model_name(args)}, "
               f"{replicas} replica{'s' * (replicas != 1)} on Ray, cache-aware routing)", flush=True)
         os.dup2(2, 1)  # the ready line is the one line on stdout; Ray's own messages go to stderr
         while not stop.wait(0.5):
             pass
         print("flashvl serve: draining", file=sys.stderr, flush=True)
-        try:
-            handle.drain.remote().result(timeout_s=args.grace_period + 15.0)
-        except Exception as e:  # noqa: BLE001 - shut down regardless
-            print(f"flashvl serve: drain did not finish ({type(e).__name__}); shutting down", file=sys.stderr)
-        serve.shutdown()
+        # every step bounded: a signal sent to the whole process group (systemd's default KillMode, a
+        # terminal's Ctrl+C) may have stopped the local Ray instance's own processes too
+        drained = _bounded(lambda: drain.remote().result(timeout_s=args.grace_period + 15.0),
+                           args.grace_period + 20.0)
+        shut = drained and _bounded(serve.shutdown, args.grace_period + 20.0)
+        if not shut:
+            print("flashvl serve: Ray did not answer while draining; stopping anyway", file=sys.stderr, flush=True)
+            os._exit(1)  # ray.shutdown() would wait for the same GCS
         return 0
     finally:
         ray.shutdown()
