@@ -27,3 +27,15 @@ def prefill_chunks(start: int, n: int, chunk: int) -> list[int]:
         out.append(nxt - pos)
         pos = nxt
     return out
+
+
+# requests of different lengths, with no image, one or two, different photos: (question, photo names)
+MIXED_REQUESTS = [
+    ("Hi", []),
+    ("Describe the image in detail, please, with colours.", ["astronaut"]),
+    ("What is in this picture?", ["coffee"]),
+    ("Compare the two photos.", ["chelsea", "astronaut"]),
+    ("a b c d e f g h i j k l m n o p", []),
+    ("And this one?", ["coffee", "chelsea"]),
+    ("x", ["astronaut"]),
+]

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from events import collect
+from events import MIXED_REQUESTS, collect
 from flashvl_edge.runtime.backends.base import BatchKVCache
 from flashvl_edge.runtime.generate import SamplingParams
 from flashvl_edge.runtime.pipeline import Pipeline
@@ -23,16 +23,7 @@ from flashvl_edge.runtime.scheduler import (FinishEvent, GenerationRequest, Queu
                                             ShuttingDownError, TokenEvent)
 
 NEW_TOKENS = 12
-# (question, images): different lengths, no image / one / two, different photos
-CASES = [
-    ("Hi", []),
-    ("Describe the image in detail, please, with colours.", ["astronaut"]),
-    ("What is in this picture?", ["coffee"]),
-    ("Compare the two photos.", ["chelsea", "astronaut"]),
-    ("a b c d e f g h i j k l m n o p", []),
-    ("And this one?", ["coffee", "chelsea"]),
-    ("x", ["astronaut"]),
-]
+CASES = MIXED_REQUESTS
 
 
 @pytest.fixture(scope="module")

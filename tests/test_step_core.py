@@ -14,7 +14,7 @@ import asyncio
 
 import numpy as np
 import pytest
-from events import collect
+from events import MIXED_REQUESTS, collect
 
 from flashvl_edge.main import main
 from flashvl_edge.runtime.backends import base, ort
@@ -26,17 +26,9 @@ from flashvl_edge.runtime.scheduler import GenerationRequest, Scheduler
 
 CHUNK = 24
 NEW = 10
-# (question, images): 8 requests of different lengths, images and texts
-CASES = [
-    ("Hi", []),
-    ("Describe the image in detail, please, with colours.", ["astronaut"]),
-    ("What is in this picture?", ["coffee"]),
-    ("Compare the two photos.", ["chelsea", "astronaut"]),
-    ("a b c d e f g h i j k l m n o p q r s t u v w x y z", []),
-    ("And this one?", ["coffee", "chelsea"]),
-    ("x", ["astronaut"]),
-    ("Count the cats.", ["chelsea"]),
-]
+# 8 requests of different lengths, images and texts: (question, photo names)
+CASES = [*MIXED_REQUESTS[:4], ("a b c d e f g h i j k l m n o p q r s t u v w x y z", []), *MIXED_REQUESTS[5:],
+         ("Count the cats.", ["chelsea"])]
 
 
 @pytest.fixture(scope="module")
