@@ -235,3 +235,62 @@ def test_decode_allocates_no_device_memory_per_token(runners, monkeypatch):
     for t in range(20):
         llm.forward(_embeds(b, llm, [13 + t]), cache)
     assert calls == [] and cache.length == 28
+
+
+@pytest.fixture(scope="module")
+def built_batched(built_static, tmp_path_factory):
+    """The same bundle with engines built for 4 rows: the step core decodes its running rows together."""
+    from flashvl_edge.main import main
+
+    bundle = tmp_path_factory.mktemp("trt-batch") / "tiny-static"
+    shutil.copytree(built_static, bundle)
+    assert main(["build", str(bundle), "--precision", "fp16", "--max-context", str(MAX_CONTEXT),
+                 "--max-input-len", str(MAX_INPUT_LEN), "--max-batch", "4", "--opt-level", "1"]) == 0
+    return bundle
+
+
+def test_serve_batches_on_tensorrt_and_answers_as_alone(built_batched):
+    """flashvl serve --backend trt decodes its requests in one engine run per step (forward_batch with
+    per-row masks and positions) and every greedy answer equals the request alone; dropping the rows'
+    masks (padding attended) must break it."""
+    import asyncio
+
+    from events import collect
+
+    from flashvl_edge.runtime.backends import trt as trt_backend
+    from flashvl_edge.runtime.generate import SamplingParams
+    from flashvl_edge.runtime.pipeline import Pipeline
+    from flashvl_edge.runtime.samples import test_photo
+    from flashvl_edge.runtime.scheduler import GenerationRequest, Scheduler
+
+    questions = [("Hi", 0), ("Describe the image in detail.", 1), ("What is this?", 1), ("a b c d e f g", 0)]
+    with Pipeline.from_bundle(built_batched, backend="trt") as pipe:
+        assert pipe.llm.supports_batching
+        photo = test_photo("astronaut")
+        alone = [pipe.chat(q, images=[photo] * n, max_new_tokens=8, ignore_eos=True).token_ids for q, n in questions]
+        rows = []
+        real = trt_backend.TrtDecoder.forward_batch
+
+        def spy(self, x, batch):
+            rows.append(x.shape[0])
+            return real(self, x, batch)
+
+        async def served():
+            sched = Scheduler(pipe, max_batch=4).start()
+            try:
+                hs = [sched.submit(GenerationRequest(pipe.prepare_prompt([pipe.prompts.user_message(q, n)], [photo] * n),
+                                                     SamplingParams(max_new_tokens=8, ignore_eos=True)))
+                      for q, n in questions]
+                return [toks for toks, _, _ in await asyncio.wait_for(asyncio.gather(*[collect(h) for h in hs]), 300)]
+            finally:
+                sched.shutdown(10)
+        mp = pytest.MonkeyPatch()
+        mp.setattr(trt_backend.TrtDecoder, "forward_batch", spy)
+        try:
+            assert asyncio.run(served()) == alone
+            assert max(rows) > 1
+            mp.setattr(trt_backend.TrtBatchKVCache, "attention_mask",
+                       lambda self, new=1: np.ones((self.rows, self.total + new), np.int64))
+            assert asyncio.run(served()) != alone
+        finally:
+            mp.undo()

@@ -43,7 +43,7 @@ import numpy as np
 
 from ..contract import EngineEntry, Manifest
 from ..errors import BackendError, EngineMismatchError
-from .base import DecoderRunner, KVCache, Runner, TensorMeta, feed_size
+from .base import BatchKVCache, DecoderRunner, KVCache, Runner, TensorMeta, feed_size
 
 PAST_PREFIX = "past_key_values."
 PRESENT_PREFIX = "present."
@@ -460,8 +460,27 @@ class TrtKVCache(KVCache):
             pass
 
 
+class TrtBatchKVCache(BatchKVCache):
+    """Rows of sequences in two device buffer sets of [max_batch, kv, max_context, head_dim] elements;
+    the current cache is written contiguously as [rows, kv, total, head_dim] at the start of ``slot``'s."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.slot = 0
+        self.buffers: dict[tuple[str, int], Any] = {}
+
+    free = TrtKVCache.free
+    __del__ = TrtKVCache.__del__
+
+
 class TrtDecoder(TrtRunner, DecoderRunner):
-    """The LLM engine: profile choice per call, KV ping-pong between two device buffer sets."""
+    """The LLM engine: profile choice per call, KV ping-pong between two device buffer sets.
+
+    Batched decode (the step core's running rows) keeps the batch's KV on the device as well and runs
+    one engine execution per step for every row (per-row attention mask and positions); rows join and
+    leave through a host copy of the batch (rare next to steps). It needs an engine built for more than
+    one row (``flashvl build --max-batch``); with ``max_batch`` 1 the core runs requests one at a time.
+    """
 
     def __init__(self, engine_path, profiles: list[str], max_context: int, max_input_len: int,
                  version_compatible: bool = False) -> None:
@@ -515,6 +534,116 @@ class TrtDecoder(TrtRunner, DecoderRunner):
             cache.buffers[key] = cuda.DeviceArray(shape=(1, kv_heads, self.max_context, head_dim),
                                                   dtype=self.dtypes[name])
         return cache.buffers[key]
+
+    # -- batched decode -------------------------------------------------------------------------
+    @property
+    def supports_batching(self) -> bool:
+        return self.limits is not None and self.limits.max_batch > 1
+
+    def new_batch(self) -> TrtBatchKVCache:
+        return TrtBatchKVCache()
+
+    def _batch_kv(self, batch: TrtBatchKVCache, name: str, slot: int):
+        from polygraphy import cuda
+
+        key = (name, slot)
+        if key not in batch.buffers:
+            _, kv_heads, _, head_dim = self.kv_dims[name]
+            batch.buffers[key] = cuda.DeviceArray(shape=(self.limits.max_batch, kv_heads, self.max_context, head_dim),
+                                                  dtype=self.dtypes[name])
+        return batch.buffers[key]
+
+    def _download(self, buf, shape: tuple[int, ...], name: str) -> np.ndarray:
+        host = np.empty(shape, dtype=self.dtypes[name])
+        if host.size:
+            buf.view(shape).copy_to(host, stream=self.stream)
+        return host
+
+    def _batch_arrays(self, batch: TrtBatchKVCache) -> list[np.ndarray]:
+        out = []
+        for p in self.past_names:
+            _, kv_heads, _, head_dim = self.kv_dims[p]
+            out.append(self._download(self._batch_kv(batch, p, batch.slot), (batch.rows, kv_heads, batch.total, head_dim), p))
+        self.stream.synchronize()
+        return out
+
+    def _upload(self, buf, array: np.ndarray) -> None:
+        if array.size:
+            buf.copy_from(np.ascontiguousarray(array), stream=self.stream)
+
+    def _set_batch(self, batch: TrtBatchKVCache, arrays: list[np.ndarray], lengths: list[int], total: int) -> None:
+        for p, a in zip(self.past_names, arrays):
+            self._upload(self._batch_kv(batch, p, batch.slot), a)
+        self.stream.synchronize()
+        batch.lengths, batch.total = list(lengths), total
+
+    def batch_add(self, batch: TrtBatchKVCache, cache: TrtKVCache) -> None:
+        if batch.rows >= self.limits.max_batch:
+            raise BackendError(f"the llm engine was built for at most {self.limits.max_batch} rows")
+        old = self._batch_arrays(batch) if batch.rows else [None] * len(self.past_names)
+        total = max(batch.total, cache.length)
+        merged = []
+        for p, o in zip(self.past_names, old):
+            _, kv_heads, _, head_dim = self.kv_dims[p]
+            new = self._download(self._kv(cache, p, cache.slot), (1, kv_heads, cache.length, head_dim), p)
+            new = np.pad(new, ((0, 0), (0, 0), (total - cache.length, 0), (0, 0)))
+            merged.append(new if o is None else
+                          np.concatenate([np.pad(o, ((0, 0), (0, 0), (total - batch.total, 0), (0, 0))), new]))
+        self.stream.synchronize()
+        self._set_batch(batch, merged, batch.lengths + [cache.length], total)
+
+    def batch_keep(self, batch: TrtBatchKVCache, rows: list[int]) -> None:
+        if rows == list(range(batch.rows)):
+            return
+        lengths = [batch.lengths[i] for i in rows]
+        total = max(lengths, default=0)
+        kept = [a[np.asarray(rows, np.int64)][:, :, batch.total - total:, :] for a in self._batch_arrays(batch)] \
+            if rows else []
+        self._set_batch(batch, kept, lengths, total)
+
+    def batch_take(self, batch: TrtBatchKVCache, row: int, into: TrtKVCache) -> None:
+        length = batch.lengths[row]
+        for p, a in zip(self.past_names, self._batch_arrays(batch)):
+            self._upload(self._kv(into, p, into.slot), a[row:row + 1, :, batch.total - length:, :])
+        self.stream.synchronize()
+        into.length = length
+
+    def forward_batch(self, inputs_embeds: np.ndarray, batch: TrtBatchKVCache) -> np.ndarray:
+        if not self.is_active:
+            raise BackendError("runner 'llm' is not active; call activate() first")
+        rows = inputs_embeds.shape[0]
+        if rows != batch.rows or inputs_embeds.shape[1] != 1:
+            raise BackendError(f"forward_batch takes one token per row: got {list(inputs_embeds.shape[:2])} "
+                               f"for {batch.rows} rows")
+        if batch.total + 1 > self.max_context:
+            raise BackendError(f"context of {batch.total + 1} tokens exceeds the engines' max_context "
+                               f"{self.max_context}; rebuild with a larger --max-context")
+        self._set_profile("decode")
+        self._bind_input("inputs_embeds", inputs_embeds)
+        # the rows' own mask, in a buffer of its own: "attention_mask"'s buffer holds the all-ones mask
+        # single sequences bind without uploading
+        mask = self._host("attention_mask", batch.attention_mask(1))
+        self._set_shape("attention_mask", mask.shape)
+        mask_buf = self._device("attention_mask.rows", self._max_elements("attention_mask"), mask.dtype)
+        mask_buf.copy_from(mask, stream=self.stream)
+        self._set_address("attention_mask", mask_buf.ptr)
+        self._bind_input("position_ids", batch.position_ids())
+        read, write = batch.slot, 1 - batch.slot
+        for p in self.past_names:
+            _, kv_heads, _, head_dim = self.kv_dims[p]
+            self._set_shape(p, (rows, kv_heads, batch.total, head_dim))
+            self._set_address(p, self._batch_kv(batch, p, read).ptr)
+            self._set_address(self.present_of[p], self._batch_kv(batch, p, write).ptr)
+        logits_buf, logits_shape = self._bind_output("logits")
+        start = perf_counter()
+        self._execute()
+        logits = self._fetch("logits", logits_buf, logits_shape)
+        self.stream.synchronize()
+        self._timed(start, rows)
+        batch.slot = write
+        batch.lengths = [n + 1 for n in batch.lengths]
+        batch.total += 1
+        return logits[:, -1].astype(np.float32, copy=False)
 
     def _set_profile(self, role: str) -> None:
         idx = self.profile_index[role]
