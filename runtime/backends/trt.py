@@ -525,13 +525,14 @@ class TrtDecoder(TrtRunner, DecoderRunner):
     def new_cache(self) -> TrtKVCache:
         return TrtKVCache()
 
-    def _kv(self, cache: TrtKVCache, name: str, slot: int):
+    def _kv(self, cache: "TrtKVCache | TrtBatchKVCache", name: str, slot: int, rows: int = 1):
+        """Slot ``slot``'s device buffer of past ``name``, room for ``rows`` rows (allocated on first use)."""
         from polygraphy import cuda
 
         key = (name, slot)
         if key not in cache.buffers:
             _, kv_heads, _, head_dim = self.kv_dims[name]
-            cache.buffers[key] = cuda.DeviceArray(shape=(1, kv_heads, self.max_context, head_dim),
+            cache.buffers[key] = cuda.DeviceArray(shape=(rows, kv_heads, self.max_context, head_dim),
                                                   dtype=self.dtypes[name])
         return cache.buffers[key]
 
@@ -544,14 +545,7 @@ class TrtDecoder(TrtRunner, DecoderRunner):
         return TrtBatchKVCache()
 
     def _batch_kv(self, batch: TrtBatchKVCache, name: str, slot: int):
-        from polygraphy import cuda
-
-        key = (name, slot)
-        if key not in batch.buffers:
-            _, kv_heads, _, head_dim = self.kv_dims[name]
-            batch.buffers[key] = cuda.DeviceArray(shape=(self.limits.max_batch, kv_heads, self.max_context, head_dim),
-                                                  dtype=self.dtypes[name])
-        return batch.buffers[key]
+        return self._kv(batch, name, slot, self.limits.max_batch)
 
     def _download(self, buf, shape: tuple[int, ...], name: str) -> np.ndarray:
         host = np.empty(shape, dtype=self.dtypes[name])
@@ -628,22 +622,31 @@ class TrtDecoder(TrtRunner, DecoderRunner):
         mask_buf.copy_from(mask, stream=self.stream)
         self._set_address("attention_mask", mask_buf.ptr)
         self._bind_input("position_ids", batch.position_ids())
-        read, write = batch.slot, 1 - batch.slot
+        logits = self._run_on_kv(batch, rows, batch.total, rows)
+        batch.lengths = [n + 1 for n in batch.lengths]
+        batch.total += 1
+        return logits[:, -1].astype(np.float32, copy=False)
+
+    def _run_on_kv(self, cache: "TrtKVCache | TrtBatchKVCache", rows: int, past: int, size: int) -> np.ndarray:
+        """Bind the current slot's KV ([rows, kv, past, hd], written contiguously at the start of the slot's
+        buffer) as the past and the other slot as the present, run once, swap the slots: the logits."""
+        read, write = cache.slot, 1 - cache.slot
+        capacity = self.limits.max_batch if isinstance(cache, TrtBatchKVCache) else 1
         for p in self.past_names:
             _, kv_heads, _, head_dim = self.kv_dims[p]
-            self._set_shape(p, (rows, kv_heads, batch.total, head_dim))
-            self._set_address(p, self._batch_kv(batch, p, read).ptr)
-            self._set_address(self.present_of[p], self._batch_kv(batch, p, write).ptr)
+            self._set_shape(p, (rows, kv_heads, past, head_dim))
+            self._set_address(p, self._kv(cache, p, read, capacity).ptr)
+            self._set_address(self.present_of[p], self._kv(cache, p, write, capacity).ptr)
         logits_buf, logits_shape = self._bind_output("logits")
+        # timed as TrtRunner.infer_impl: execution + logits copy; the bindings above are host overhead.
+        # A multi-token later turn is one engine execution (and one timed call) per profile step.
         start = perf_counter()
         self._execute()
         logits = self._fetch("logits", logits_buf, logits_shape)
         self.stream.synchronize()
-        self._timed(start, rows)
-        batch.slot = write
-        batch.lengths = [n + 1 for n in batch.lengths]
-        batch.total += 1
-        return logits[:, -1].astype(np.float32, copy=False)
+        self._timed(start, size)
+        cache.slot = write
+        return logits
 
     def _set_profile(self, role: str) -> None:
         idx = self.profile_index[role]
@@ -674,22 +677,8 @@ class TrtDecoder(TrtRunner, DecoderRunner):
         self._set_shape("attention_mask", (1, total))
         self._set_address("attention_mask", self._mask.ptr)
         self._bind_input("position_ids", np.arange(past, total, dtype=np.int64)[None, :])
-        read, write = cache.slot, 1 - cache.slot
-        for p in self.past_names:
-            _, kv_heads, _, head_dim = self.kv_dims[p]
-            # the cache is written contiguously as [1, kv, length, hd] at the start of the slot's buffer
-            self._set_shape(p, (1, kv_heads, past, head_dim))
-            self._set_address(p, self._kv(cache, p, read).ptr)
-            self._set_address(self.present_of[p], self._kv(cache, p, write).ptr)
-        logits_buf, logits_shape = self._bind_output("logits")
-        # timed as TrtRunner.infer_impl: execution + logits copy; the bindings above are host overhead.
-        # A multi-token later turn is one engine execution (and one timed call) per profile step.
-        start = perf_counter()
-        self._execute()
-        logits = self._fetch("logits", logits_buf, logits_shape)
-        self.stream.synchronize()
-        self._timed(start, seq)
-        cache.slot, cache.length = write, total
+        logits = self._run_on_kv(cache, 1, past, seq)
+        cache.length = total
         return logits[0, -1].astype(np.float32, copy=False)
 
 
