@@ -140,7 +140,7 @@ def floor(ray_port: int, n: int) -> dict:
 
         async def __call__(self, scope, receive, send):
             if scope["type"] == "lifespan":
-                while (m := await receive())["type"] != "lifespan.shutdown":
+                while (await receive())["type"] != "lifespan.shutdown":
                     await send({"type": "lifespan.startup.complete"})
                 return await send({"type": "lifespan.shutdown.complete"})
             body = (await receive()).get("body", b"")

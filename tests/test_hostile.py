@@ -22,10 +22,8 @@ import io
 import json
 import shutil
 import socket
-import struct
 import threading
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
