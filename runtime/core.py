@@ -331,12 +331,14 @@ class StepCore:
 
     def run(self, seq: Sequence) -> Iterator[Emitted]:
         """A one-row client: add ``seq`` and step until it finishes, yielding what it did (its last
-        item has ``finished`` set)."""
+        item has ``finished`` set); a row that ends with an error raises what ended it."""
         self.add(seq)
         try:
             while True:
                 for e in self.step():
                     if e.seq is seq:
+                        if e.finished and seq.finish_reason == "error":  # a one-row client gets the exception
+                            raise seq.exception or PromptError(seq.error or "the request failed")
                         yield e
                         if e.finished:
                             return

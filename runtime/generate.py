@@ -251,8 +251,6 @@ class Generator:
         seq.keep_cache = True
         for _ in self.core().run(seq):
             pass
-        if seq.finish_reason == "error":
-            raise seq.exception or PromptError(seq.error or "the request failed")
         return seq
 
     def greedy(self, cache: KVCache, ids: Sequence[int] = (), image_embeds: np.ndarray | None = None,

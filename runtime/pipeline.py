@@ -635,8 +635,6 @@ class _Turn:
         for e in gen.core().run(seq):
             if e.text:
                 yield e.text
-        if seq.finish_reason == "error":
-            raise seq.exception or PromptError(seq.error or "the request failed")
         self.generated = list(seq.generated)
         n = len(self.generated)
         t_first, t_last = seq.first_token_time, seq.last_token_time

@@ -302,8 +302,8 @@ class Scheduler:
         images (those after the prefix) go to the encoder thread; the core prefills once they are in."""
         pipe, prepared = self.pipe, seq.tag.request.prepared
         cache, cached, keys = pipe.reuse_prefix(prepared)
+        seq.seen = list(prepared.token_ids[:cached])  # attach adds the ids it prefills
         seq.attach(prepared.token_ids[cached:], prepared.image_mask[cached:], None, None, cache)
-        seq.seen = list(prepared.token_ids)
         seq.cached_tokens = cached
         if any(prepared.image_mask[cached:]):
             seq.ready = False

@@ -346,9 +346,12 @@ class OrtDecoder(OrtRunner, DecoderRunner):
 
     def batch_take(self, batch: "OrtBatchKVCache", row: int, into: OrtKVCache) -> None:
         cut = batch.total - batch.lengths[row]
-        arrays = [np.ascontiguousarray(a[row:row + 1, :, cut:, :]) for a in self._numpy(batch.values)]
-        taken = self.cache_from_arrays(arrays, batch.lengths[row])
-        into.values, into.offset, into.length, into.hold = taken.values, 0, taken.length, taken.hold
+        self._refill(into, [a[row:row + 1, :, cut:, :] for a in self._numpy(batch.values)], batch.lengths[row])
+
+    def _refill(self, cache: OrtKVCache, arrays: list[np.ndarray], length: int) -> None:
+        """``cache`` (the caller's object) now holds ``arrays`` as its ``length`` positions."""
+        fresh = self.cache_from_arrays(arrays, length)
+        cache.values, cache.offset, cache.length, cache.hold = fresh.values, 0, length, fresh.hold
 
     def forward_rows(self, caches: list[OrtKVCache], inputs: list[np.ndarray]) -> np.ndarray:
         """Several sequences' new tokens in one run (batched prefill chunks).
@@ -371,10 +374,9 @@ class OrtDecoder(OrtRunner, DecoderRunner):
         for layer in zip(*(self.cache_arrays(c) for c in caches)):
             joined.append(np.ascontiguousarray(np.concatenate(
                 [np.pad(a, ((0, 0), (0, 0), (cols - a.shape[2], 0), (0, 0))) for a in layer], axis=0)))
-        hold = BatchKVCache()
-        values = self._to_values(joined, hold)
         if self.use_vector_run:
-            fetches = self._vector_run(embeds, mask, positions, values, sum(new))
+            joint = self.cache_from_arrays(joined, cols)  # keeps the joined buffers alive for the run
+            fetches = self._vector_run(embeds, mask, positions, joint.tensors(), sum(new))
             logits = fetches[0].numpy()[:, -1].astype(np.float32, copy=True)
             presents = [fetches[i].numpy() for i in range(1, len(fetches))]
         else:
@@ -387,9 +389,7 @@ class OrtDecoder(OrtRunner, DecoderRunner):
             presents = out[1:]
         for i, cache in enumerate(caches):
             keep = np.r_[cols - past[i]:cols, cols + seq - new[i]:cols + seq]
-            fresh = self.cache_from_arrays([np.ascontiguousarray(p[i:i + 1][:, :, keep]) for p in presents],
-                                           past[i] + new[i])
-            cache.values, cache.offset, cache.length, cache.hold = fresh.values, 0, fresh.length, fresh.hold
+            self._refill(cache, [p[i:i + 1][:, :, keep] for p in presents], past[i] + new[i])
         return logits
 
     def forward_batch(self, inputs_embeds: np.ndarray, batch: "OrtBatchKVCache") -> np.ndarray:
