@@ -4,6 +4,7 @@ against fp32, where its kernel time goes, and whether a row's logits depend on t
 
     python benchmarks/int4_step.py --int4 BUNDLE_Q [--fp32 BUNDLE] [--levels 4,0] [--rows 1,2,4,8] \\
                                    [--past 300] [--steps 10] [--reps 3] [--threads 2] [--out build/int4-step]
+    python benchmarks/int4_step.py --accuracy --int4 BUNDLE_Q --fp32 BUNDLE [--levels 4,0] [--threads 2]
 
 What it runs: the bundle's ``llm.onnx`` in ONNX Runtime (CPU, ``runtime/backends/ort.py``'s session
 options: ``--threads`` intra-op threads, ORT_ENABLE_ALL), one token per row on a past of ``--past``
@@ -34,11 +35,23 @@ Measured, per variant (``int4-L4``, ``int4-L0``, ``fp32``):
 The CPU model and a memory-bandwidth probe (``compare.py``'s: a 1 GiB float32 matrix-vector product,
 numpy, best of 5) are printed with the figures, before, between repetitions and after. Writes
 ``OUT/int4_step.json``. Peak memory with the full-size fp32 bundle: ~9 GB (run it under the heavy lock).
+
+``--accuracy`` runs none of the above: it measures the INT4 LLM at each accuracy level with the
+calibration report's LLM metrics (``calibration/report.py`` ``llm_metrics``: teacher-forced top-1
+agreement, KL(FP || Q) mean / max, logit relative RMS error, free-running greedy agreement and identical
+prefix) on the report's held-out samples, against the fp32 bundle's references (``calibration/data.py``
+``capture``: the same samples, prompts and cache key as ``flashvl calibrate`` with its defaults, so the
+calibration run's cache is reused and the fp32 graphs only run when it is missing). The INT4 graph runs
+in the runtime's ``OrtDecoder`` (``device="cpu"``, ``--threads``) whose session options get the level key
+added, through the runtime's ``Generator`` as the report feeds it; the level each session got is read
+back from its options. The bundle's own ``calibration_report.json`` (made with no level key, i.e. ONNX
+Runtime's default) is printed beside it. Writes ``OUT/int4_accuracy.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -314,6 +327,142 @@ def print_op_check(oc: dict) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# accuracy: the calibration report's LLM metrics at each MatMulNBits accuracy level
+
+
+@contextlib.contextmanager
+def level_in_session_options(level: int):
+    """While open, the runtime's ``session_options`` (as ``OrtRunner`` builds every session with) also
+    sets the MatMulNBits accuracy level; everything else stays the runtime's."""
+    from flashvl_edge.runtime.backends import ort as backend
+
+    base = backend.session_options
+
+    def with_level(*args, **kwargs):
+        so = base(*args, **kwargs)
+        so.add_session_config_entry(LEVEL_KEY, str(level))
+        return so
+
+    backend.session_options = with_level
+    try:
+        yield
+    finally:
+        backend.session_options = base
+
+
+ACCURACY_ROWS = [("top1_agreement", "next-token top-1 agreement (teacher-forced)", "{:.4f}"),
+                 ("kl_mean", "KL(FP || Q) mean [nats]", "{:.5f}"),
+                 ("kl_max", "KL(FP || Q) max [nats]", "{:.5f}"),
+                 ("logit_rel_rms_error", "logit error (relative RMS)", "{:.5f}"),
+                 ("greedy_agreement", "greedy agreement (free-running)", "{:.4f}"),
+                 ("greedy_identical_prefix_mean", "greedy identical prefix, mean [tokens]", "{:.2f}")]
+
+
+def accuracy(args) -> dict:
+    from flashvl_edge.calibration import data
+    from flashvl_edge.calibration import report as calib_report
+    from flashvl_edge.runtime.backends.ort import OrtDecoder
+    from flashvl_edge.runtime.bench import machine_info
+    from flashvl_edge.runtime.bundle import Bundle
+    from flashvl_edge.runtime.generate import Generator
+
+    machine = machine_info()
+    log(f"machine: {machine.get('cpu')} ({machine.get('logical_cpus')} CPUs, {machine.get('physical_cores')} "
+        f"physical cores), onnxruntime {machine.get('onnxruntime')}, {args.threads} threads")
+    fp, q = Bundle.load(args.fp32, verify="none"), Bundle.load(args.int4, verify="none")
+    qs = q.manifest.quantization
+    if qs is None or qs.llm != "int4":
+        raise SystemExit(f"{args.int4} is not an INT4-LLM bundle (flashvl calibrate --llm int4)")
+    m = fp.manifest
+    args.holdout = args.holdout or data.DEFAULT_HOLDOUT
+    args.report_tokens = args.report_tokens or data.DEFAULT_REPORT_TOKENS
+    # the held-out samples and references exactly as flashvl calibrate (default samples) takes them: the
+    # same selection, and the same capture split, so the calibration run's cache file is the one found
+    prompts = data.load_prompts(None, m.image.placeholder)
+    samples = data.select_samples(None, prompts, args.samples, args.holdout, m.preprocess.max_image_pixels)
+    needs_calibration = qs.vision == "int8" or qs.llm == "int8" or qs.method.get("llm", "rtn") != "rtn"
+    t0 = time.perf_counter()
+    cap = data.capture(args.fp32, samples, args.report_tokens, args.cache_dir, progress=False,
+                       held_out_only=not needs_calibration)
+    log(f"fp32 references: {len(cap.held_embeds)} held-out samples "
+        f"({'loaded from cache' if cap.cache_hit else f'captured in {time.perf_counter() - t0:.1f} s'}"
+        f"{', ' + str(cap.cache_path) if cap.cache_path else ''})")
+    table = np.load(fp.path(m.embeddings.file), mmap_mode="r")
+    out: dict = {"machine": machine, "command": " ".join([Path(sys.executable).name] + sys.argv),
+                 "settings": vars(args), "held_out": cap.names.get("held_out", []),
+                 "prefill_tokens": [int(e.shape[1]) for e in cap.held_embeds],
+                 "references": {"bundle": str(Path(args.fp32).resolve()), "cache_hit": cap.cache_hit,
+                                "cache_file": str(cap.cache_path) if cap.cache_path else None},
+                 "levels": {}}
+    forced: dict[int, np.ndarray] = {}
+    for level in (int(lv) for lv in args.levels.split(",")):
+        dec = OrtDecoder(q.graph_path("llm"), f"llm-int4-L{level}", device="cpu", threads=args.threads)
+        t0 = time.perf_counter()
+        with level_in_session_options(level):
+            dec.activate()
+        load_s = time.perf_counter() - t0
+        with dec:
+            got = dec.session.get_session_options().get_session_config_entry(LEVEL_KEY)
+            if got != str(level):
+                raise SystemExit(f"the session has {LEVEL_KEY} = {got!r}, not {level}")
+            t0 = time.perf_counter()
+            metrics = calib_report.llm_metrics(Generator(dec, table, m.image.image_token_id),
+                                               cap.held_embeds, cap.held_tokens, cap.held_logits)
+            run_s = time.perf_counter() - t0
+            # the teacher-forced logits once more (the call llm_metrics makes), to compare the levels directly
+            gen = Generator(dec, table, m.image.image_token_id)
+            forced[level] = np.concatenate([
+                gen.teacher_forced(dec.new_cache(), inputs_embeds=e, forced_tokens=[int(t) for t in toks[:-1]])
+                for e, toks in zip(cap.held_embeds, cap.held_tokens)])
+        out["levels"][f"level {level}"] = {**metrics, "session_config": {LEVEL_KEY: got},
+                                           "load_s": load_s, "report_s": run_s}
+        log(f"level {level}: loaded in {load_s:.1f} s, measured in {run_s:.1f} s: "
+            + ", ".join(f"{k} {metrics[k]:.4g}" for k, _, _ in ACCURACY_ROWS))
+    levels = list(forced)
+    out["between_levels"] = {}
+    for i, a in enumerate(levels):
+        for b in levels[i + 1:]:
+            pa, pb = forced[a], forced[b]
+            kl = calib_report.kl_divergence(pa, pb)
+            out["between_levels"][f"level {b} vs level {a}"] = {
+                "positions": int(pa.shape[0]), "top1_agreement": float(np.mean(pa.argmax(-1) == pb.argmax(-1))),
+                "kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
+                "logit_rel_rms_error": float(np.sqrt(((pb.astype(np.float64) - pa) ** 2).sum()
+                                                     / max(float((pa.astype(np.float64) ** 2).sum()), 1e-30))),
+                "max_abs_diff": float(np.max(np.abs(pb - pa)))}
+    stored = q.root / calib_report.REPORT_FILE
+    if stored.is_file():
+        rep = json.loads(stored.read_text())
+        if "llm" in rep:
+            out["calibration_report"] = {"held_out": rep.get("held_out"), **rep["llm"]}
+    return out
+
+
+def print_accuracy(r: dict) -> None:
+    m = r["machine"]
+    print(f"Machine: {m.get('cpu')} ({m.get('logical_cpus')} CPUs, {m.get('physical_cores')} physical cores), "
+          f"onnxruntime {m.get('onnxruntime')}, {r['settings']['threads']} threads")
+    first = next(iter(r["levels"].values()))
+    print(f"held-out samples: {', '.join(r['held_out'])} (prefill {'/'.join(map(str, r['prefill_tokens']))} "
+          f"tokens; {first['positions']} teacher-forced positions, {first['greedy_tokens']} free-running tokens); "
+          f"references: the fp32 bundle{' (cache)' if r['references']['cache_hit'] else ''}\n")
+    cols = [(f"int4 {k}", v) for k, v in r["levels"].items()]
+    if "calibration_report" in r:
+        cols.append(("bundle's calibration_report.json (no level key)", r["calibration_report"]))
+    print("| metric vs fp32 | " + " | ".join(c for c, _ in cols) + " |")
+    print("|---|" + "---|" * len(cols))
+    for key, label, fmt in ACCURACY_ROWS:
+        print(f"| {label} | " + " | ".join(fmt.format(v[key]) if key in v else "-" for _, v in cols) + " |")
+    print("| time to measure (s) | " + " | ".join(f"{v['report_s']:.1f}" if "report_s" in v else "-"
+                                                  for _, v in cols) + " |")
+    for name, d in r.get("between_levels", {}).items():
+        print(f"\n{name} (teacher-forced logits at the same {d['positions']} positions, the first level as "
+              f"reference): top-1 agreement {d['top1_agreement']:.4f}, KL mean / max {d['kl_mean']:.3g} / "
+              f"{d['kl_max']:.3g} nats, logit relative RMS {d['logit_rel_rms_error']:.3g}, "
+              f"max |diff| {d['max_abs_diff']:.3g}")
+
+
+# --------------------------------------------------------------------------------------------
 
 
 def main() -> None:
@@ -333,8 +482,28 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-invariance", action="store_true")
     ap.add_argument("--skip-op-check", action="store_true", help="skip the one-node MatMulNBits check")
+    ap.add_argument("--accuracy", action="store_true",
+                    help="instead of timing: the calibration report's LLM metrics at each level against --fp32")
+    ap.add_argument("--samples", type=int,
+                    help="--accuracy: the bundle's calibrate --samples, if it was given (picks the held-out set)")
+    ap.add_argument("--holdout", type=int, help="--accuracy: held-out samples (default: flashvl calibrate's)")
+    ap.add_argument("--cache-dir", help="--accuracy: calibrate's --cache-dir, if it was given")
+    ap.add_argument("--report-tokens", type=int,
+                    help="--accuracy: positions per held-out sample (default: flashvl calibrate's)")
     ap.add_argument("--out", default="build/int4-step")
     args = ap.parse_args()
+
+    if args.accuracy:
+        if not args.fp32:
+            ap.error("--accuracy needs --fp32 (the references come from the fp32 bundle)")
+        acc = accuracy(args)
+        out_dir = Path(args.out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / "int4_accuracy.json"
+        path.write_text(json.dumps(acc, indent=2, default=str) + "\n")
+        print_accuracy(acc)
+        print(f"wrote {path}")
+        return
 
     import onnxruntime as ort
     from flashvl_edge.runtime.bench import machine_info
