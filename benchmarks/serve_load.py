@@ -4,7 +4,7 @@
     python benchmarks/serve_load.py BUNDLE [--concurrency 1,2,4,8] [--requests 8] [--new-tokens 64]
                                            [--question-tokens 32] [--out build/serve-load]
                                            [--server-arg=--max-num-batched-tokens --server-arg=N]
-                                           [--baseline-src OLD_CHECKOUT]
+                                           [--baseline-src OLD_CHECKOUT] [--variant 'LABEL=ARG ARG']
 
 Starts ``flashvl serve BUNDLE --port 0`` (127.0.0.1 only), then for each concurrency level c sends the
 same ``--requests`` requests (the real photo as a data: URL + a ``--question-tokens`` question,
@@ -18,7 +18,9 @@ in two: gaps while another request was joining (between its arrival and its firs
 graph and prefill ran beside or between this stream's steps) and gaps with no arrival; their ratio is
 what chunked prefill is for. With ``--baseline-src`` the same levels also run against another
 checkout's code (an older commit's worktree), each level on both servers back to back, and the TTFT
-and single-stream decode ratios to it are printed.
+and single-stream decode ratios to it are printed. ``--variant 'LABEL=ARGS'`` adds this checkout's server
+once more with other ``flashvl serve`` arguments (e.g. ``'no lane=--itl-stretch 0'``), run in the same
+rotation.
 Peak RSS of the server process (VmHWM) is compared with the bundle's weight files. The CPU model and
 a memory-bandwidth probe are printed with the figures: compare same-run ratios, not absolute numbers.
 Writes ``OUT/serve_load.json`` and ``OUT/serve_load.png``.
@@ -237,6 +239,8 @@ def main() -> int:
     ap.add_argument("--baseline-src", metavar="CHECKOUT",
                     help="also run the same sweep against the flashvl_edge code of another checkout (an older "
                          "commit's worktree): same bundle, same run, ratios printed")
+    ap.add_argument("--variant", action="append", default=[], metavar="LABEL=ARGS",
+                    help="also run this checkout's server with these space-separated serve arguments (repeatable)")
     ap.add_argument("--reuse", action="store_true",
                     help="keep the server's image and prefix caches on (default off: every request pays for its "
                          "vision graph and prefill, which is what batching is measured against)")
@@ -272,7 +276,11 @@ def main() -> int:
     servers = {"this checkout": (caches + list(args.server_arg), None)}
     if args.baseline_src:
         servers["baseline"] = (caches, package_layout(args.baseline_src))
+    for spec in args.variant:
+        label, _, extra = spec.partition("=")
+        servers[label] = (caches + extra.split(), None)
     runs = sweep(args, body, levels, servers)
+    report["variants"] = {label.partition("=")[0]: runs[label.partition("=")[0]] for label in args.variant}
     report["levels"] = runs["this checkout"]
     if args.baseline_src:
         report["baseline_levels"] = runs["baseline"]
@@ -309,7 +317,8 @@ def main() -> int:
           "ITL p95 no arrivals / while joining ms | peak RSS GiB |")
     print("|---|---|---|---|---|---|---|---|")
     ms = lambda v: "-" if v is None else f"{1e3 * v:.0f}"  # noqa: E731
-    for who, rows in (("this", report["levels"]), ("baseline", report.get("baseline_levels", []))):
+    for who, rows in (("this", report["levels"]), ("baseline", report.get("baseline_levels", [])),
+                      *report["variants"].items()):
         for lv in rows:
             print(f"| {who} | {lv['concurrency']} | {lv['output_tokens_per_s']:.2f} | {lv['decode_tokens_per_s'] or 0:.2f} | "
                   f"{lv['ttft_p50_s']:.2f} / {lv['ttft_p95_s']:.2f} | {1e3 * lv['itl_p50_s']:.1f} / "

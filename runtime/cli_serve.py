@@ -44,6 +44,10 @@ def add_arguments(p) -> None:
                    help="prompts are prefilled in chunks ending at multiples of N positions, so a running "
                         "stream waits at most one chunk while a request joins (default 64; the same in "
                         "'flashvl chat', which gives the same answers)")
+    p.add_argument("--itl-stretch", type=float, default=None, metavar="X",
+                   help="while a request's prompt is prefilled beside them, running streams get a token at least "
+                        "every X quiet decode steps (default 4; lower: smoother streams, a later first token for "
+                        "the joining request; 0: chunks run between decode steps; docs/serving.md)")
     p.add_argument("--batch-invariant", action="store_true",
                    help="every LLM run takes at least two rows, so an INT8/INT4 bundle gives each request the "
                         "answer it gets alone whatever else runs (a lone stream decodes slower; docs/serving.md)")
@@ -126,6 +130,8 @@ def _check(args) -> None:
     for name in ("max_tiles", "max_image_pixels", "max_num_batched_tokens", "prefill_chunk"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise FlashVLError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.itl_stretch is not None and not (math.isfinite(args.itl_stretch) and args.itl_stretch >= 0):
+        raise FlashVLError(f"--itl-stretch must be a number >= 0 (0: no prefill beside decode), got {args.itl_stretch}")
     if not 0 <= args.port <= 65535:
         raise FlashVLError(f"--port must be 0..65535, got {args.port}")
     if not math.isfinite(args.grace_period) or args.grace_period < 0:
@@ -135,6 +141,12 @@ def _check(args) -> None:
     from .server import check_limit_args
 
     check_limit_args(args)
+
+
+def itl_stretch(args) -> dict:
+    """The scheduler's ``itl_stretch`` keyword when the flag was given (else the core's default)."""
+    value = getattr(args, "itl_stretch", None)
+    return {} if value is None else {"itl_stretch": value}
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -231,7 +243,8 @@ def run(args) -> int:
 
         failed: list[str] = []
         scheduler = Scheduler(pipe, max_batch=args.max_batch, max_queue=args.max_queue,
-                              max_num_batched_tokens=args.max_num_batched_tokens, on_fatal=model_failed).start()
+                              max_num_batched_tokens=args.max_num_batched_tokens, on_fatal=model_failed,
+                              **itl_stretch(args)).start()
         app = http.create_app(scheduler, pipe, http.ServeOptions(
             model_name=name, api_key=api_key, max_body_bytes=args.max_body_bytes,
             allowed_local_media_path=args.allowed_local_media_path, max_images=args.max_images,

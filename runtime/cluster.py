@@ -430,6 +430,7 @@ def _set_event() -> asyncio.Event:
 def _open_server(args, on_fatal):
     """The pipeline, the started scheduler and the app, as ``flashvl serve`` makes them."""
     from . import server as http
+    from .cli_serve import itl_stretch
     from .pipeline import Pipeline
     from .scheduler import Scheduler
 
@@ -440,7 +441,8 @@ def _open_server(args, on_fatal):
                                 prefill_chunk=args.prefill_chunk, batch_invariant=args.batch_invariant, **device)
     try:
         scheduler = Scheduler(pipe, max_batch=args.max_batch, max_queue=args.max_queue,
-                              max_num_batched_tokens=args.max_num_batched_tokens, on_fatal=on_fatal).start()
+                              max_num_batched_tokens=args.max_num_batched_tokens, on_fatal=on_fatal,
+                              **itl_stretch(args)).start()
         app = http.create_app(scheduler, pipe, http.ServeOptions(
             model_name=_model_name(args), api_key=args.api_key, max_body_bytes=args.max_body_bytes,
             allowed_local_media_path=args.allowed_local_media_path, max_images=args.max_images,

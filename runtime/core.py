@@ -18,6 +18,15 @@ A step, in order:
    joins the running rows;
 3. **retire**: finished and cancelled rows leave.
 
+**Prefill beside the decode steps.** On a runner that takes concurrent runs (ONNX Runtime), a step
+with both decode rows and prefill chunks starts the chunks' run on a prefill lane (a second thread)
+and decodes meanwhile; the following steps keep decoding while the chunk runs, one step at most every
+``itl_stretch`` quiet decode-step times, and the chunk's rows join once it lands. A running stream
+then waits a few decode steps for its next token while a request joins, not a whole chunk, and the
+chunk needs no smaller size (a small chunk re-reads every weight per call). The pace is the trade:
+decode steps run beside the chunk take cores from it, so a lower stretch gives smoother streams and
+a later first token to the joining request (docs/serving.md, "Scheduling under load").
+
 Why two LLM runs and not one: the graph attends over a rectangular [rows, columns] cache, so a decode
 row placed in the same run as a 64-token chunk would compute 64 padded positions. Two runs per step
 keep every row's work to its own tokens.
@@ -33,7 +42,8 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence as Seq
 
@@ -50,6 +60,11 @@ DEFAULT_PREFILL_CHUNK = 64
 DEFAULT_MAX_NUM_SEQS = 8
 # one chunk beside a decode token of every other admitted request: a chunk always fits
 DEFAULT_MAX_NUM_BATCHED_TOKENS = DEFAULT_PREFILL_CHUNK + DEFAULT_MAX_NUM_SEQS - 1
+# While a prefill chunk runs beside them, running rows decode at most once every this many quiet
+# decode-step times. Measured (docs/serving.md): a decode step beside a 64-token INT4 chunk takes
+# ~2-2.5x its quiet time, and each one costs the chunk about one quiet step of compute; 4 keeps the
+# streams within the 5x-of-quiet bound while the chunk keeps most of the cores.
+DEFAULT_ITL_STRETCH = 4.0
 
 
 class ModelError(FlashVLError):
@@ -223,13 +238,16 @@ class StepCore:
     admission work for a waiting row (prefix reuse, starting its image encoding); it may raise
     FlashVLError, which ends that row only. ``batch_invariant``: every LLM run has an even number of
     sequences (see ``__init__``). A row whose ``keep_cache`` is set gets its KV back in its own ``cache`` when it
-    finishes (a chat session's next turn builds on it)."""
+    finishes (a chat session's next turn builds on it). ``itl_stretch``: the decode pace while a chunk runs
+    on the prefill lane (see the module docstring); 0 runs chunks between decode steps instead."""
 
     def __init__(self, generator, max_num_seqs: int = 1, max_num_batched_tokens: int | None = None,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, admit: Callable[[Sequence], None] | None = None,
-                 batch_invariant: bool = False) -> None:
+                 batch_invariant: bool = False, itl_stretch: float = DEFAULT_ITL_STRETCH) -> None:
         if max_num_seqs < 1 or prefill_chunk < 1:
             raise PromptError("max_num_seqs and prefill_chunk must be at least 1")
+        if not itl_stretch >= 0:  # also refuses NaN
+            raise PromptError(f"itl_stretch must be 0 (no prefill lane) or positive, got {itl_stretch}")
         budget = max_num_batched_tokens if max_num_batched_tokens is not None else prefill_chunk + max_num_seqs - 1
         if prefill_chunk > budget - (max_num_seqs - 1):
             raise PromptError(f"max_num_batched_tokens {budget} leaves no room for a {prefill_chunk}-token prefill "
@@ -258,6 +276,15 @@ class StepCore:
         self.batch = None
         self.steps = 0  # steps that ran the LLM
         self.decode_steps = 0  # of those, steps with decode rows
+        # the prefill lane: one chunk run at a time beside the decode steps (runners that take concurrent runs)
+        self.itl_stretch = float(itl_stretch)
+        self.use_lane = self.itl_stretch > 0 and self.batched and bool(getattr(self.llm, "supports_concurrent_runs", False))
+        self._lane: ThreadPoolExecutor | None = None
+        self.inflight: tuple[Future, list[tuple[Sequence, int, int]]] | None = None
+        self.lane_runs = 0  # chunk runs that went beside decode steps
+        self._quiet_decode_s: dict[int, float] = {}  # rows -> a decode step with nothing beside it (moving average)
+        self._beside_decode_s: float | None = None  # the last decode step beside a chunk
+        self._last_decode = 0.0  # perf_counter when the last decode step started
 
     # -- rows ------------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -265,7 +292,7 @@ class StepCore:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.prefilling or self.running)
+        return bool(self.waiting or self.prefilling or self.running or self.inflight)
 
     def pending_futures(self) -> list[Future]:
         """Image encodings the planner is waiting for (the owner may wait on them when idle)."""
@@ -294,6 +321,8 @@ class StepCore:
     def _plan_prefill(self, decode_rows: int, exclude=()) -> list[tuple[Sequence, int, int]]:
         """Prefill chunks for what the decode rows leave of the budget (rows being admitted in this
         plan are planned once their admission has said what they prefill)."""
+        if self.inflight is not None:
+            return []  # one chunk run at a time: the next waits for the lane
         chunks, left = [], self.budget - decode_rows
         for seq in self.prefilling:
             if seq.finished or not seq.ready or any(seq is x for x in exclude):
@@ -312,6 +341,7 @@ class StepCore:
         out: list[Emitted] = []
         self._drop_cancelled(out)
         self._resolve_images(out)  # images encoded since the last step: their rows can prefill now
+        self._land(out)  # a chunk that finished on the lane: its rows may decode from this step on
         plan = self.schedule()
         for seq in plan.admit:
             self._guard(seq, out, self._admit, seq)
@@ -321,9 +351,24 @@ class StepCore:
             plan.prefill = self._plan_prefill(len(plan.decode))
         if plan.decode or plan.prefill:
             self.steps += 1
+        if plan.prefill and plan.decode and self.use_lane:
+            self._launch(plan.prefill, out)  # beside the decode below and the steps after it
+            plan.prefill = []
         if plan.decode:
+            if self.inflight is not None and self._pace(len(plan.decode), out):
+                plan.decode = [s for s in self.running if not s.finished]  # the landed chunk's rows are in the batch
             self.decode_steps += 1
+            beside = self.inflight is not None
+            start = self._last_decode = time.perf_counter()
             self._decode(plan.decode, out)
+            took = time.perf_counter() - start
+            if beside:
+                self._beside_decode_s = took
+            else:
+                q = self._quiet_decode_s.get(len(plan.decode))
+                self._quiet_decode_s[len(plan.decode)] = took if q is None else 0.8 * q + 0.2 * took
+        elif self.inflight is not None:
+            self._land(out, wait=True)  # nothing to decode meanwhile
         if plan.prefill:
             self._prefill(plan.prefill, out)
         self._retire(out)
@@ -419,18 +464,70 @@ class StepCore:
             self._model(self.llm.batch_keep, self.batch, list(range(len(self.running))))
             self.pad = False
 
-    def _prefill(self, chunks: list[tuple[Sequence, int, int]], out: list[Emitted]) -> None:
-        inputs = []
-        for seq, a, b in list(chunks):
+    def _chunk_inputs(self, chunks: list[tuple[Sequence, int, int]], out: list[Emitted]):
+        """The chunks whose embedding worked (a row whose own inputs fail ends alone), their caches and inputs."""
+        inputs, kept = [], []
+        for seq, a, b in chunks:
             if self._guard(seq, out, lambda s=seq, a=a, b=b: inputs.append(s.chunk_embeds(self.gen, a, b))):
-                continue
-            chunks.remove((seq, a, b))
+                kept.append((seq, a, b))
+        caches = [s.cache for s, _, _ in kept]
+        if kept and self.batch_invariant and len(kept) % 2 == 1:  # the lm_head's rows are the sequences
+            caches, inputs = caches + [self.llm.new_cache()], inputs + [np.zeros_like(inputs[0][:1])]
+        return kept, caches, inputs
+
+    def _prefill(self, chunks: list[tuple[Sequence, int, int]], out: list[Emitted]) -> None:
+        chunks, caches, inputs = self._chunk_inputs(chunks, out)
+        if chunks:
+            self._prefilled(chunks, self._model(self.llm.forward_rows, caches, inputs), out)
+
+    # -- the prefill lane -------------------------------------------------------------------------
+    def _launch(self, chunks: list[tuple[Sequence, int, int]], out: list[Emitted]) -> None:
+        chunks, caches, inputs = self._chunk_inputs(chunks, out)
         if not chunks:
             return
-        caches = [s.cache for s, _, _ in chunks]
-        if self.batch_invariant and len(chunks) % 2 == 1:  # the lm_head's rows are the sequences
-            caches, inputs = caches + [self.llm.new_cache()], inputs + [np.zeros_like(inputs[0][:1])]
-        logits = self._model(self.llm.forward_rows, caches, inputs)
+        if self._lane is None:
+            self._lane = ThreadPoolExecutor(1, thread_name_prefix="flashvl-prefill")
+        self.inflight = (self._lane.submit(self._model, self.llm.forward_rows, caches, inputs), chunks)
+        self.lane_runs += 1
+
+    def _land(self, out: list[Emitted], wait: bool = False) -> bool:
+        """Take the lane's chunk run if it has finished (or wait for it); True if one landed. Its rows
+        that were cancelled meanwhile are already gone; the model's failure is the step's."""
+        if self.inflight is None or not (wait or self.inflight[0].done()):
+            return False
+        future, chunks = self.inflight
+        self.inflight = None
+        logits = future.result()  # a ModelError from the run ends every row (the owner's fail_all)
+        live = [(c, row) for c, row in zip(chunks, logits) if not c[0].finished]
+        if live:
+            self._prefilled([c for c, _ in live], [row for _, row in live], out)
+        return True
+
+    def _pace(self, rows: int, out: list[Emitted]) -> bool:
+        """Hold the next decode step of ``rows`` rows until ``itl_stretch`` quiet steps have passed since the
+        last one, or until the lane's chunk lands (then True: its rows join and the step decodes at once).
+
+        The quiet step is the one measured for this many rows with nothing beside it; until there is one,
+        half the last step beside the chunk (two runs sharing the cores take about twice as long each:
+        measured 2.2-2.5x on the 2-core CPU)."""
+        quiet = self._quiet_decode_s.get(rows)
+        if quiet is None and self._beside_decode_s is not None:
+            quiet = self._beside_decode_s / 2
+        if quiet is None:
+            return self._land(out)  # nothing measured yet: decode now
+        left = self._last_decode + self.itl_stretch * quiet - time.perf_counter()
+        if left > 0:
+            wait_futures([self.inflight[0]], timeout=left)
+        return self._land(out)
+
+    def close(self) -> None:
+        """Let a chunk in flight finish and stop the prefill lane's thread."""
+        if self._lane is not None:
+            self._lane.shutdown(wait=True)
+            self._lane = None
+
+    def _prefilled(self, chunks: list[tuple[Sequence, int, int]], logits, out: list[Emitted]) -> None:
+        """After a chunk run: rows whose prompt is done sample their first token and join the running rows."""
         for (seq, _, b), row in zip(chunks, logits):
             seq.prefilled = b
             if not seq.prefill_done:
@@ -491,4 +588,5 @@ class StepCore:
             seq.finish("error", message)
             out.append(Emitted(seq, None, "", True))
         self.waiting, self.prefilling, self.running, self.batch = deque(), [], [], None
+        self.inflight = None  # a chunk still on the lane lands nowhere
         return out

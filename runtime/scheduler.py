@@ -34,7 +34,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, AsyncIterator, Callable
 
-from .core import Emitted, Sequence, StepCore
+from .core import DEFAULT_ITL_STRETCH, Emitted, Sequence, StepCore
 from .errors import FlashVLError, PromptError
 from .generate import SamplingParams
 
@@ -125,13 +125,15 @@ class Scheduler:
 
     ``max_batch``: requests admitted at once (vLLM's ``max_num_seqs``); ``max_num_batched_tokens``: the
     per-step token budget; the prefill chunk is the pipeline's (``Pipeline.prefill_chunk``), so an answer
-    is the one ``flashvl chat`` gives."""
+    is the one ``flashvl chat`` gives. ``itl_stretch``: how far running streams slow down while a chunk runs
+    beside them (``StepCore``; 0: chunks run between decode steps)."""
 
     def __init__(self, pipeline: "Pipeline", max_batch: int = 8, max_queue: int = 64,
                  max_num_batched_tokens: int | None = None,
-                 on_fatal: Callable[[str], None] | None = None) -> None:
+                 on_fatal: Callable[[str], None] | None = None, itl_stretch: float = DEFAULT_ITL_STRETCH) -> None:
         if max_batch < 1 or max_queue < 1:
             raise PromptError("max_batch and max_queue must be at least 1")
+        self.itl_stretch = itl_stretch
         self.pipe = pipeline
         engine_batch = pipeline.llm.limits.max_batch if pipeline.llm.limits is not None else None
         self.max_batch = min(max_batch, engine_batch) if engine_batch else max_batch
@@ -154,7 +156,8 @@ class Scheduler:
         if budget is None:  # one chunk beside a decode token of every other admitted request
             budget = chunk + self.max_batch - 1
         return StepCore(self.pipe.generator, max_num_seqs=self.max_batch, max_num_batched_tokens=budget,
-                        prefill_chunk=chunk, admit=self._admit, batch_invariant=self.pipe.generator.batch_invariant)
+                        prefill_chunk=chunk, admit=self._admit, batch_invariant=self.pipe.generator.batch_invariant,
+                        itl_stretch=self.itl_stretch)
 
     @property
     def steps(self) -> int:
@@ -235,6 +238,8 @@ class Scheduler:
             self._wake.notify()
         if self._thread is not None:
             self._thread.join(timeout=max(5.0, grace_s))
+        if self.core is not None:
+            self.core.close()
         if self.encoder is not None:
             self.encoder.shutdown(wait=False, cancel_futures=True)
 
@@ -244,7 +249,7 @@ class Scheduler:
         try:
             while True:
                 with self._wake:
-                    while not self._stop and not self.waiting and not core.has_work:
+                    while not self._stop and not self.waiting and not self._can_step():
                         self._wake.wait(timeout=0.5)
                     if self._stop:
                         break
@@ -254,12 +259,7 @@ class Scheduler:
                 for seq in list(core.waiting) + core.prefilling + core.running:
                     if seq.tag.cancelled.is_set():
                         seq.cancelled = True
-                steps = core.steps
                 self._deliver(core.step())
-                if core.steps == steps and core.pending_futures():
-                    # every admitted request waits for its images: sleep until one is encoded
-                    concurrent.futures.wait(core.pending_futures(), timeout=0.1,
-                                            return_when=concurrent.futures.FIRST_COMPLETED)
         except Exception as e:  # the model failed: every open request gets the error
             logging.getLogger("flashvl.serve").error("the model failed", exc_info=e)
             msg = str(e) if isinstance(e, FlashVLError) else f"the model failed ({type(e).__name__}: {e})"
@@ -282,6 +282,20 @@ class Scheduler:
             while self.waiting:
                 h = self.waiting.popleft()
                 self._finish(h, "cancelled", "", len(h.request.prepared.token_ids), 0)
+
+    def _can_step(self) -> bool:
+        """The core has something to run now: not only requests waiting for their images (an encoded
+        image and a new request both wake the loop)."""
+        core = self.core
+        if not core.has_work:
+            return False
+        pending = core.pending_futures()
+        return len(pending) < len(core.prefilling) or bool(core.running or core.waiting or core.inflight) \
+            or any(f.done() for f in pending)
+
+    def _image_done(self, _future) -> None:  # called from the encoder thread
+        with self._wake:
+            self._wake.notify()
 
     def _finish(self, handle: RequestHandle, reason: str, text: str, prompt_tokens: int, generated: int,
                 error: str | None = None, cached: int = 0) -> None:
@@ -308,4 +322,5 @@ class Scheduler:
         if any(prepared.image_mask[cached:]):
             seq.ready = False
             seq.pending = self.encoder.submit(pipe.embeds_after, prepared, cached)
+            seq.pending.add_done_callback(self._image_done)
         seq.on_prefilled = lambda: pipe.remember_prefix(keys, seq.cache, cached)

@@ -5,12 +5,14 @@ one; a failure of one request ends that request, a failure of the model ends eve
 The chunk size here (24) is not a multiple of the prefix cache's 16-token blocks, so chunks end inside
 image tokens and inside cached prefixes. The tiny bundles' LLM weights are scaled so greedy decoding
 depends on its input, and every comparison is shown to fail on a broken variant: a chunk's positions
-off by one, a chunk's KV dropped, two rows' chunks swapped.
+off by one, a chunk's KV dropped, two rows' chunks swapped, a chunk run beside the decode steps (the
+prefill lane) that loses its KV.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import numpy as np
 import pytest
@@ -77,14 +79,14 @@ def alone(pipe, photos, cases=CASES) -> list[list[int]]:
     return [pipe.chat(q, images=[photos[x] for x in names], max_new_tokens=NEW).token_ids for q, names in cases]
 
 
-def together(pipe, photos, cases=CASES, max_batch=8, budget=None) -> list[list[int]]:
+def together(pipe, photos, cases=CASES, max_batch=8, budget=None, **kw) -> list[list[int]]:
     """All requests through the server's scheduler: half at once, the rest after the first request's
     second token, so they join running rows and each other's chunks mid-way."""
     reqs = [GenerationRequest(prepared(pipe, photos, q, n), SamplingParams(max_new_tokens=NEW)) for q, n in cases]
     half = len(reqs) // 2
 
     async def run():
-        sched = Scheduler(pipe, max_batch=max_batch, max_num_batched_tokens=budget).start()
+        sched = Scheduler(pipe, max_batch=max_batch, max_num_batched_tokens=budget, **kw).start()
         try:
             first = [sched.submit(r) for r in reqs[:half]]
             rest, tokens = [], []
@@ -166,18 +168,42 @@ def test_the_chunk_comparison_fails_on_a_broken_chunk(pipe, photos, monkeypatch,
 BATCHED = 3 * CHUNK + 8  # a budget that runs several requests' chunks in one LLM call
 
 
-def test_eight_requests_together_equal_each_alone(pipe, photos, monkeypatch):
+def on_lane() -> bool:
+    return threading.current_thread().name.startswith("flashvl-prefill")
+
+
+@pytest.mark.parametrize("itl_stretch", [4.0, 0.0])
+def test_eight_requests_together_equal_each_alone(pipe, photos, monkeypatch, itl_stretch):
+    """With chunks beside the decode steps (the prefill lane, the default) and between them."""
     refs = [strip_stop(pipe, t) for t in alone(pipe, photos)]
-    multi = []
+    multi, lane = [], []
     real = ort.OrtDecoder.forward_rows
 
     def spy(self, caches, inputs):
         multi.append(len(inputs))
+        lane.append(on_lane())
         return real(self, caches, inputs)
     monkeypatch.setattr(ort.OrtDecoder, "forward_rows", spy)
-    out = together(pipe, photos, budget=BATCHED)
+    out = together(pipe, photos, budget=BATCHED, itl_stretch=itl_stretch)
     assert [strip_stop(pipe, t) for t in out] == refs
     assert max(multi) >= 2  # chunks of several requests did run as one call
+    assert any(lane) == (itl_stretch > 0)  # chunks ran beside decode steps only with the lane on
+
+
+def test_the_load_comparison_fails_when_the_lane_loses_a_chunks_kv(pipe, photos, monkeypatch):
+    """A prefill lane that runs a chunk on a copy of the rows' caches (its KV never reaches them)."""
+    if pipe.kind != "fp32":
+        pytest.skip("shown once, on the fp32 bundle")
+    refs = [strip_stop(pipe, t) for t in alone(pipe, photos)]
+    real = ort.OrtDecoder.forward_rows
+
+    def on_copies(self, caches, inputs):
+        if on_lane():
+            caches = [self.cache_from_arrays(self.cache_arrays(c), c.length) for c in caches]
+        return real(self, caches, inputs)
+    monkeypatch.setattr(ort.OrtDecoder, "forward_rows", on_copies)
+    out = together(pipe, photos, budget=BATCHED)
+    assert [strip_stop(pipe, t) for t in out] != refs
 
 
 def test_a_tight_budget_changes_no_answer(pipe, photos):

@@ -198,6 +198,10 @@ class DecoderRunner(Runner):
     # cache. A backend without batching keeps the defaults: ``forward_rows`` runs the rows one at a
     # time through ``forward`` and the step core never builds a batch (``supports_batching`` False).
     supports_batching: bool = False
+    # A decode step and a prefill chunk may run at the same time on different caches (ONNX Runtime sessions
+    # take concurrent runs): the step core then runs prefill chunks beside the decode steps. A TensorRT
+    # decoder has one execution context and its buffers, so it keeps them one after the other.
+    supports_concurrent_runs: bool = False
 
     def forward_rows(self, caches: list[KVCache], inputs: list[np.ndarray]) -> np.ndarray:
         """Row i's new tokens ``inputs[i]`` [n_i, hidden] on top of ``caches[i]`` (each extended in

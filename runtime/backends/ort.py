@@ -297,6 +297,7 @@ class OrtDecoder(OrtRunner, DecoderRunner):
 
     # -- batched decoding ---------------------------------------------------------------------
     supports_batching = True
+    supports_concurrent_runs = True  # a run's state is its own feeds and fetches
 
     def new_batch(self) -> "OrtBatchKVCache":
         return OrtBatchKVCache()
