@@ -21,7 +21,8 @@ A step, in order:
 **Prefill beside the decode steps.** On a runner that takes concurrent runs (ONNX Runtime), a step
 with both decode rows and prefill chunks starts the chunks' run on a prefill lane (a second thread)
 and decodes meanwhile; the following steps keep decoding while the chunk runs, one step at most every
-``itl_stretch`` quiet decode-step times, and the chunk's rows join once it lands. A running stream
+``itl_stretch`` quiet decode-step times (the same pace while a joining request's images are encoded
+beside them), and the chunk's rows join once it lands. A running stream
 then waits a few decode steps for its next token while a request joins, not a whole chunk, and the
 chunk needs no smaller size (a small chunk re-reads every weight per call). The pace is the trade:
 decode steps run beside the chunk take cores from it, so a lower stretch gives smoother streams and
@@ -355,10 +356,10 @@ class StepCore:
             self._launch(plan.prefill, out)  # beside the decode below and the steps after it
             plan.prefill = []
         if plan.decode:
-            if self.inflight is not None and self._pace(len(plan.decode), out):
+            if self._joining() and self._pace(len(plan.decode), out):
                 plan.decode = [s for s in self.running if not s.finished]  # the landed chunk's rows are in the batch
             self.decode_steps += 1
-            beside = self.inflight is not None
+            beside = self._joining()
             start = self._last_decode = time.perf_counter()
             self._decode(plan.decode, out)
             took = time.perf_counter() - start
@@ -503,9 +504,15 @@ class StepCore:
             self._prefilled([c for c, _ in live], [row for _, row in live], out)
         return True
 
+    def _joining(self) -> bool:
+        """A joining request's work runs beside the decode steps: a chunk on the lane, or images being
+        encoded (the owner's encoder thread)."""
+        return self.use_lane and (self.inflight is not None or any(not f.done() for f in self.pending_futures()))
+
     def _pace(self, rows: int, out: list[Emitted]) -> bool:
-        """Hold the next decode step of ``rows`` rows until ``itl_stretch`` quiet steps have passed since the
-        last one, or until the lane's chunk lands (then True: its rows join and the step decodes at once).
+        """While a request joins, hold the next decode step of ``rows`` rows until ``itl_stretch`` quiet
+        steps have passed since the last one, or until the lane's chunk lands (then True: its rows join
+        and the step decodes at once); an image encoded meanwhile also ends the wait.
 
         The quiet step is the one measured for this many rows with nothing beside it; until there is one,
         half the last step beside the chunk (two runs sharing the cores take about twice as long each:
@@ -517,7 +524,8 @@ class StepCore:
             return self._land(out)  # nothing measured yet: decode now
         left = self._last_decode + self.itl_stretch * quiet - time.perf_counter()
         if left > 0:
-            wait_futures([self.inflight[0]], timeout=left)
+            lane = [self.inflight[0]] if self.inflight is not None else []
+            wait_futures(lane + self.pending_futures(), timeout=left, return_when="FIRST_COMPLETED")
         return self._land(out)
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -105,6 +106,35 @@ def together(pipe, photos, cases=CASES, max_batch=8, budget=None, **kw) -> list[
     return asyncio.run(run())
 
 
+def in_one_core(pipe, photos, cases=CASES, budget=None) -> list[list[int]]:
+    """All requests through one step core with their images already encoded: half at once, the rest
+    after two steps, so several requests' chunks are ready together and share LLM calls whatever the
+    timing (the server's encoder thread staggers its requests' images)."""
+    gen = pipe.generator
+    core = StepCore(gen, max_num_seqs=len(cases), max_num_batched_tokens=budget or BATCHED, prefill_chunk=CHUNK)
+    seqs = []
+    for q, names in cases:
+        prep = prepared(pipe, photos, q, names)
+        seqs.append(Sequence(SamplingParams(max_new_tokens=NEW), prompt_ids=prep.token_ids, image_mask=prep.image_mask,
+                             image_embeds=pipe.encode_prompt_images(prep) if names else None,
+                             cache=pipe.llm.new_cache(), decode=pipe.prompts.decode))
+    half = len(seqs) // 2
+    for seq in seqs[:half]:
+        core.add(seq)
+    tokens = {id(s): [] for s in seqs}
+    steps = 0
+    while core.has_work or steps < 2:
+        for e in core.step():
+            if e.token is not None:
+                tokens[id(e.seq)].append(e.token)
+        steps += 1
+        if steps == 2:
+            for seq in seqs[half:]:
+                core.add(seq)
+    assert all(s.finish_reason in ("stop", "length") for s in seqs), [s.error for s in seqs]
+    return [tokens[id(s)] for s in seqs]
+
+
 def strip_stop(pipe, tokens):
     return [t for t in tokens if t not in pipe.generator.stop_token_ids]
 
@@ -174,20 +204,34 @@ def on_lane() -> bool:
 
 @pytest.mark.parametrize("itl_stretch", [4.0, 0.0])
 def test_eight_requests_together_equal_each_alone(pipe, photos, monkeypatch, itl_stretch):
-    """With chunks beside the decode steps (the prefill lane, the default) and between them."""
+    """Through the server's scheduler, with chunks beside the decode steps (the prefill lane, the
+    default) and between them."""
     refs = [strip_stop(pipe, t) for t in alone(pipe, photos)]
-    multi, lane = [], []
+    lane = []
     real = ort.OrtDecoder.forward_rows
 
     def spy(self, caches, inputs):
-        multi.append(len(inputs))
         lane.append(on_lane())
         return real(self, caches, inputs)
     monkeypatch.setattr(ort.OrtDecoder, "forward_rows", spy)
     out = together(pipe, photos, budget=BATCHED, itl_stretch=itl_stretch)
     assert [strip_stop(pipe, t) for t in out] == refs
-    assert max(multi) >= 2  # chunks of several requests did run as one call
-    assert any(lane) == (itl_stretch > 0)  # chunks ran beside decode steps only with the lane on
+    if not itl_stretch:
+        assert not any(lane)  # no chunk ran beside the decode steps
+
+
+def test_several_requests_chunks_in_one_call_equal_each_alone(pipe, photos, monkeypatch):
+    refs = [strip_stop(pipe, t) for t in alone(pipe, photos)]
+    multi = []
+    real = ort.OrtDecoder.forward_rows
+
+    def spy(self, caches, inputs):
+        multi.append((len(inputs), on_lane()))
+        return real(self, caches, inputs)
+    monkeypatch.setattr(ort.OrtDecoder, "forward_rows", spy)
+    assert [strip_stop(pipe, t) for t in in_one_core(pipe, photos)] == refs
+    assert max(n for n, _ in multi) >= 2  # chunks of several requests did run as one call
+    assert any(beside for _, beside in multi)  # and some ran on the prefill lane, beside decode steps
 
 
 def test_the_load_comparison_fails_when_the_lane_loses_a_chunks_kv(pipe, photos, monkeypatch):
@@ -202,7 +246,7 @@ def test_the_load_comparison_fails_when_the_lane_loses_a_chunks_kv(pipe, photos,
             caches = [self.cache_from_arrays(self.cache_arrays(c), c.length) for c in caches]
         return real(self, caches, inputs)
     monkeypatch.setattr(ort.OrtDecoder, "forward_rows", on_copies)
-    out = together(pipe, photos, budget=BATCHED)
+    out = in_one_core(pipe, photos)
     assert [strip_stop(pipe, t) for t in out] != refs
 
 
@@ -226,7 +270,7 @@ def test_the_load_comparison_fails_when_two_rows_chunks_are_swapped(pipe, photos
             inputs[0][-1], inputs[1][-1] = inputs[1][-1].copy(), inputs[0][-1].copy()
         return real(self, caches, inputs)
     monkeypatch.setattr(ort.OrtDecoder, "forward_rows", swapped)
-    out = together(pipe, photos, budget=BATCHED)
+    out = in_one_core(pipe, photos)
     assert [strip_stop(pipe, t) for t in out] != refs
 
 
@@ -462,3 +506,43 @@ def test_chunks_cut_inside_a_cached_prefix_change_no_answer(tiny_dynamic_bundle,
     cached = [fin.usage.cached_tokens for _, _, fin in out]
     assert all(c > 0 for c in cached) and any(c % CHUNK for c in cached)
     assert ([t for t, _, _ in out] == refs) is not broken
+
+
+@pytest.mark.parametrize("value", ["-1", "nan"])
+def test_a_bad_itl_stretch_is_one_line_before_the_bundle_loads(tmp_path, capsys, value):
+    assert main(["serve", str(tmp_path / "no-bundle"), "--itl-stretch", value]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "--itl-stretch must be a number >= 0" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_a_requests_images_wait_for_earlier_prefills(pipe, photos, monkeypatch, broken):
+    """Vision of a later request and prefill of an earlier one are not run side by side (both
+    compute-bound; together they only delay the earlier first token): each request's images are encoded
+    after every request admitted before it has its first token. Broken: encoded at once."""
+    if pipe.kind != "fp32":
+        pytest.skip("scheduling, not numerics")
+    starts = []
+    real = Pipeline.embeds_after
+
+    def spy(self, prepared, cached):
+        starts.append((time.perf_counter(), id(prepared)))
+        return real(self, prepared, cached)
+    monkeypatch.setattr(Pipeline, "embeds_after", spy)
+    if broken:
+        monkeypatch.setattr(Scheduler, "_encode_after", lambda self, seq, earlier, prep, c: self.pipe.embeds_after(prep, c))
+    cases = [("Describe it.", ["astronaut"]), ("And this?", ["coffee"]), ("What is here?", ["chelsea"])]
+    reqs = [GenerationRequest(prepared(pipe, photos, q, n), SamplingParams(max_new_tokens=NEW)) for q, n in cases]
+
+    async def run():
+        sched = Scheduler(pipe, max_batch=4).start()
+        try:
+            handles = sched.submit_all(reqs)
+            await asyncio.wait_for(asyncio.gather(*[collect(h) for h in handles]), 60)
+            return [h.first_token_time for h in handles]
+        finally:
+            sched.shutdown(5)
+    first = asyncio.run(run())
+    start = {key: t for t, key in starts}
+    in_order = [start[id(r.prepared)] >= first[i - 1] for i, r in enumerate(reqs) if i > 0]
+    assert all(in_order) != broken
