@@ -216,15 +216,19 @@ def _vm_size() -> int:
 
 
 def _die_with_parent() -> None:
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() == 1:  # the parent is already gone
+    """End this child when the parent process ends. Not with PR_SET_PDEATHSIG: Linux sends it when the
+    parent *thread* that started the child exits (an idle worker thread of the server's pool), which
+    killed calls in flight from other threads. A daemon thread watches for re-parenting instead (and
+    the request loop ends on stdin's EOF)."""
+    parent = os.getppid()
+    if parent == 1:  # the parent is already gone
         os._exit(0)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _serve(memory_bytes: int, preload: list[str]) -> None:
