@@ -145,7 +145,6 @@ class Scheduler:
         self.encoder: concurrent.futures.ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._progress = threading.Condition()  # notified after every step: prefills may have finished
         self._thread: threading.Thread | None = None
         self._accepting = False
         self._stop = False
@@ -231,8 +230,6 @@ class Scheduler:
             time.sleep(0.02)
         with self._wake:
             self._stop = True
-            with self._progress:
-                self._progress.notify_all()  # the encoder stops waiting for prefills
             for h in list(self.waiting):
                 h.cancel()
             if self.core is not None:
@@ -263,8 +260,6 @@ class Scheduler:
                     if seq.tag.cancelled.is_set():
                         seq.cancelled = True
                 self._deliver(core.step())
-                with self._progress:
-                    self._progress.notify_all()
         except Exception as e:  # the model failed: every open request gets the error
             logging.getLogger("flashvl.serve").error("the model failed", exc_info=e)
             msg = str(e) if isinstance(e, FlashVLError) else f"the model failed ({type(e).__name__}: {e})"
@@ -287,18 +282,6 @@ class Scheduler:
             while self.waiting:
                 h = self.waiting.popleft()
                 self._finish(h, "cancelled", "", len(h.request.prepared.token_ids), 0)
-
-    def _encode_after(self, seq: Sequence, earlier: list[Sequence], prepared, cached: int):
-        """The request's image embeddings, encoded once the requests admitted before it have finished their
-        prefill. Both are compute-bound and serve a first token: run side by side they share the cores and
-        delay the earlier request's first token without bringing the later one's forward (measured in
-        docs/performance.md); the decode steps go on beside either."""
-        with self._progress:
-            self._progress.wait_for(lambda: self._stop or seq.finished
-                                    or all(s.prefill_done or s.finished for s in earlier))
-        if self._stop or seq.finished:
-            return None  # cancelled or shutting down: nobody takes these embeddings
-        return self.pipe.embeds_after(prepared, cached)
 
     def _can_step(self) -> bool:
         """The core has something to run now: not only requests waiting for their images (an encoded
@@ -338,7 +321,6 @@ class Scheduler:
         seq.cached_tokens = cached
         if any(prepared.image_mask[cached:]):
             seq.ready = False
-            earlier = self.core.prefilling[:self.core.prefilling.index(seq)]
-            seq.pending = self.encoder.submit(self._encode_after, seq, earlier, prepared, cached)
+            seq.pending = self.encoder.submit(pipe.embeds_after, prepared, cached)
             seq.pending.add_done_callback(self._image_done)
         seq.on_prefilled = lambda: pipe.remember_prefix(keys, seq.cache, cached)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -513,36 +512,3 @@ def test_a_bad_itl_stretch_is_one_line_before_the_bundle_loads(tmp_path, capsys,
     assert main(["serve", str(tmp_path / "no-bundle"), "--itl-stretch", value]) != 0
     err = capsys.readouterr().err.strip()
     assert "--itl-stretch must be a number >= 0" in err and len(err.splitlines()) == 1
-
-
-@pytest.mark.parametrize("broken", [False, True])
-def test_a_requests_images_wait_for_earlier_prefills(pipe, photos, monkeypatch, broken):
-    """Vision of a later request and prefill of an earlier one are not run side by side (both
-    compute-bound; together they only delay the earlier first token): each request's images are encoded
-    after every request admitted before it has its first token. Broken: encoded at once."""
-    if pipe.kind != "fp32":
-        pytest.skip("scheduling, not numerics")
-    starts = []
-    real = Pipeline.embeds_after
-
-    def spy(self, prepared, cached):
-        starts.append((time.perf_counter(), id(prepared)))
-        return real(self, prepared, cached)
-    monkeypatch.setattr(Pipeline, "embeds_after", spy)
-    if broken:
-        monkeypatch.setattr(Scheduler, "_encode_after", lambda self, seq, earlier, prep, c: self.pipe.embeds_after(prep, c))
-    cases = [("Describe it.", ["astronaut"]), ("And this?", ["coffee"]), ("What is here?", ["chelsea"])]
-    reqs = [GenerationRequest(prepared(pipe, photos, q, n), SamplingParams(max_new_tokens=NEW)) for q, n in cases]
-
-    async def run():
-        sched = Scheduler(pipe, max_batch=4).start()
-        try:
-            handles = sched.submit_all(reqs)
-            await asyncio.wait_for(asyncio.gather(*[collect(h) for h in handles]), 60)
-            return [h.first_token_time for h in handles]
-        finally:
-            sched.shutdown(5)
-    first = asyncio.run(run())
-    start = {key: t for t, key in starts}
-    in_order = [start[id(r.prepared)] >= first[i - 1] for i, r in enumerate(reqs) if i > 0]
-    assert all(in_order) != broken
