@@ -396,6 +396,34 @@ def test_a_model_failure_ends_every_request_and_stops_the_scheduler(tiny_dynamic
     assert not ready and fatal and "illegal memory access" in fatal[0]
 
 
+
+def test_a_model_failure_on_the_prefill_lane_ends_every_request(tiny_dynamic_bundle, photos, monkeypatch):
+    """A chunk run that fails beside the decode steps is the model's failure like any other."""
+    fatal = []
+    with Pipeline.from_bundle(tiny_dynamic_bundle, device="cpu") as p:
+        reqs = [GenerationRequest(prepared(p, photos, q, n), SamplingParams(max_new_tokens=k, ignore_eos=True))
+                for (q, n), k in zip(CASES[:3], (8, 200, 200))]
+        real = ort.OrtDecoder.forward_rows
+
+        def dies_on_lane(self, caches, inputs):
+            if on_lane():
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            return real(self, caches, inputs)
+        monkeypatch.setattr(ort.OrtDecoder, "forward_rows", dies_on_lane)
+
+        async def run():  # the third request's chunks run beside the second one's decode steps at the latest
+            sched = Scheduler(p, max_batch=2, on_fatal=fatal.append).start()
+            try:
+                hs = [sched.submit(r) for r in reqs]
+                return await asyncio.wait_for(asyncio.gather(*[collect(h) for h in hs]), 60), sched.ready
+            finally:
+                sched.shutdown(5)
+        out, ready = asyncio.run(run())
+    reasons = [fin.finish_reason for _, _, fin in out]
+    assert reasons[1:] == ["error"] * 2 and reasons[0] in ("length", "error")
+    assert all("illegal memory access" in fin.error for _, _, fin in out[1:])
+    assert not ready and fatal and "illegal memory access" in fatal[0]
+
 def test_one_row_clients_raise_model_errors(tiny_dynamic_bundle, monkeypatch):
     with Pipeline.from_bundle(tiny_dynamic_bundle, device="cpu") as p:
         monkeypatch.setattr(ort.OrtDecoder, "forward", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
