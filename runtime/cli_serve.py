@@ -41,13 +41,13 @@ def add_arguments(p) -> None:
                    help="tokens one step may run: every decoding request's next token, then prefill chunks "
                         "with what is left (default: the prefill chunk + max batch - 1; docs/serving.md)")
     p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
-                   help="prompts are prefilled in chunks ending at multiples of N positions, so a running "
-                        "stream waits at most one chunk while a request joins (default 64; the same in "
-                        "'flashvl chat', which gives the same answers)")
+                   help="prompts are prefilled in chunks ending at multiples of N positions (default 64; the "
+                        "same in 'flashvl chat', which gives the same answers); with --itl-stretch 0 a running "
+                        "stream waits up to one chunk while a request joins")
     p.add_argument("--itl-stretch", type=float, default=None, metavar="X",
-                   help="while a request's prompt is prefilled beside them, running streams get a token at least "
-                        "every X quiet decode steps (default 4; lower: smoother streams, a later first token for "
-                        "the joining request; 0: chunks run between decode steps; docs/serving.md)")
+                   help="while a request's prompt is prefilled beside them, running streams decode one step about "
+                        "every X quiet decode-step times (default 4; lower: smoother streams, a later first token "
+                        "for the joining request; 0: chunks run between decode steps; docs/serving.md)")
     p.add_argument("--batch-invariant", action="store_true",
                    help="every LLM run takes at least two rows, so an INT8/INT4 bundle gives each request the "
                         "answer it gets alone whatever else runs (a lone stream decodes slower; docs/serving.md)")

@@ -6,7 +6,8 @@ running row, and spends the rest of the per-step token budget (``max_num_batched
 fixed-size prefill chunks of admitted requests, several requests' chunks in one LLM run. Admission
 (:meth:`Scheduler._admit`) reuses the longest cached prompt prefix and hands the request's images to
 an encoder thread, so the vision graph runs beside the decode steps instead of between them; the
-core prefills a request once its image embeddings are ready.
+core prefills a request once its image embeddings are ready. With ONNX Runtime the chunks run on the
+core's prefill lane, beside the decode steps of the running rows (paced by ``itl_stretch``).
 
 Greedy answers are token for token those of a request run alone (``Pipeline.chat`` goes through the
 same core with the same chunk size): ``tests/test_scheduler.py`` checks it with requests joining
