@@ -62,9 +62,9 @@ DEFAULT_MAX_NUM_SEQS = 8
 # one chunk beside a decode token of every other admitted request: a chunk always fits
 DEFAULT_MAX_NUM_BATCHED_TOKENS = DEFAULT_PREFILL_CHUNK + DEFAULT_MAX_NUM_SEQS - 1
 # While a prefill chunk runs beside them, running rows decode at most once every this many quiet
-# decode-step times. Measured (docs/serving.md): a decode step beside a 64-token INT4 chunk takes
-# ~2-2.5x its quiet time, and each one costs the chunk about one quiet step of compute; 4 keeps the
-# streams within the 5x-of-quiet bound while the chunk keeps most of the cores.
+# decode-step times. Measured (docs/performance.md): a decode step beside a 64-token INT4 chunk takes
+# ~2.5x its quiet time, and each one costs the chunk about one quiet step of compute; 4 keeps the
+# streams within 5x of their no-arrival ITL while the chunk keeps most of the cores.
 DEFAULT_ITL_STRETCH = 4.0
 
 
@@ -516,7 +516,7 @@ class StepCore:
 
         The quiet step is the one measured for this many rows with nothing beside it; until there is one,
         half the last step beside the chunk (two runs sharing the cores take about twice as long each:
-        measured 2.2-2.5x on the 2-core CPU)."""
+        measured 2.4-2.6x p50 on the 2-core CPU)."""
         quiet = self._quiet_decode_s.get(rows)
         if quiet is None and self._beside_decode_s is not None:
             quiet = self._beside_decode_s / 2
