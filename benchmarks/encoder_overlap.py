@@ -86,19 +86,23 @@ def main() -> int:
             out.append(time.perf_counter() - t)
         return out
 
-    quiet = timed_steps(args.steps)
-    stop = threading.Event()
-    beside_vision: list[float] = []
+    def steps_beside(job) -> tuple[list[float], list[float]]:
+        """Decode steps timed while ``job`` (returning its own seconds) repeats on another thread."""
+        stop, jobs = threading.Event(), []
 
-    def encoder() -> None:
-        while not stop.is_set():
-            beside_vision.append(encode())
-    thread = threading.Thread(target=encoder, daemon=True)
-    thread.start()
-    time.sleep(0.2)
-    beside = timed_steps(args.steps)
-    stop.set()
-    thread.join()
+        def repeat() -> None:
+            while not stop.is_set():
+                jobs.append(job())
+        thread = threading.Thread(target=repeat, daemon=True)
+        thread.start()
+        time.sleep(0.1)
+        steps = timed_steps(args.steps)
+        stop.set()
+        thread.join()
+        return steps, jobs
+
+    quiet = timed_steps(args.steps)
+    beside, beside_vision = steps_beside(encode)
     inline = timed_steps(max(4, args.steps // 4), inline=True)
 
     chunk_x = np.asarray(gen.embed_table[rng.integers(10, min(5000, gen.embed_table.shape[0]), args.chunk)],
@@ -111,18 +115,7 @@ def main() -> int:
         return time.perf_counter() - t
     run_chunk()  # warm-up
     chunk_alone = [run_chunk() for _ in range(3)]
-    stop.clear()
-    beside_chunks: list[float] = []
-
-    def prefill_lane() -> None:
-        while not stop.is_set():
-            beside_chunks.append(run_chunk())
-    thread = threading.Thread(target=prefill_lane, daemon=True)
-    thread.start()
-    time.sleep(0.05)
-    beside_chunk = timed_steps(args.steps)
-    stop.set()
-    thread.join()
+    beside_chunk, beside_chunks = steps_beside(run_chunk)
 
     def p(xs, q):
         return 1e3 * float(np.percentile(xs, q))

@@ -5,18 +5,13 @@ level 4, so the level-4 figures must be the report's; level 0 must be another ke
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from scripts import load_benchmark
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("int4_step", ROOT / "benchmarks" / "int4_step.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("int4_step")
 
 
 def test_accuracy_levels_against_the_report(tiny_static_bundle, tmp_path):

@@ -368,6 +368,19 @@ def test_one_requests_failure_ends_that_request_only(tiny_dynamic_bundle, photos
     assert failed[2].finish_reason == "error" and "not finite" in failed[2].error
 
 
+def serve_all(p, reqs, fatal: list, max_batch: int = 2):
+    """Every request through a scheduler of ``max_batch`` rows: each one's (tokens, text, finish), and
+    whether the scheduler is still ready at the end (``on_fatal`` messages go to ``fatal``)."""
+    async def run():
+        sched = Scheduler(p, max_batch=max_batch, on_fatal=fatal.append).start()
+        try:
+            hs = [sched.submit(r) for r in reqs]
+            return await asyncio.wait_for(asyncio.gather(*[collect(h) for h in hs]), 60), sched.ready
+        finally:
+            sched.shutdown(5)
+    return asyncio.run(run())
+
+
 def test_a_model_failure_ends_every_request_and_stops_the_scheduler(tiny_dynamic_bundle, photos, monkeypatch):
     fatal = []
     with Pipeline.from_bundle(tiny_dynamic_bundle, device="cpu") as p:
@@ -382,19 +395,10 @@ def test_a_model_failure_ends_every_request_and_stops_the_scheduler(tiny_dynamic
                 raise RuntimeError("CUDA error: an illegal memory access was encountered")
             return real(self, x, batch)
         monkeypatch.setattr(ort.OrtDecoder, "forward_batch", dies)
-
-        async def run():
-            sched = Scheduler(p, max_batch=2, on_fatal=fatal.append).start()  # the third request waits
-            try:
-                hs = [sched.submit(r) for r in reqs]
-                return await asyncio.wait_for(asyncio.gather(*[collect(h) for h in hs]), 60), sched.ready
-            finally:
-                sched.shutdown(5)
-        out, ready = asyncio.run(run())
+        out, ready = serve_all(p, reqs, fatal)  # two at a time: the third request waits
     assert [fin.finish_reason for _, _, fin in out] == ["error"] * 3
     assert all("illegal memory access" in fin.error for _, _, fin in out)
     assert not ready and fatal and "illegal memory access" in fatal[0]
-
 
 
 def test_a_model_failure_on_the_prefill_lane_ends_every_request(tiny_dynamic_bundle, photos, monkeypatch):
@@ -410,15 +414,7 @@ def test_a_model_failure_on_the_prefill_lane_ends_every_request(tiny_dynamic_bun
                 raise RuntimeError("CUDA error: an illegal memory access was encountered")
             return real(self, caches, inputs)
         monkeypatch.setattr(ort.OrtDecoder, "forward_rows", dies_on_lane)
-
-        async def run():  # the third request's chunks run beside the second one's decode steps at the latest
-            sched = Scheduler(p, max_batch=2, on_fatal=fatal.append).start()
-            try:
-                hs = [sched.submit(r) for r in reqs]
-                return await asyncio.wait_for(asyncio.gather(*[collect(h) for h in hs]), 60), sched.ready
-            finally:
-                sched.shutdown(5)
-        out, ready = asyncio.run(run())
+        out, ready = serve_all(p, reqs, fatal)  # the third request's chunks run beside the second one's decode steps
     reasons = [fin.finish_reason for _, _, fin in out]
     assert reasons[1:] == ["error"] * 2 and reasons[0] in ("length", "error")
     assert all("illegal memory access" in fin.error for _, _, fin in out[1:])
