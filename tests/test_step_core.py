@@ -536,3 +536,59 @@ def test_a_bad_itl_stretch_is_one_line_before_the_bundle_loads(tmp_path, capsys,
     assert main(["serve", str(tmp_path / "no-bundle"), "--itl-stretch", value]) != 0
     err = capsys.readouterr().err.strip()
     assert "--itl-stretch must be a number >= 0" in err and len(err.splitlines()) == 1
+
+
+def test_a_request_cancelled_while_its_chunk_is_on_the_lane(pipe, photos, monkeypatch):
+    """The cancelled row leaves at once (its chunk still running) and gets nothing after its finish when
+    the chunk lands (each prompt is one chunk here, so the landing chunk completes it); the chunk's other
+    rows land and every other request answers as alone."""
+    if pipe.kind != "fp32":
+        pytest.skip("scheduling, not numerics")
+    cases = CASES[1:5]
+    refs = [strip_stop(pipe, t) for t in alone(pipe, photos, cases)]
+    release = threading.Event()
+    real = ort.OrtDecoder.forward_rows
+
+    def held(self, caches, inputs):  # a chunk on the lane runs only once the test lets it
+        if on_lane():
+            release.wait(30)
+        return real(self, caches, inputs)
+    monkeypatch.setattr(ort.OrtDecoder, "forward_rows", held)
+    core = StepCore(pipe.generator, max_num_seqs=5, max_num_batched_tokens=4 * 512, prefill_chunk=512)
+
+    def seq(q, names, n):
+        prep = prepared(pipe, photos, q, names)
+        return Sequence(SamplingParams(max_new_tokens=n, ignore_eos=n > NEW), prompt_ids=prep.token_ids,
+                        image_mask=prep.image_mask, image_embeds=pipe.encode_prompt_images(prep) if names else None,
+                        cache=pipe.llm.new_cache(), decode=pipe.prompts.decode)
+    runner = seq(*CASES[0], 500)  # keeps decoding throughout, so chunks go to the lane
+    core.add(runner)
+    while not core.running:
+        core.step()
+    seqs = [seq(q, names, NEW) for q, names in cases]
+    for s in seqs:
+        core.add(s)
+    tokens = {id(s): [] for s in seqs}
+    events = []
+
+    def step():
+        for e in core.step():
+            events.append(e)
+            if e.token is not None and id(e.seq) in tokens:
+                tokens[id(e.seq)].append(e.token)
+    while core.inflight is None:
+        step()
+    victim = core.inflight[1][0][0]
+    victim.cancelled = True
+    step()  # the chunk is still held: decode steps go on, the victim leaves
+    assert victim.finish_reason == "cancelled" and victim not in core.prefilling and core.inflight is not None
+    release.set()
+    while any(not s.finished for s in seqs):
+        step()
+    runner.cancelled = True
+    step()
+    mine = [e for e in events if e.seq is victim]
+    assert mine and mine[-1].finished and sum(e.finished for e in mine) == 1
+    for s, ref in zip(seqs, refs):
+        if s is not victim:
+            assert s.finish_reason in ("stop", "length") and strip_stop(pipe, tokens[id(s)]) == ref
