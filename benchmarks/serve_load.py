@@ -276,11 +276,11 @@ def main() -> int:
     servers = {"this checkout": (caches + list(args.server_arg), None)}
     if args.baseline_src:
         servers["baseline"] = (caches, package_layout(args.baseline_src))
-    for spec in args.variant:
-        label, _, extra = spec.partition("=")
+    variants = dict(spec.partition("=")[::2] for spec in args.variant)  # label -> serve arguments
+    for label, extra in variants.items():
         servers[label] = (caches + extra.split(), None)
     runs = sweep(args, body, levels, servers)
-    report["variants"] = {label.partition("=")[0]: runs[label.partition("=")[0]] for label in args.variant}
+    report["variants"] = {label: runs[label] for label in variants}
     report["levels"] = runs["this checkout"]
     if args.baseline_src:
         report["baseline_levels"] = runs["baseline"]

@@ -143,12 +143,6 @@ def _check(args) -> None:
     check_limit_args(args)
 
 
-def itl_stretch(args) -> dict:
-    """The scheduler's ``itl_stretch`` keyword when the flag was given (else the core's default)."""
-    value = getattr(args, "itl_stretch", None)
-    return {} if value is None else {"itl_stretch": value}
-
-
 def bind(host: str, port: int) -> socket.socket:
     """A listening-ready socket on host:port (port 0: a free one), or one FlashVLError line."""
     try:
@@ -244,7 +238,7 @@ def run(args) -> int:
         failed: list[str] = []
         scheduler = Scheduler(pipe, max_batch=args.max_batch, max_queue=args.max_queue,
                               max_num_batched_tokens=args.max_num_batched_tokens, on_fatal=model_failed,
-                              **itl_stretch(args)).start()
+                              itl_stretch=args.itl_stretch).start()
         app = http.create_app(scheduler, pipe, http.ServeOptions(
             model_name=name, api_key=api_key, max_body_bytes=args.max_body_bytes,
             allowed_local_media_path=args.allowed_local_media_path, max_images=args.max_images,

@@ -296,9 +296,8 @@ class FlashVLReplica:
     """One ``flashvl serve`` inside a Ray Serve replica (made a deployment by :func:`build_app`).
 
     The app runs on an event loop of its own, in a thread, as under uvicorn (``run_until_complete``):
-    anyio then keeps its worker threads, and what they start (the isolated template renderer, which dies
-    with the thread that started it) lives on. On Ray's user-code loop every request's worker thread
-    would end with the request and the renderer would be started again for each one."""
+    anyio then keeps its worker threads between requests, as in ``flashvl serve``. On Ray's user-code loop
+    every request's worker thread would end with the request."""
 
     async def __init__(self, options: dict) -> None:
         from uvicorn.config import Config
@@ -430,7 +429,6 @@ def _set_event() -> asyncio.Event:
 def _open_server(args, on_fatal):
     """The pipeline, the started scheduler and the app, as ``flashvl serve`` makes them."""
     from . import server as http
-    from .cli_serve import itl_stretch
     from .pipeline import Pipeline
     from .scheduler import Scheduler
 
@@ -442,7 +440,7 @@ def _open_server(args, on_fatal):
     try:
         scheduler = Scheduler(pipe, max_batch=args.max_batch, max_queue=args.max_queue,
                               max_num_batched_tokens=args.max_num_batched_tokens, on_fatal=on_fatal,
-                              **itl_stretch(args)).start()
+                              itl_stretch=args.itl_stretch).start()
         app = http.create_app(scheduler, pipe, http.ServeOptions(
             model_name=_model_name(args), api_key=args.api_key, max_body_bytes=args.max_body_bytes,
             allowed_local_media_path=args.allowed_local_media_path, max_images=args.max_images,

@@ -282,7 +282,6 @@ class StepCore:
         self.use_lane = self.itl_stretch > 0 and self.batched and bool(getattr(self.llm, "supports_concurrent_runs", False))
         self._lane: ThreadPoolExecutor | None = None
         self.inflight: tuple[Future, list[tuple[Sequence, int, int]]] | None = None
-        self.lane_runs = 0  # chunk runs that went beside decode steps
         self._quiet_decode_s: dict[int, float] = {}  # rows -> a decode step with nothing beside it (moving average)
         self._beside_decode_s: float | None = None  # the last decode step beside a chunk
         self._last_decode = 0.0  # perf_counter when the last decode step started
@@ -489,7 +488,6 @@ class StepCore:
         if self._lane is None:
             self._lane = ThreadPoolExecutor(1, thread_name_prefix="flashvl-prefill")
         self.inflight = (self._lane.submit(self._model, self.llm.forward_rows, caches, inputs), chunks)
-        self.lane_runs += 1
 
     def _land(self, out: list[Emitted], wait: bool = False) -> bool:
         """Take the lane's chunk run if it has finished (or wait for it); True if one landed. Its rows

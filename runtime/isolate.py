@@ -14,8 +14,9 @@ work runs in a long-lived child (``python -m flashvl_edge.runtime.isolate``):
 - a child that grew by more than a quarter of its budget is replaced after its call, so memory a
   hostile request made it take is not kept;
 - the parent waits at most ``timeout_s`` for the answer, then kills the child (SIGKILL) and starts
-  a fresh one on the next call (start-up, with the ``preload`` modules imported, is not counted); the child also dies with its parent (``PR_SET_PDEATHSIG``), so a
-  stuck render never outlives the server;
+  a fresh one on the next call (start-up, with the ``preload`` modules imported, is not counted); the
+  child also exits when the server process is gone (a thread of its own watches for it), so a stuck
+  render never outlives the server;
 - requests and answers are JSON lines (never pickle): the child runs only functions named by
   ``module:function`` under ``flashvl_edge.runtime``, with JSON arguments, and returns JSON.
 

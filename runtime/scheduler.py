@@ -127,14 +127,14 @@ class Scheduler:
     ``max_batch``: requests admitted at once (vLLM's ``max_num_seqs``); ``max_num_batched_tokens``: the
     per-step token budget; the prefill chunk is the pipeline's (``Pipeline.prefill_chunk``), so an answer
     is the one ``flashvl chat`` gives. ``itl_stretch``: how far running streams slow down while a chunk runs
-    beside them (``StepCore``; 0: chunks run between decode steps)."""
+    beside them (``StepCore``; 0: chunks run between decode steps; None: the core's default)."""
 
     def __init__(self, pipeline: "Pipeline", max_batch: int = 8, max_queue: int = 64,
                  max_num_batched_tokens: int | None = None,
-                 on_fatal: Callable[[str], None] | None = None, itl_stretch: float = DEFAULT_ITL_STRETCH) -> None:
+                 on_fatal: Callable[[str], None] | None = None, itl_stretch: float | None = None) -> None:
         if max_batch < 1 or max_queue < 1:
             raise PromptError("max_batch and max_queue must be at least 1")
-        self.itl_stretch = itl_stretch
+        self.itl_stretch = DEFAULT_ITL_STRETCH if itl_stretch is None else itl_stretch
         self.pipe = pipeline
         engine_batch = pipeline.llm.limits.max_batch if pipeline.llm.limits is not None else None
         self.max_batch = min(max_batch, engine_batch) if engine_batch else max_batch

@@ -105,18 +105,21 @@ def together(pipe, photos, cases=CASES, max_batch=8, budget=None, **kw) -> list[
     return asyncio.run(run())
 
 
+def case_sequence(pipe, photos, question, names, max_new_tokens=NEW, ignore_eos=False) -> Sequence:
+    """A case as the step core's row, its images already encoded (no encoder thread)."""
+    prep = prepared(pipe, photos, question, names)
+    return Sequence(SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=ignore_eos), prompt_ids=prep.token_ids,
+                    image_mask=prep.image_mask, image_embeds=pipe.encode_prompt_images(prep),
+                    cache=pipe.llm.new_cache(), decode=pipe.prompts.decode)
+
+
 def in_one_core(pipe, photos, cases=CASES, budget=None) -> list[list[int]]:
     """All requests through one step core with their images already encoded: half at once, the rest
     after two steps, so several requests' chunks are ready together and share LLM calls whatever the
     timing (the server's encoder thread staggers its requests' images)."""
     gen = pipe.generator
     core = StepCore(gen, max_num_seqs=len(cases), max_num_batched_tokens=budget or BATCHED, prefill_chunk=CHUNK)
-    seqs = []
-    for q, names in cases:
-        prep = prepared(pipe, photos, q, names)
-        seqs.append(Sequence(SamplingParams(max_new_tokens=NEW), prompt_ids=prep.token_ids, image_mask=prep.image_mask,
-                             image_embeds=pipe.encode_prompt_images(prep) if names else None,
-                             cache=pipe.llm.new_cache(), decode=pipe.prompts.decode))
+    seqs = [case_sequence(pipe, photos, q, names) for q, names in cases]
     half = len(seqs) // 2
     for seq in seqs[:half]:
         core.add(seq)
@@ -280,13 +283,9 @@ def test_the_plan_decodes_first_and_keeps_to_the_budget(pipe, photos):
         pytest.skip("planning does not depend on the weights")
     gen = pipe.generator
     core = StepCore(gen, max_num_seqs=4, max_num_batched_tokens=CHUNK + 3, prefill_chunk=CHUNK)
-    seqs = []
-    for q, names in CASES[1:5]:
-        prep = prepared(pipe, photos, q, names)
-        seqs.append(Sequence(SamplingParams(max_new_tokens=NEW), prompt_ids=prep.token_ids,
-                             image_mask=prep.image_mask, image_embeds=pipe.encode_prompt_images(prep),
-                             cache=pipe.llm.new_cache(), decode=pipe.prompts.decode))
-        core.add(seqs[-1])
+    seqs = [case_sequence(pipe, photos, q, names) for q, names in CASES[1:5]]
+    for seq in seqs:
+        core.add(seq)
     plans = []
     while core.has_work:
         plan = core.schedule()
@@ -555,17 +554,12 @@ def test_a_request_cancelled_while_its_chunk_is_on_the_lane(pipe, photos, monkey
         return real(self, caches, inputs)
     monkeypatch.setattr(ort.OrtDecoder, "forward_rows", held)
     core = StepCore(pipe.generator, max_num_seqs=5, max_num_batched_tokens=4 * 512, prefill_chunk=512)
-
-    def seq(q, names, n):
-        prep = prepared(pipe, photos, q, names)
-        return Sequence(SamplingParams(max_new_tokens=n, ignore_eos=n > NEW), prompt_ids=prep.token_ids,
-                        image_mask=prep.image_mask, image_embeds=pipe.encode_prompt_images(prep) if names else None,
-                        cache=pipe.llm.new_cache(), decode=pipe.prompts.decode)
-    runner = seq(*CASES[0], 500)  # keeps decoding throughout, so chunks go to the lane
+    # decodes throughout, so the others' chunks go to the lane
+    runner = case_sequence(pipe, photos, *CASES[0], max_new_tokens=500, ignore_eos=True)
     core.add(runner)
     while not core.running:
         core.step()
-    seqs = [seq(q, names, NEW) for q, names in cases]
+    seqs = [case_sequence(pipe, photos, q, names) for q, names in cases]
     for s in seqs:
         core.add(s)
     tokens = {id(s): [] for s in seqs}
